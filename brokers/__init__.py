@@ -1,0 +1,59 @@
+"""choreo's transport layer: a broker contract and its adapters.
+
+Importable on its own; never imports ``choreo``. ``from_url`` picks the adapter
+by scheme: ``memory://`` or ``redis://`` / ``rediss://``. The Redis adapter is
+imported only when asked for.
+"""
+
+from __future__ import annotations
+
+from brokers.base import (
+    TOPIC_PATTERN,
+    Broker,
+    BrokerError,
+    CommitStatus,
+    DeadLetterRecord,
+    Delivery,
+    GroupBacklog,
+    Message,
+    StateWrite,
+    Subscription,
+    Versioned,
+)
+from brokers.options import BrokerOptions, parse_url, redact_url
+
+__all__ = (
+    "TOPIC_PATTERN",
+    "Broker",
+    "BrokerError",
+    "BrokerOptions",
+    "CommitStatus",
+    "DeadLetterRecord",
+    "Delivery",
+    "GroupBacklog",
+    "Message",
+    "StateWrite",
+    "Subscription",
+    "Versioned",
+    "from_url",
+    "parse_url",
+    "redact_url",
+)
+
+
+def from_url(url: str) -> Broker:
+    """Create an unconnected broker for ``url``.
+
+    Raises:
+        BrokerError: unknown scheme or invalid query parameters.
+    """
+    scheme, options = parse_url(url)
+    if scheme == "memory":
+        from brokers.memory import MemoryBroker
+
+        return MemoryBroker(options=options)
+    if scheme in ("redis", "rediss"):
+        from brokers.redis_streams import RedisStreamsBroker
+
+        return RedisStreamsBroker(url, options=options)
+    raise BrokerError(f"unknown broker scheme {scheme!r} in {redact_url(url)}: use memory://, redis:// or rediss://")

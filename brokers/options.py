@@ -1,0 +1,94 @@
+"""Broker URLs and the delivery options their query strings set."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+import attrs
+
+from brokers.base import BrokerError
+
+__all__ = ("BrokerOptions", "parse_url", "redact_url")
+
+
+@attrs.frozen
+class BrokerOptions:
+    """Delivery options shared by every adapter (query parameters of the URL).
+
+    Attributes:
+        visibility_timeout: Seconds an uncommitted delivery stays with its
+            consumer before another consumer may claim it.
+        max_deliveries: Deliveries after which a message is dead-lettered.
+        maxlen: Approximate number of entries kept per topic (``None``: all).
+            Trimming never drops an entry still pending or undelivered.
+        dedupe_ttl: Seconds a settled message id is remembered per group.
+        claim_interval: Seconds between reclaim sweeps (default: a quarter of
+            ``visibility_timeout``, at most 5).
+        prefix: Key prefix on Redis.
+    """
+
+    visibility_timeout: float = 30.0
+    max_deliveries: int = 5
+    maxlen: int | None = None
+    dedupe_ttl: float = 86400.0
+    claim_interval: float | None = None
+    prefix: str = "choreo"
+
+    @property
+    def effective_claim_interval(self) -> float:
+        if self.claim_interval is not None:
+            return self.claim_interval
+        return min(5.0, max(0.05, self.visibility_timeout / 4))
+
+
+_CONVERTERS = {
+    "visibility_timeout": float,
+    "max_deliveries": int,
+    "maxlen": int,
+    "dedupe_ttl": float,
+    "claim_interval": float,
+    "prefix": str,
+}
+
+
+def parse_url(url: str) -> tuple[str, BrokerOptions]:
+    """Split a broker URL into its scheme and delivery options.
+
+    Unknown query parameters are left for the adapter (e.g. Redis TLS options)
+    only if the adapter asks for them; here they are ignored.
+
+    Raises:
+        BrokerError: no scheme, or an option that does not parse or is out of range.
+    """
+    parts = urlsplit(url)
+    if not parts.scheme:
+        raise BrokerError(f"broker URL {url!r} has no scheme: use memory://, redis:// or rediss://")
+    values: dict[str, object] = {}
+    for name, raw in parse_qsl(parts.query):
+        convert = _CONVERTERS.get(name)
+        if convert is None:
+            continue
+        try:
+            values[name] = convert(raw)
+        except ValueError:
+            raise BrokerError(f"broker option {name}={raw!r} is not a valid {convert.__name__}") from None
+    options = BrokerOptions(**values)  # type: ignore[arg-type]
+    if options.visibility_timeout <= 0:
+        raise BrokerError("broker option visibility_timeout must be positive")
+    if options.max_deliveries < 1:
+        raise BrokerError("broker option max_deliveries must be at least 1")
+    if options.maxlen is not None and options.maxlen < 1:
+        raise BrokerError("broker option maxlen must be at least 1")
+    return parts.scheme, options
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, safe for logs and errors."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

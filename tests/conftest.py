@@ -1,0 +1,66 @@
+"""Fixtures shared by the whole suite.
+
+``broker_url`` is parametrized over the in-memory broker and a private
+redis-server, so every test that takes it runs on both. The Redis server is
+started once per session on a free port and flushed before each test; tests
+that fault Redis itself start their own ``RedisServer``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+import brokers
+from tests.redis_server import RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def broker_url(request: pytest.FixtureRequest) -> str:
+    """A broker URL, once per broker kind; Redis is empty at the start."""
+    if request.param == "memory":
+        return "memory://"
+    server: RedisServer = request.getfixturevalue("redis_server")
+    server.command("FLUSHALL")
+    return server.url
+
+
+@pytest.fixture
+def fast_broker_url(broker_url: str) -> str:
+    """The same broker with short leases, for tests about redelivery."""
+    return broker_url + ("&" if "?" in broker_url else "?") + "visibility_timeout=0.5&max_deliveries=3"
+
+
+@pytest.fixture
+async def broker(broker_url: str) -> AsyncIterator[brokers.Broker]:
+    """A connected broker of each kind."""
+    instance = brokers.from_url(broker_url)
+    await instance.connect()
+    try:
+        yield instance
+    finally:
+        await instance.close()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Every coroutine test runs on asyncio through anyio's plugin.
+    import inspect
+
+    for item in items:
+        function = getattr(item, "function", None)
+        if function is not None and inspect.iscoroutinefunction(function):
+            item.add_marker(pytest.mark.anyio)
