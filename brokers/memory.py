@@ -1,0 +1,475 @@
+"""The in-memory broker: the contract of ``brokers.base`` inside one process.
+
+A real adapter, not a mock. Each topic is a log of entries; each consumer group
+has its own cursor into the log, a private queue for messages targeted at it,
+a pending list (entry -> consumer, delivery count, lease deadline) and a record
+of settled message ids. Commits validate everything before they change
+anything, so they are atomic and fenced exactly like the Redis script.
+
+Leases, delays and dedupe expiry read time from an injectable ``clock``, so a
+test harness can run the broker on virtual time: ``next_due`` says when the
+next delayed message or lease expiry becomes actionable, and ``poke`` wakes
+waiting fetchers after the clock has jumped. ``fetch`` timeouts stay real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import heapq
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+
+import attrs
+
+from brokers.base import (
+    TOPIC_PATTERN,
+    BrokerError,
+    CommitStatus,
+    DeadLetterRecord,
+    Delivery,
+    GroupBacklog,
+    Message,
+    StateWrite,
+    Subscription,
+    Versioned,
+)
+from brokers.options import BrokerOptions
+
+__all__ = ("MemoryBroker",)
+
+#: Real seconds between re-checks while delayed work or leases are outstanding:
+#: the clock may be virtual and move without telling anyone.
+_POLL_INTERVAL = 0.05
+MAX_DELIVERIES_REASON = "max deliveries exceeded"
+
+
+@attrs.frozen
+class _Entry:
+    seq: int
+    message_id: str
+    body: bytes
+
+    @property
+    def entry_id(self) -> str:
+        return f"{self.seq}-0"
+
+
+@attrs.define
+class _Pending:
+    entry: _Entry
+    consumer: str
+    deliveries: int
+    deadline: float
+
+
+@attrs.define
+class _Group:
+    #: Sequence number of the last log entry handed to this group.
+    cursor: int
+    private: deque[_Entry] = attrs.Factory(deque)
+    #: Entry id -> lease, in hand-out order.
+    pending: dict[str, _Pending] = attrs.Factory(dict)
+    #: Settled message id -> expiry; insertion order is expiry order because
+    #: the TTL is fixed and the clock never goes back.
+    settled: dict[str, float] = attrs.Factory(dict)
+
+
+@attrs.define
+class _Topic:
+    log: list[_Entry] = attrs.Factory(list)
+    groups: dict[str, _Group] = attrs.Factory(dict)
+    last_seq: int = 0
+
+
+def _check_name(kind: str, name: str) -> None:
+    if not isinstance(name, str) or not TOPIC_PATTERN.match(name):
+        raise BrokerError(f"invalid {kind} name {name!r}: use letters, digits and ._-: (at most 200)")
+
+
+def _check_message(message: Message) -> None:
+    _check_name("topic", message.topic)
+    if message.group is not None:
+        _check_name("group", message.group)
+
+
+def _seq(entry: _Entry) -> int:
+    return entry.seq
+
+
+class MemoryBroker:
+    """A ``brokers.base.Broker`` that lives in this process (``memory://``).
+
+    Args:
+        options: Delivery options; defaults to ``BrokerOptions()``.
+        clock: Monotonic time source for leases, delays and dedupe expiry.
+    """
+
+    url = "memory://"
+
+    def __init__(self, options: BrokerOptions | None = None, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.options = options if options is not None else BrokerOptions()
+        self.visibility_timeout = self.options.visibility_timeout
+        self.max_deliveries = self.options.max_deliveries
+        self._clock = clock
+        self._connected = False
+        self._topics: dict[str, _Topic] = {}
+        self._delayed: list[tuple[float, int, Message]] = []
+        self._dead: dict[str, DeadLetterRecord] = {}
+        self._state: dict[str, Versioned] = {}
+        self._counter = itertools.count(1)
+        self._turn = 0
+        self._changed = asyncio.Event()
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Mark the broker usable. Idempotent; state survives close/connect."""
+        self._connected = True
+
+    async def close(self) -> None:
+        """Stop serving; waiting fetchers return ``[]``. Idempotent."""
+        self._connected = False
+        self._notify()
+
+    def poke(self) -> None:
+        """Wake every waiting fetcher so it re-checks (after a clock jump)."""
+        self._notify()
+
+    def next_due(self) -> float | None:
+        """The earliest clock time at which a delayed message or an expired
+        lease becomes actionable, or ``None`` if nothing is scheduled."""
+        return self._next_due(None)
+
+    # -- publishing and subscribing ------------------------------------------
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        """Publish messages, all or none (names are checked first).
+
+        Raises:
+            BrokerError: not connected, or a topic or group name is invalid.
+        """
+        self._require_connected()
+        for message in messages:
+            _check_message(message)
+        self._publish(messages, self._clock())
+        self._notify()
+
+    async def subscribe(self, subscriptions: Sequence[Subscription]) -> None:
+        """Create missing groups at the end of their topics.
+
+        Raises:
+            BrokerError: not connected, or a name is invalid.
+        """
+        self._require_connected()
+        for sub in subscriptions:
+            _check_name("topic", sub.topic)
+            _check_name("group", sub.group)
+        for sub in subscriptions:
+            self._group(self._topic(sub.topic), sub.group)
+
+    # -- consuming -----------------------------------------------------------
+
+    async def fetch(
+        self,
+        consumer: str,
+        subscriptions: Sequence[Subscription],
+        *,
+        limit: int,
+        timeout: float,
+    ) -> list[Delivery]:
+        """Hand out up to ``limit`` deliveries, waiting up to ``timeout`` real
+        seconds for the first; see ``Broker.fetch``.
+
+        Raises:
+            BrokerError: not connected, or a name is invalid. A fetch already
+                waiting when the broker closes returns ``[]``.
+        """
+        self._require_connected()
+        subs = list(dict.fromkeys(subscriptions))
+        for sub in subs:
+            _check_name("topic", sub.topic)
+            _check_name("group", sub.group)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, timeout)
+        while True:
+            changed = self._changed
+            found = self._take(consumer, subs, limit)
+            if found or not self._connected:
+                return found
+            wait = deadline - loop.time()
+            if wait <= 0:
+                return []
+            due = self._next_due(subs)
+            if due is not None:
+                wait = min(wait, _POLL_INTERVAL, max(due - self._clock(), 0.001))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), wait)
+
+    async def commit(
+        self,
+        delivery: Delivery | None = None,
+        *,
+        publish: Sequence[Message] = (),
+        dead_letter: str | None = None,
+        state: Sequence[StateWrite] = (),
+        done: bool = True,
+    ) -> CommitStatus:
+        """Ack, dead-letter, publish and write state in one step; see
+        ``Broker.commit``. ``dead_letter`` and ``done`` need a delivery.
+
+        Raises:
+            BrokerError: not connected, or a published name is invalid.
+        """
+        self._require_connected()
+        for message in publish:
+            _check_message(message)
+        now = self._clock()
+        # Validate everything first: a refused commit writes nothing.
+        group: _Group | None = None
+        lease: _Pending | None = None
+        if delivery is not None:
+            topic = self._topics.get(delivery.topic)
+            group = topic.groups.get(delivery.group) if topic is not None else None
+            lease = group.pending.get(delivery.entry_id) if group is not None else None
+            if lease is None or lease.consumer != delivery.consumer:
+                return CommitStatus.LEASE_LOST
+        versions = {key: item.version for key, item in self._state.items()}
+        for write in state:
+            if versions.get(write.key, 0) != write.expected_version:
+                return CommitStatus.CONFLICT
+            versions[write.key] = 0 if write.value is None else write.expected_version + 1
+
+        if delivery is not None and group is not None and lease is not None:
+            del group.pending[delivery.entry_id]
+            if done:
+                self._settle(group, lease.entry.message_id, now)
+            if dead_letter is not None:
+                self._add_dead_letter(delivery.topic, delivery.group, lease.entry, dead_letter, lease.deliveries)
+        for write in state:
+            if write.value is None:
+                self._state.pop(write.key, None)
+            else:
+                self._state[write.key] = Versioned(bytes(write.value), write.expected_version + 1)
+        self._publish(publish, now)
+        self._notify()
+        return CommitStatus.OK
+
+    async def extend(self, delivery: Delivery) -> bool:
+        """Renew the lease for another ``visibility_timeout``; ``False`` if
+        the consumer no longer owns the delivery."""
+        self._require_connected()
+        topic = self._topics.get(delivery.topic)
+        group = topic.groups.get(delivery.group) if topic is not None else None
+        lease = group.pending.get(delivery.entry_id) if group is not None else None
+        if lease is None or lease.consumer != delivery.consumer:
+            return False
+        lease.deadline = self._clock() + self.visibility_timeout
+        return True
+
+    # -- state ---------------------------------------------------------------
+
+    async def get_state(self, key: str) -> Versioned | None:
+        """Read one state key."""
+        self._require_connected()
+        return self._state.get(key)
+
+    async def list_state(self, prefix: str) -> dict[str, Versioned]:
+        """Read every state key that starts with ``prefix``."""
+        self._require_connected()
+        return {key: item for key, item in self._state.items() if key.startswith(prefix)}
+
+    # -- inspection and dead letters -----------------------------------------
+
+    async def backlog(self, subscriptions: Sequence[Subscription]) -> list[GroupBacklog]:
+        """Ready, pending and delayed counts per subscription, in order."""
+        self._require_connected()
+        self._release_due(self._clock())
+        report = []
+        for sub in subscriptions:
+            topic = self._topics.get(sub.topic)
+            group = topic.groups.get(sub.group) if topic is not None else None
+            ready = pending = 0
+            if topic is not None and group is not None:
+                ready = len(topic.log) - bisect.bisect_right(topic.log, group.cursor, key=_seq) + len(group.private)
+                pending = len(group.pending)
+            delayed = sum(1 for _, _, m in self._delayed if m.topic == sub.topic and m.group in (None, sub.group))
+            report.append(GroupBacklog(sub.topic, sub.group, ready, pending, delayed))
+        return report
+
+    async def dead_letters(self, limit: int = 1000) -> list[DeadLetterRecord]:
+        """List dead letters, oldest first."""
+        self._require_connected()
+        return list(itertools.islice(self._dead.values(), max(0, limit)))
+
+    async def replay(self, dead_letter_id: str) -> bool:
+        """Republish a dead letter to its group (or topic), forget that the
+        group settled it, and remove it; ``False`` if there is no such one."""
+        self._require_connected()
+        record = self._dead.pop(dead_letter_id, None)
+        if record is None:
+            return False
+        message_id = record.message_id or record.id
+        if record.group:
+            self._group(self._topic(record.topic), record.group).settled.pop(message_id, None)
+        self._append(Message(record.topic, message_id, record.body, group=record.group or None))
+        self._notify()
+        return True
+
+    async def purge_dead_letters(self, ids: Sequence[str] | None = None) -> int:
+        """Delete the given dead letters (all if ``None``); return how many."""
+        self._require_connected()
+        if ids is None:
+            count = len(self._dead)
+            self._dead.clear()
+            return count
+        return sum(1 for dead_id in set(ids) if self._dead.pop(dead_id, None) is not None)
+
+    # -- internals -----------------------------------------------------------
+
+    def _require_connected(self) -> None:
+        if not self._connected:
+            raise BrokerError("memory broker is not connected (await connect() first)")
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _topic(self, name: str) -> _Topic:
+        topic = self._topics.get(name)
+        if topic is None:
+            topic = self._topics[name] = _Topic()
+        return topic
+
+    def _group(self, topic: _Topic, name: str) -> _Group:
+        group = topic.groups.get(name)
+        if group is None:
+            group = topic.groups[name] = _Group(cursor=topic.last_seq)
+        return group
+
+    def _publish(self, messages: Sequence[Message], now: float) -> None:
+        for message in messages:
+            if message.delay is not None and message.delay > 0:
+                heapq.heappush(self._delayed, (now + message.delay, next(self._counter), message))
+            else:
+                self._append(message)
+
+    def _append(self, message: Message) -> None:
+        topic = self._topic(message.topic)
+        group = self._group(topic, message.group) if message.group is not None else None
+        topic.last_seq += 1
+        entry = _Entry(topic.last_seq, message.id, bytes(message.body))
+        if group is not None:
+            group.private.append(entry)
+        else:
+            topic.log.append(entry)
+            self._trim(topic)
+
+    def _trim(self, topic: _Topic) -> None:
+        # Retention drops only entries below everything still needed by some
+        # group: its next undelivered entry and every entry pending with it.
+        maxlen = self.options.maxlen
+        if maxlen is None or len(topic.log) <= maxlen:
+            return
+        floor = min(
+            (
+                min([group.cursor + 1, *(lease.entry.seq for lease in group.pending.values())])
+                for group in topic.groups.values()
+            ),
+            default=topic.last_seq + 1,
+        )
+        cut = min(bisect.bisect_left(topic.log, floor, key=_seq), len(topic.log) - maxlen)
+        del topic.log[:cut]
+
+    def _release_due(self, now: float) -> None:
+        while self._delayed and self._delayed[0][0] <= now:
+            _, _, message = heapq.heappop(self._delayed)
+            self._append(message)
+
+    def _next_due(self, subs: Sequence[Subscription] | None) -> float | None:
+        times = [self._delayed[0][0]] if self._delayed else []
+        for name, topic in self._topics.items():
+            for group_name, group in topic.groups.items():
+                if subs is None or Subscription(name, group_name) in subs:
+                    times.extend(lease.deadline for lease in group.pending.values())
+        return min(times, default=None)
+
+    def _settle(self, group: _Group, message_id: str, now: float) -> None:
+        group.settled.pop(message_id, None)
+        group.settled[message_id] = now + self.options.dedupe_ttl
+
+    def _forget_expired(self, group: _Group, now: float) -> None:
+        while group.settled:
+            message_id, expiry = next(iter(group.settled.items()))
+            if expiry > now:
+                return
+            del group.settled[message_id]
+
+    def _add_dead_letter(self, topic: str, group: str, entry: _Entry, reason: str, deliveries: int) -> None:
+        dead_id = f"dl-{next(self._counter)}"
+        self._dead[dead_id] = DeadLetterRecord(
+            dead_id, topic, group, entry.message_id, entry.body, reason, deliveries, time.time()
+        )
+
+    def _take(self, consumer: str, subs: Sequence[Subscription], limit: int) -> list[Delivery]:
+        now = self._clock()
+        self._release_due(now)
+        if not subs or limit <= 0:
+            return []
+        # Round-robin, one delivery per subscription per round, starting at a
+        # different subscription each call, so no topic starves another.
+        start = self._turn % len(subs)
+        self._turn += 1
+        sources = [self._hand_out(consumer, sub, now) for sub in [*subs[start:], *subs[:start]]]
+        found: list[Delivery] = []
+        while sources and len(found) < limit:
+            for source in list(sources):
+                delivery = next(source, None)
+                if delivery is None:
+                    sources.remove(source)
+                    continue
+                found.append(delivery)
+                if len(found) == limit:
+                    break
+        return found
+
+    def _hand_out(self, consumer: str, sub: Subscription, now: float) -> Iterator[Delivery]:
+        """Deliveries for one group, lazily: reclaimed leases first, then the
+        group's private queue, then the topic's log."""
+        topic = self._topic(sub.topic)
+        group = self._group(topic, sub.group)
+        self._forget_expired(group, now)
+        for lease in [lease for lease in group.pending.values() if lease.deadline <= now]:
+            del group.pending[lease.entry.entry_id]
+            if lease.entry.message_id in group.settled:
+                continue
+            if lease.deliveries >= self.max_deliveries:
+                self._add_dead_letter(sub.topic, sub.group, lease.entry, MAX_DELIVERIES_REASON, lease.deliveries)
+                continue
+            yield self._lease(consumer, sub, group, lease.entry, lease.deliveries + 1, now)
+        while True:
+            entry = self._next_new(topic, group)
+            if entry is None:
+                return
+            if entry.message_id in group.settled:
+                continue  # a duplicate of a settled message: acked by never leasing it
+            yield self._lease(consumer, sub, group, entry, 1, now)
+
+    def _next_new(self, topic: _Topic, group: _Group) -> _Entry | None:
+        if group.private:
+            return group.private.popleft()
+        index = bisect.bisect_right(topic.log, group.cursor, key=_seq)
+        if index == len(topic.log):
+            return None
+        entry = topic.log[index]
+        group.cursor = entry.seq
+        return entry
+
+    def _lease(
+        self, consumer: str, sub: Subscription, group: _Group, entry: _Entry, deliveries: int, now: float
+    ) -> Delivery:
+        group.pending[entry.entry_id] = _Pending(entry, consumer, deliveries, now + self.visibility_timeout)
+        return Delivery(sub.topic, sub.group, consumer, entry.entry_id, entry.message_id, entry.body, deliveries)
