@@ -1,0 +1,114 @@
+"""The context a handler can ask for with a ``ctx`` parameter."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from brokers import StateWrite
+
+if TYPE_CHECKING:
+    from brokers import Broker
+    from choreo.events import Event
+
+__all__ = ("Context", "StateValue")
+
+
+@attrs.frozen
+class StateValue:
+    """A state value read through ``ctx.get_state``: its data and version."""
+
+    data: dict[str, Any]
+    version: int
+
+
+class Context:
+    """What a handler knows about the event it is handling.
+
+    Attributes:
+        event: The event being handled.
+        service: The service (app) name.
+        handler: The handler name.
+        idempotency_key: Stable across every attempt of this handler on this
+            event (for saga actions: saga id, step and action), for
+            participants that must apply an effect once.
+        logger: A logger whose records carry the event's ids.
+    """
+
+    __slots__ = ("_broker", "_logger", "_writes", "event", "handler", "idempotency_key", "service")
+
+    def __init__(self, event: Event, service: str, handler: str, broker: Broker) -> None:
+        self.event = event
+        self.service = service
+        self.handler = handler
+        self.idempotency_key = event.headers.get("idempotency_key") or f"{service}.{handler}:{event.id}"
+        self._broker = broker
+        self._writes: dict[str, StateWrite] = {}
+        self._logger: logging.LoggerAdapter[logging.Logger] | None = None
+
+    @property
+    def event_id(self) -> str:
+        return self.event.id
+
+    @property
+    def correlation_id(self) -> str:
+        return self.event.correlation_id
+
+    @property
+    def causation_id(self) -> str | None:
+        return self.event.causation_id
+
+    @property
+    def saga_id(self) -> str | None:
+        return self.event.saga_id
+
+    @property
+    def attempt(self) -> int:
+        return self.event.attempt
+
+    @property
+    def logger(self) -> logging.LoggerAdapter[logging.Logger]:
+        if self._logger is None:
+            self._logger = logging.LoggerAdapter(
+                logging.getLogger(f"choreo.handler.{self.service}"),
+                {
+                    "event_id": self.event.id,
+                    "correlation_id": self.event.correlation_id,
+                    "saga_id": self.event.saga_id,
+                    "event_type": self.event.type,
+                },
+            )
+        return self._logger
+
+    async def get_state(self, key: str) -> StateValue | None:
+        """Read a state key from the broker's versioned store (sees this handler's staged writes)."""
+        staged = self._writes.get(key)
+        if staged is not None:
+            if staged.value is None:
+                return None
+            return StateValue(json.loads(staged.value), staged.expected_version + 1)
+        stored = await self._broker.get_state(key)
+        if stored is None:
+            return None
+        return StateValue(json.loads(stored.value), stored.version)
+
+    def set_state(self, key: str, data: dict[str, Any] | None, *, expected_version: int) -> None:
+        """Stage a compare-and-set, committed atomically with the handler's
+        emitted events and its ack. If another writer got there first, the
+        commit is refused and the handler runs again on fresh state."""
+        staged = self._writes.get(key)
+        if staged is not None:
+            expected_version = staged.expected_version  # one write per key and commit
+        value = None if data is None else json.dumps(data, separators=(",", ":"), allow_nan=False).encode()
+        self._writes[key] = StateWrite(key, value, expected_version)
+
+    @property
+    def state_writes(self) -> tuple[StateWrite, ...]:
+        return tuple(self._writes.values())
+
+    def reset(self) -> None:
+        """Forget staged writes (before the handler runs again after a conflict)."""
+        self._writes.clear()

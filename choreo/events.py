@@ -1,0 +1,236 @@
+"""Events and their JSON wire format.
+
+An event is an immutable fact: a type such as ``"order.created"``, a JSON object
+of data, and the ids that tie it into a business transaction. On the wire it is
+a JSON object (never pickle), size-capped before parsing and validated after.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+
+from choreo.errors import DecodeError
+
+__all__ = (
+    "DEFAULT_MAX_DEPTH",
+    "DEFAULT_MAX_SIZE",
+    "EVENT_TYPE_PATTERN",
+    "Event",
+    "decode_event",
+    "encode_event",
+    "new_event_id",
+    "validate_event_type",
+)
+
+#: Dotted names of letters, digits, ``_`` and ``-``: ``order.created``,
+#: ``saga.cmd.payment_service.charge_card``. They become stream keys, so
+#: nothing else is allowed.
+EVENT_TYPE_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
+MAX_TYPE_LENGTH = 200
+DEFAULT_MAX_SIZE = 1024 * 1024
+DEFAULT_MAX_DEPTH = 32
+WIRE_VERSION = 1
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def new_event_id() -> str:
+    """A unique, time-sortable id (ULID layout: 48-bit milliseconds, 80 random bits)."""
+    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
+    chars = []
+    for _ in range(26):
+        chars.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+def validate_event_type(event_type: object) -> str:
+    """Return ``event_type`` if it is a valid event type name.
+
+    Raises:
+        DecodeError: it is not a string matching ``EVENT_TYPE_PATTERN``.
+    """
+    if not isinstance(event_type, str) or len(event_type) > MAX_TYPE_LENGTH or not EVENT_TYPE_PATTERN.match(event_type):
+        shown = repr(event_type)[:80]
+        raise DecodeError(f"invalid event type {shown}: use dotted names of letters, digits, '_' and '-'")
+    return event_type
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _data_converter(data: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {} if data is None else dict(data)
+
+
+@attrs.frozen
+class Event:
+    """One event, as published and as handlers receive it.
+
+    Attributes:
+        type: The event type, e.g. ``"order.created"``.
+        data: The payload, a JSON object.
+        id: Unique and time-sortable; retries keep it, so consumers dedupe on it.
+        correlation_id: Shared by every event of one business transaction.
+        causation_id: The id of the event whose handler emitted this one.
+        saga_id: The saga this event belongs to, if any.
+        occurred_at: When it was first published (UTC).
+        attempt: 1 on first handling; a retry carries ``attempt + 1``.
+        headers: String metadata.
+    """
+
+    type: str
+    data: dict[str, Any] = attrs.field(factory=dict, converter=_data_converter)
+    id: str = attrs.field(factory=new_event_id)
+    correlation_id: str = ""
+    causation_id: str | None = None
+    saga_id: str | None = None
+    occurred_at: datetime = attrs.field(factory=_utcnow)
+    attempt: int = 1
+    headers: dict[str, str] = attrs.field(factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        if not self.correlation_id:
+            # A root event starts its own transaction.
+            object.__setattr__(self, "correlation_id", self.id)
+
+
+def encode_event(event: Event, *, max_size: int = DEFAULT_MAX_SIZE) -> bytes:
+    """Serialize an event to its JSON wire form.
+
+    Raises:
+        DecodeError: the data is not JSON (NaN, Infinity, sets, objects...) or
+            the result exceeds ``max_size`` bytes.
+    """
+    validate_event_type(event.type)
+    wire = {
+        "v": WIRE_VERSION,
+        "type": event.type,
+        "id": event.id,
+        "data": event.data,
+        "correlation_id": event.correlation_id,
+        "causation_id": event.causation_id,
+        "saga_id": event.saga_id,
+        "occurred_at": event.occurred_at.isoformat(),
+        "attempt": event.attempt,
+        "headers": event.headers,
+    }
+    try:
+        body = json.dumps(wire, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    except (TypeError, ValueError) as exc:
+        raise DecodeError(f"event {event.type!r} data is not valid JSON: {exc}") from None
+    if len(body) > max_size:
+        raise DecodeError(f"event {event.type!r} is {len(body)} bytes, over the {max_size}-byte limit")
+    return body
+
+
+def _reject_constant(name: str) -> float:
+    raise DecodeError(f"{name} is not valid JSON")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DecodeError(f"duplicate key {key[:80]!r} in JSON object")
+            seen.add(key)
+    return result
+
+
+def _check_depth(value: Any, limit: int) -> None:
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            raise DecodeError(f"JSON nesting deeper than {limit} levels")
+        if isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values() if isinstance(child, dict | list))
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item if isinstance(child, dict | list))
+
+
+def _loads(raw: bytes, max_size: int, max_depth: int) -> Any:
+    if len(raw) > max_size:
+        raise DecodeError(f"message is {len(raw)} bytes, over the {max_size}-byte limit")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DecodeError(f"message is not UTF-8: {exc.reason} at byte {exc.start}") from None
+    try:
+        value = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
+    except RecursionError:
+        raise DecodeError(f"JSON nesting deeper than {max_depth} levels") from None
+    except DecodeError:
+        raise
+    except ValueError as exc:  # JSONDecodeError, and ints over Python's digit limit
+        raise DecodeError(f"malformed JSON: {exc}") from None
+    _check_depth(value, max_depth)
+    return value
+
+
+def _parse_time(value: object) -> datetime:
+    if not isinstance(value, str):
+        raise DecodeError("field 'occurred_at' must be an ISO 8601 string")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise DecodeError(f"field 'occurred_at' is not an ISO 8601 time: {value[:40]!r}") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _optional_str(wire: dict[str, Any], name: str) -> str | None:
+    value = wire.get(name)
+    if value is not None and not isinstance(value, str):
+        raise DecodeError(f"field {name!r} must be a string or null")
+    return value
+
+
+def decode_event(raw: bytes, *, max_size: int = DEFAULT_MAX_SIZE, max_depth: int = DEFAULT_MAX_DEPTH) -> Event:
+    """Parse and validate an event from its wire form.
+
+    Raises:
+        DecodeError: with a reason naming what is wrong (size, encoding, JSON,
+            nesting, a missing or mistyped field, an invalid type name).
+    """
+    wire = _loads(raw, max_size, max_depth)
+    if not isinstance(wire, dict):
+        raise DecodeError(f"message is a JSON {type(wire).__name__}, not an object")
+    if "type" not in wire:
+        raise DecodeError("missing field 'type'")
+    event_type = validate_event_type(wire["type"])
+    data = wire.get("data", {})
+    if not isinstance(data, dict):
+        raise DecodeError(f"field 'data' must be a JSON object, not {type(data).__name__}")
+    event_id = wire.get("id")
+    if not isinstance(event_id, str) or not event_id:
+        raise DecodeError("missing or empty field 'id'")
+    attempt = wire.get("attempt", 1)
+    if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 1:
+        raise DecodeError("field 'attempt' must be a positive integer")
+    headers = wire.get("headers") or {}
+    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+        raise DecodeError("field 'headers' must be an object of strings")
+    occurred = wire.get("occurred_at")
+    return Event(
+        type=event_type,
+        data=data,
+        id=event_id,
+        correlation_id=_optional_str(wire, "correlation_id") or event_id,
+        causation_id=_optional_str(wire, "causation_id"),
+        saga_id=_optional_str(wire, "saga_id"),
+        occurred_at=_utcnow() if occurred is None else _parse_time(occurred),
+        attempt=attempt,
+        headers=headers,
+    )
+
