@@ -122,7 +122,7 @@ class App:
 
     async def publish(
         self,
-        type: str,  # noqa: A002 - the event's field name
+        type: str,
         data: dict[str, Any] | None = None,
         *,
         delay: float | None = None,

@@ -48,7 +48,7 @@ def error_info(exc: BaseException) -> dict[str, str]:
     return {"type": f"{kind.__module__}.{kind.__qualname__}", "message": str(exc)}
 
 
-class _Permanent(Exception):  # noqa: N818 - internal signal
+class _Permanent(Exception):
     """A failure that retrying cannot fix: dead-letter at once."""
 
     def __init__(self, reason: str) -> None:

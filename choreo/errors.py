@@ -53,7 +53,7 @@ class EmitNotDeclared(ChoreoError, LookupError):
         super().__init__(f"handler {handler!r} emitted undeclared event {event_type!r}; it declares {allowed}")
 
 
-class Retry(Exception):  # noqa: N818 - a signal, not an error
+class Retry(Exception):
     """Raise in a handler to retry the event later without counting it as a failure.
 
     Args:
@@ -65,7 +65,7 @@ class Retry(Exception):  # noqa: N818 - a signal, not an error
         self.delay = delay
 
 
-class Reject(Exception):  # noqa: N818 - a signal, not an error
+class Reject(Exception):
     """Raise in a handler to dead-letter the event at once with ``reason``."""
 
     def __init__(self, reason: str) -> None:

@@ -48,7 +48,7 @@ class TestEnv:
     def broker(self) -> Broker:
         return self.runtime.broker
 
-    async def publish(self, type: str, data: dict[str, Any] | None = None, **kwargs: Any) -> Event:  # noqa: A002
+    async def publish(self, type: str, data: dict[str, Any] | None = None, **kwargs: Any) -> Event:
         """Publish a root event (same arguments as ``App.publish``)."""
         return await self.runtime.publish(type, data, **kwargs)
 
@@ -85,7 +85,7 @@ class TestEnv:
             busy.append(f"{self.runtime.in_flight} handlers running")
         return busy
 
-    def published(self, type: str | None = None) -> list[Event]:  # noqa: A002
+    def published(self, type: str | None = None) -> list[Event]:
         """Events published (root and emitted) up to the last ``settle``, in
         publish order; only those of ``type`` if given."""
         return [e for e in self._published if type is None or e.type == type]

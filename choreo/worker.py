@@ -26,7 +26,7 @@ from choreo.middleware import Middleware
 if TYPE_CHECKING:
     from choreo.app import App
 
-__all__ = ("DEFAULT_BROKER_URL", "Runtime", "connect_broker", "run")
+__all__ = ("DEFAULT_BROKER_URL", "Runtime", "connect_broker", "run", "serve")
 
 log = logging.getLogger("choreo.worker")
 
@@ -112,7 +112,7 @@ class Runtime:
 
     async def publish(
         self,
-        type: str,  # noqa: A002 - the event's field name
+        type: str,
         data: dict[str, Any] | None = None,
         *,
         delay: float | None = None,
@@ -264,3 +264,42 @@ async def run(
         finally:
             if owned:
                 await instance.close()
+
+
+async def serve(
+    apps: Sequence[App],
+    *,
+    broker: str | Broker | None = None,
+    concurrency: int = 64,
+    grace: float = 10.0,
+    middleware: Sequence[Middleware] = (),
+    ready: asyncio.Event | None = None,
+) -> None:
+    """Run ``apps`` until SIGINT or SIGTERM, then drain and return.
+
+    This is what ``choreo worker`` runs; signal handling lives here so tests
+    can reach it.
+    """
+    import signal
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    installed = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(signum, stop.set)
+            installed.append(signum)
+        except (NotImplementedError, RuntimeError):  # not the main thread
+            pass
+    try:
+        async with run(*apps, broker=broker, concurrency=concurrency, grace=grace, middleware=middleware) as runtime:
+            names = ", ".join(app.name for app in apps)
+            log.info("worker %s running %s on %s (%d routes)", runtime.consumer, names, runtime.broker.url,
+                     len(runtime.routes))
+            if ready is not None:
+                ready.set()
+            await stop.wait()
+            log.info("stopping: draining in-flight handlers")
+    finally:
+        for signum in installed:
+            loop.remove_signal_handler(signum)
