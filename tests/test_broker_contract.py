@@ -1,0 +1,420 @@
+"""The transport contract (``brokers.base``) that every broker adapter passes.
+
+Every test runs once per broker kind through the ``broker`` / ``broker_url``
+fixtures. Waits are deadlines around ``fetch`` (never bare sleeps); tests about
+leases use ``fast_broker_url`` (visibility_timeout=0.5, max_deliveries=3).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import anyio
+import pytest
+
+import brokers
+from brokers import (
+    Broker,
+    BrokerError,
+    CommitStatus,
+    Delivery,
+    GroupBacklog,
+    Message,
+    StateWrite,
+    Subscription,
+    Versioned,
+)
+
+TOPIC = "order.created"
+G1 = Subscription(TOPIC, "inventory.reserve")
+G2 = Subscription(TOPIC, "billing.charge")
+OUT = Subscription("inventory.reserved", "shipping.ship")
+
+# Marked here as well as in conftest: anyio's plugin must see the marker at
+# collection time, or it rebuilds the items without the broker parametrization.
+pytestmark = pytest.mark.anyio
+
+
+@asynccontextmanager
+async def connected(url: str) -> AsyncIterator[Broker]:
+    instance = brokers.from_url(url)
+    await instance.connect()
+    try:
+        yield instance
+    finally:
+        await instance.close()
+
+
+async def collect(
+    broker: Broker, consumer: str, subs: Sequence[Subscription], count: int, *, timeout: float = 3.0
+) -> list[Delivery]:
+    """Fetch until ``count`` deliveries arrived or ``timeout`` passed."""
+    deadline = time.monotonic() + timeout
+    found: list[Delivery] = []
+    while len(found) < count:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        found += await broker.fetch(consumer, subs, limit=count - len(found), timeout=min(remaining, 0.5))
+    return found
+
+
+async def assert_nothing(broker: Broker, consumer: str, subs: Sequence[Subscription], wait: float = 0.1) -> None:
+    assert await broker.fetch(consumer, subs, limit=10, timeout=wait) == []
+
+
+def msg(n: int, topic: str = TOPIC, **kwargs: object) -> Message:
+    return Message(topic, f"m{n}", f"body-{n}".encode(), **kwargs)  # type: ignore[arg-type]
+
+
+# -- groups and consumers ------------------------------------------------------
+
+
+async def test_every_group_sees_every_message(broker: Broker) -> None:
+    """Each group subscribed to a topic receives every message, in publish order."""
+    await broker.subscribe([G1, G2])
+    await broker.publish([msg(1), msg(2), msg(3)])
+    for sub in (G1, G2):
+        got = await collect(broker, "c1", [sub], 3)
+        assert [d.body for d in got] == [b"body-1", b"body-2", b"body-3"]
+        for delivery in got:
+            assert await broker.commit(delivery) is CommitStatus.OK
+        await assert_nothing(broker, "c1", [sub])
+
+
+async def test_delivery_carries_topic_group_ids_body_and_count(broker: Broker) -> None:
+    """A delivery names its topic, group, consumer and ids, with the exact bytes and a count of 1."""
+    await broker.subscribe([G1])
+    body = bytes(range(256))
+    await broker.publish([Message(TOPIC, "evt-1", body)])
+    (delivery,) = await collect(broker, "worker-a", [G1], 1)
+    assert (delivery.topic, delivery.group, delivery.consumer) == (TOPIC, G1.group, "worker-a")
+    assert delivery.message_id == "evt-1"
+    assert delivery.body == body
+    assert delivery.deliveries == 1
+    assert isinstance(delivery.entry_id, str) and delivery.entry_id
+
+
+async def test_consumers_of_one_group_compete(broker: Broker) -> None:
+    """Within a group each message goes to exactly one consumer."""
+    await broker.subscribe([G1])
+    await broker.publish([msg(n) for n in range(4)])
+    first = await broker.fetch("c1", [G1], limit=2, timeout=1)
+    assert len(first) == 2
+    second = await collect(broker, "c2", [G1], 2)
+    assert {d.message_id for d in first} | {d.message_id for d in second} == {f"m{n}" for n in range(4)}
+    assert not {d.entry_id for d in first} & {d.entry_id for d in second}
+    await assert_nothing(broker, "c1", [G1])
+    await assert_nothing(broker, "c3", [G1])
+
+
+async def test_new_group_starts_at_end_of_topic(broker: Broker) -> None:
+    """A group created after a message was published never sees that message."""
+    await broker.subscribe([G1])
+    await broker.publish([msg(1)])
+    await broker.subscribe([G2])
+    await broker.publish([msg(2)])
+    assert [d.message_id for d in await collect(broker, "c", [G2], 2, timeout=0.5)] == ["m2"]
+    assert [d.message_id for d in await collect(broker, "c", [G1], 2)] == ["m1", "m2"]
+
+
+async def test_subscribe_is_idempotent_and_keeps_position(broker: Broker) -> None:
+    """Subscribing an existing group again does not move it to the end."""
+    await broker.subscribe([G1])
+    await broker.publish([msg(1)])
+    await broker.subscribe([G1, G1])
+    assert [d.message_id for d in await collect(broker, "c", [G1], 1)] == ["m1"]
+
+
+async def test_fetch_respects_limit(broker: Broker) -> None:
+    """A fetch never hands out more than ``limit`` deliveries."""
+    await broker.subscribe([G1])
+    await broker.publish([msg(n) for n in range(5)])
+    assert len(await broker.fetch("c", [G1], limit=3, timeout=1)) == 3
+    assert len(await broker.fetch("c", [G1], limit=3, timeout=1)) == 2
+
+
+async def test_fetch_waits_for_a_message_published_later(broker: Broker) -> None:
+    """A waiting fetch returns as soon as a message arrives, not at its timeout."""
+    await broker.subscribe([G1])
+
+    async def publish_later() -> None:
+        await anyio.sleep(0.1)  # the message must arrive while the fetch waits
+        await broker.publish([msg(1)])
+
+    started = time.monotonic()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(publish_later)
+        got = await broker.fetch("c", [G1], limit=1, timeout=5)
+    assert [d.message_id for d in got] == ["m1"]
+    assert time.monotonic() - started < 2
+
+
+async def test_fetch_returns_nothing_after_its_timeout(broker: Broker) -> None:
+    """With nothing to hand out, fetch returns an empty list after about ``timeout``."""
+    await broker.subscribe([G1])
+    started = time.monotonic()
+    assert await broker.fetch("c", [G1], limit=1, timeout=0.2) == []
+    assert 0.15 <= time.monotonic() - started < 2
+
+
+async def test_fetch_is_fair_across_subscriptions(broker: Broker) -> None:
+    """A busy topic does not starve a quiet one fetched by the same consumer."""
+    quiet = Subscription("payment.failed", "ops.alert")
+    await broker.subscribe([G1, quiet])
+    await broker.publish([msg(n) for n in range(10)])
+    await broker.publish([msg(99, topic=quiet.topic)])
+    seen: list[str] = []
+    for _ in range(3):
+        seen += [d.topic for d in await broker.fetch("c", [G1, quiet], limit=2, timeout=1)]
+    assert quiet.topic in seen
+
+
+# -- leases, redelivery, dead letters -------------------------------------------
+
+
+async def test_uncommitted_delivery_is_redelivered_after_visibility_timeout(fast_broker_url: str) -> None:
+    """A delivery not committed within the visibility timeout goes to another consumer."""
+    async with connected(fast_broker_url) as broker:
+        await broker.subscribe([G1])
+        await broker.publish([msg(1)])
+        (first,) = await broker.fetch("c1", [G1], limit=1, timeout=1)
+        (second,) = await collect(broker, "c2", [G1], 1)
+        assert second.entry_id == first.entry_id
+        assert (second.message_id, second.body, second.deliveries) == ("m1", b"body-1", 2)
+        assert second.consumer == "c2"
+        assert await broker.commit(second) is CommitStatus.OK
+        await assert_nothing(broker, "c3", [G1], wait=0.7)
+
+
+async def test_extend_keeps_delivery_from_being_reclaimed(fast_broker_url: str) -> None:
+    """A consumer that renews its lease keeps the delivery past the visibility timeout."""
+    async with connected(fast_broker_url) as broker:
+        await broker.subscribe([G1])
+        await broker.publish([msg(1)])
+        (delivery,) = await broker.fetch("c1", [G1], limit=1, timeout=1)
+        for _ in range(5):  # about 1.25 s in all, well past the 0.5 s lease
+            assert await broker.extend(delivery)
+            await assert_nothing(broker, "c2", [G1], wait=0.25)
+        assert await broker.commit(delivery) is CommitStatus.OK
+
+
+async def test_delivery_past_max_deliveries_is_dead_lettered(fast_broker_url: str) -> None:
+    """A message handed out max_deliveries times without a commit becomes a dead letter."""
+    async with connected(fast_broker_url) as broker:
+        await broker.subscribe([G1])
+        await broker.publish([msg(1)])
+        seen: list[Delivery] = []
+        deadline = time.monotonic() + 5
+        while not await broker.dead_letters() and time.monotonic() < deadline:
+            seen += await broker.fetch(f"c{len(seen)}", [G1], limit=1, timeout=0.2)
+        assert [d.deliveries for d in seen] == [1, 2, 3]
+        (record,) = await broker.dead_letters()
+        assert record.reason == "max deliveries exceeded"
+        assert (record.topic, record.group, record.message_id) == (TOPIC, G1.group, "m1")
+        assert (record.body, record.deliveries) == (b"body-1", 3)
+        (backlog,) = await broker.backlog([G1])
+        assert backlog.idle
+        assert await broker.commit(seen[-1]) is CommitStatus.LEASE_LOST
+
+
+async def test_commit_by_stale_consumer_is_refused(fast_broker_url: str) -> None:
+    """A consumer whose delivery was reclaimed gets LEASE_LOST and none of its effects happen."""
+    async with connected(fast_broker_url) as broker:
+        await broker.subscribe([G1, OUT])
+        await broker.publish([msg(1)])
+        (stale,) = await broker.fetch("c1", [G1], limit=1, timeout=1)
+        (fresh,) = await collect(broker, "c2", [G1], 1)
+        status = await broker.commit(
+            stale, publish=[msg(2, topic=OUT.topic)], state=[StateWrite("saga:1", b"x", 0)]
+        )
+        assert status is CommitStatus.LEASE_LOST
+        assert await broker.extend(stale) is False
+        assert await broker.get_state("saga:1") is None
+        await assert_nothing(broker, "c", [OUT])
+        assert await broker.commit(fresh) is CommitStatus.OK
+
+
+async def test_commit_publishes_and_acks_atomically(broker: Broker) -> None:
+    """An OK commit acks the delivery, publishes its messages and writes its state together."""
+    await broker.subscribe([G1, OUT])
+    await broker.publish([msg(1)])
+    (delivery,) = await collect(broker, "c", [G1], 1)
+    status = await broker.commit(
+        delivery, publish=[msg(2, topic=OUT.topic), msg(3, topic=OUT.topic)], state=[StateWrite("k", b"v", 0)]
+    )
+    assert status is CommitStatus.OK
+    assert [d.message_id for d in await collect(broker, "c", [OUT], 2)] == ["m2", "m3"]
+    assert await broker.get_state("k") == Versioned(b"v", 1)
+    assert (await broker.backlog([G1]))[0].idle
+    assert await broker.commit(delivery) is CommitStatus.LEASE_LOST
+
+
+async def test_state_compare_and_set(broker: Broker) -> None:
+    """State writes need the current version; a CONFLICT leaves state, ack and publishes untouched."""
+    assert await broker.commit(state=[StateWrite("saga:1", b"v1", 0)]) is CommitStatus.OK
+    assert await broker.get_state("saga:1") == Versioned(b"v1", 1)
+    assert await broker.commit(state=[StateWrite("saga:1", b"again", 0)]) is CommitStatus.CONFLICT
+
+    await broker.subscribe([G1, OUT])
+    await broker.publish([msg(1)])
+    (delivery,) = await collect(broker, "c", [G1], 1)
+    writes = [StateWrite("saga:2", b"new", 0), StateWrite("saga:1", b"v2", 7)]
+    status = await broker.commit(delivery, publish=[msg(2, topic=OUT.topic)], state=writes)
+    assert status is CommitStatus.CONFLICT
+    assert await broker.get_state("saga:2") is None
+    assert await broker.get_state("saga:1") == Versioned(b"v1", 1)
+    await assert_nothing(broker, "c", [OUT])
+    assert (await broker.backlog([G1]))[0].pending == 1
+
+    writes = [StateWrite("saga:2", b"new", 0), StateWrite("saga:1", b"v2", 1)]
+    assert await broker.commit(delivery, publish=[msg(2, topic=OUT.topic)], state=writes) is CommitStatus.OK
+    assert await broker.list_state("saga:") == {"saga:1": Versioned(b"v2", 2), "saga:2": Versioned(b"new", 1)}
+    assert [d.message_id for d in await collect(broker, "c", [OUT], 1)] == ["m2"]
+
+    assert await broker.commit(state=[StateWrite("saga:1", None, 2)]) is CommitStatus.OK
+    assert await broker.get_state("saga:1") is None
+    assert await broker.list_state("saga:") == {"saga:2": Versioned(b"new", 1)}
+    assert await broker.list_state("other:") == {}
+
+
+# -- delays, targeting, dedupe ------------------------------------------------
+
+
+async def test_delayed_message_arrives_after_delay(broker: Broker) -> None:
+    """A message with a delay is not deliverable before the delay has passed."""
+    await broker.subscribe([G1])
+    started = time.monotonic()
+    await broker.publish([msg(1, delay=0.4)])
+    await assert_nothing(broker, "c", [G1], wait=0.05)
+    assert await broker.backlog([G1]) == [GroupBacklog(TOPIC, G1.group, ready=0, pending=0, delayed=1)]
+    (delivery,) = await collect(broker, "c", [G1], 1)
+    assert delivery.message_id == "m1"
+    assert time.monotonic() - started >= 0.35
+
+
+async def test_group_targeted_message_reaches_only_that_group(broker: Broker) -> None:
+    """A message published with ``group`` is delivered to that group of its topic only."""
+    await broker.subscribe([G1, G2])
+    await broker.publish([msg(1, group=G1.group)])
+    assert (await broker.backlog([G2]))[0].idle
+    assert [d.message_id for d in await collect(broker, "c", [G1], 1)] == ["m1"]
+    await assert_nothing(broker, "c", [G2])
+
+
+async def test_duplicate_message_id_settled_once_per_group(broker: Broker) -> None:
+    """A message id already settled in a group is dropped there, but other groups still get it."""
+    await broker.subscribe([G1, G2])
+    await broker.publish([msg(1)])
+    (first,) = await collect(broker, "c", [G1], 1)
+    assert await broker.commit(first) is CommitStatus.OK
+    await broker.publish([msg(1)])
+    await assert_nothing(broker, "c", [G1])
+    assert (await broker.backlog([G1]))[0].idle
+    assert [d.message_id for d in await collect(broker, "c", [G2], 2)] == ["m1", "m1"]
+
+
+async def test_retry_with_done_false_redelivers_same_id(broker: Broker) -> None:
+    """A commit with done=False plus a delayed republish to the group delivers the same id again."""
+    await broker.subscribe([G1, G2])
+    await broker.publish([msg(1)])
+    (delivery,) = await collect(broker, "c", [G1], 1)
+    retry = Message(TOPIC, delivery.message_id or "", delivery.body, delay=0.2, group=G1.group)
+    assert await broker.commit(delivery, publish=[retry], done=False) is CommitStatus.OK
+    assert await broker.backlog([G1]) == [GroupBacklog(TOPIC, G1.group, ready=0, pending=0, delayed=1)]
+    (again,) = await collect(broker, "c", [G1], 1)
+    assert (again.message_id, again.body) == ("m1", b"body-1")
+    assert again.entry_id != delivery.entry_id
+    assert await broker.commit(again) is CommitStatus.OK
+    assert [d.message_id for d in await collect(broker, "c", [G2], 2, timeout=0.5)] == ["m1"]
+
+
+async def test_dead_letter_keeps_body_reason_group_and_replay_reprocesses(broker: Broker) -> None:
+    """A dead letter keeps the raw bytes and why; replay hands it to its group again, and only to it."""
+    await broker.subscribe([G1, G2])
+    raw = b"\xff\xfe\x00not json"
+    await broker.publish([Message(TOPIC, "evt-9", raw)])
+    (delivery,) = await collect(broker, "c", [G1], 1)
+    assert await broker.commit(delivery, dead_letter="undecodable: bad utf-8") is CommitStatus.OK
+    (other,) = await collect(broker, "c", [G2], 1)
+    assert await broker.commit(other) is CommitStatus.OK
+
+    (record,) = await broker.dead_letters()
+    assert (record.topic, record.group, record.message_id) == (TOPIC, G1.group, "evt-9")
+    assert (record.body, record.reason, record.deliveries) == (raw, "undecodable: bad utf-8", 1)
+    assert abs(record.dead_at - time.time()) < 60
+    await assert_nothing(broker, "c", [G1])
+
+    assert await broker.replay(record.id) is True
+    assert await broker.dead_letters() == []
+    (replayed,) = await collect(broker, "c", [G1], 1)
+    assert (replayed.message_id, replayed.body) == ("evt-9", raw)
+    assert await broker.commit(replayed) is CommitStatus.OK
+    await assert_nothing(broker, "c", [G2])
+    assert await broker.replay(record.id) is False
+
+
+async def test_purge(broker: Broker) -> None:
+    """Purging removes the named dead letters, or all of them, and says how many."""
+    await broker.subscribe([G1])
+    await broker.publish([msg(n) for n in range(3)])
+    for delivery in await collect(broker, "c", [G1], 3):
+        assert await broker.commit(delivery, dead_letter="bad") is CommitStatus.OK
+    records = await broker.dead_letters()
+    assert [r.message_id for r in records] == ["m0", "m1", "m2"]
+    assert len(await broker.dead_letters(limit=2)) == 2
+    assert await broker.purge_dead_letters([records[1].id, "no-such-id"]) == 1
+    assert [r.message_id for r in await broker.dead_letters()] == ["m0", "m2"]
+    assert await broker.purge_dead_letters() == 2
+    assert await broker.dead_letters() == []
+    assert await broker.purge_dead_letters() == 0
+
+
+# -- inspection, validation, retention --------------------------------------------
+
+
+async def test_backlog_counts_ready_pending_delayed(broker: Broker) -> None:
+    """Backlog reports per subscription, in order, what is ready, pending and delayed."""
+    await broker.subscribe([G1, G2])
+    await broker.publish([msg(1), msg(2), msg(3), msg(4, delay=30), msg(5, delay=30, group=G2.group)])
+    assert len(await broker.fetch("c", [G1], limit=1, timeout=1)) == 1
+    assert await broker.backlog([G2, G1]) == [
+        GroupBacklog(TOPIC, G2.group, ready=3, pending=0, delayed=2),
+        GroupBacklog(TOPIC, G1.group, ready=2, pending=1, delayed=1),
+    ]
+
+
+async def test_invalid_topic_name_rejected(broker: Broker) -> None:
+    """Hostile or malformed topic and group names raise BrokerError and publish nothing."""
+    await broker.subscribe([G1])
+    for bad in ("", "has space", "../etc/passwd", "x" * 201, "*", "-leading"):
+        with pytest.raises(BrokerError):
+            await broker.publish([msg(1), Message(bad, "m", b"")])
+        with pytest.raises(BrokerError):
+            await broker.subscribe([Subscription(bad, "g")])
+        with pytest.raises(BrokerError):
+            await broker.subscribe([Subscription(TOPIC, bad)])
+    with pytest.raises(BrokerError):
+        await broker.publish([msg(1, group="bad group")])
+    with pytest.raises(BrokerError):
+        await broker.commit(publish=[msg(1), Message("bad topic", "m", b"")])
+    await assert_nothing(broker, "c", [G1])
+
+
+async def test_maxlen_never_trims_pending(fast_broker_url: str) -> None:
+    """Retention keeps every entry still pending or undelivered in some group."""
+    async with connected(fast_broker_url + "&maxlen=2") as broker:
+        await broker.subscribe([G1, G2])
+        await broker.publish([msg(n) for n in range(5)])
+        taken = await collect(broker, "c1", [G1], 5)
+        for delivery in taken[1:]:
+            assert await broker.commit(delivery) is CommitStatus.OK
+        await broker.publish([msg(n) for n in range(5, 10)])
+        rest = await collect(broker, "c2", [G1], 6)
+        assert sorted(d.message_id or "" for d in rest) == sorted(["m0", *(f"m{n}" for n in range(5, 10))])
+        (reclaimed,) = [d for d in rest if d.message_id == "m0"]
+        assert (reclaimed.body, reclaimed.deliveries) == (b"body-0", 2)
+        late = await collect(broker, "c3", [G2], 10)
+        assert [d.message_id for d in late] == [f"m{n}" for n in range(10)]
