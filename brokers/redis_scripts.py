@@ -1,0 +1,361 @@
+"""Lua sources of the Redis Streams adapter (see ``brokers.redis_streams``).
+
+Every multi-step operation is one script, so it is atomic on the server. Keys
+are computed inside the scripts from the prefix (Redis Cluster is not a goal).
+Scripts that write validate everything before their first write call: Lua has
+no rollback.
+"""
+
+from __future__ import annotations
+
+__all__ = ("BACKLOG", "COMMIT", "EXTEND", "FETCH", "LIST_STATE", "REPLAY", "TRIM")
+
+# Shared helpers, prepended to every script that needs them.
+_COMMON = r"""
+local function stream_key(prefix, topic, group)
+  if group == nil or group == '' then return prefix .. ':' .. topic end
+  return prefix .. ':_group:' .. group .. ':' .. topic
+end
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function dead_letter(prefix, topic, group, message_id, body, reason, deliveries, at_ms)
+  local fields = {'topic', topic, 'group', group, 'body', body, 'reason', reason,
+                  'deliveries', tostring(deliveries), 'dead_at', string.format('%.3f', at_ms / 1000)}
+  if message_id then
+    fields[#fields + 1] = 'message_id'
+    fields[#fields + 1] = message_id
+  end
+  redis.call('XADD', prefix .. ':_dead', '*', unpack(fields))
+end
+
+local function publish(prefix, now, topic, group, id, body, delay_ms)
+  if delay_ms > 0 then
+    -- Members carry their destination: a JSON header, a newline, the body.
+    local member = cjson.encode({topic, group, id}) .. '\n' .. body
+    redis.call('ZADD', prefix .. ':_delayed', now + delay_ms, member)
+  else
+    redis.call('XADD', stream_key(prefix, topic, group), '*', 'id', id, 'body', body)
+  end
+end
+
+-- The pending entry of ``eid``, if ``consumer`` holds it and it was handed out
+-- exactly ``deliveries`` times (a reclaim bumps the count: that is the fence).
+local function owns(skey, group, consumer, eid, deliveries)
+  local p = redis.pcall('XPENDING', skey, group, eid, eid, 1)
+  if type(p) ~= 'table' or p.err or #p == 0 then return false end
+  return p[1][2] == consumer and tonumber(p[1][4]) == deliveries
+end
+"""
+
+# ARGV: prefix, consumer, limit, max_deliveries, move_delayed, min_idle_ms,
+# dedupe flag unused, then per stream: key, topic, group, claim (0/1), cursor.
+# Returns {deliveries, read_any, missing, cursors, tails, next_due_ms}; each
+# delivery is {stream index, entry id, message id, body, deliveries}.
+FETCH = _COMMON + r"""
+local prefix, consumer = ARGV[1], ARGV[2]
+local remaining = tonumber(ARGV[3])
+local max_deliveries = tonumber(ARGV[4])
+local move_delayed = ARGV[5] == '1'
+local min_idle = tonumber(ARGV[6])
+local streams = {}
+for i = 8, #ARGV, 5 do
+  streams[#streams + 1] = {key = ARGV[i], topic = ARGV[i + 1], group = ARGV[i + 2],
+                           claim = ARGV[i + 3] == '1', cursor = ARGV[i + 4]}
+end
+local now = now_ms()
+local next_due = -1
+
+if move_delayed then
+  local dkey = prefix .. ':_delayed'
+  local due = redis.call('ZRANGEBYSCORE', dkey, '-inf', now, 'LIMIT', 0, 1000)
+  for _, member in ipairs(due) do
+    local cut = string.find(member, '\n', 1, true)
+    local ok, head = false, nil
+    if cut then ok, head = pcall(cjson.decode, string.sub(member, 1, cut - 1)) end
+    if ok and type(head) == 'table' and type(head[1]) == 'string' and type(head[3]) == 'string' then
+      local group = head[2]
+      if type(group) ~= 'string' then group = '' end
+      redis.call('XADD', stream_key(prefix, head[1], group), '*', 'id', head[3],
+                 'body', string.sub(member, cut + 1))
+    else
+      dead_letter(prefix, '', '', false, member, 'unreadable delayed message', 0, now)
+    end
+    redis.call('ZREM', dkey, member)
+  end
+  local first = redis.call('ZRANGE', dkey, 0, 0, 'WITHSCORES')
+  if #first > 0 then next_due = math.max(0, tonumber(first[2]) - now) end
+end
+
+local out, read_any, missing, cursors = {}, 0, {}, {}
+
+local function examine(index, s, eid, flat, count)
+  local mid, body
+  for i = 1, #flat, 2 do
+    if flat[i] == 'id' then mid = flat[i + 1] elseif flat[i] == 'body' then body = flat[i + 1] end
+  end
+  if mid == nil or body == nil then
+    local reason = 'unreadable entry: missing field "body"'
+    if mid == nil then reason = 'unreadable entry: missing field "id"' end
+    dead_letter(prefix, s.topic, s.group, mid or false, body or '', reason, count, now)
+  elseif redis.call('EXISTS', prefix .. ':_seen:' .. s.group .. ':' .. mid) == 1 then
+    -- already settled in this group: a producer duplicate, dropped silently
+  elseif count > max_deliveries then
+    dead_letter(prefix, s.topic, s.group, mid, body, 'max deliveries exceeded', count - 1, now)
+  else
+    out[#out + 1] = {index, eid, mid, body, count}
+    remaining = remaining - 1
+    return
+  end
+  redis.call('XACK', s.key, s.group, eid)
+end
+
+for index, s in ipairs(streams) do
+  cursors[index] = s.cursor
+  if s.claim and remaining > 0 then
+    local r = redis.pcall('XAUTOCLAIM', s.key, s.group, consumer, min_idle, s.cursor, 'COUNT', remaining)
+    if type(r) == 'table' and r.err then
+      missing[#missing + 1] = index
+    else
+      cursors[index] = r[1]
+      for _, entry in ipairs(r[2]) do
+        local p = redis.call('XPENDING', s.key, s.group, entry[1], entry[1], 1)
+        local count = 1
+        if #p > 0 then count = tonumber(p[1][4]) end
+        examine(index, s, entry[1], entry[2], count)
+      end
+    end
+  end
+end
+
+for index, s in ipairs(streams) do
+  local rounds = 0
+  while remaining > 0 and rounds < 50 do
+    rounds = rounds + 1
+    local r = redis.pcall('XREADGROUP', 'GROUP', s.group, consumer, 'COUNT', remaining,
+                          'STREAMS', s.key, '>')
+    if type(r) == 'table' and r.err then
+      missing[#missing + 1] = index
+      break
+    end
+    if not r then break end
+    local entries = r[1][2]
+    if #entries == 0 then break end
+    read_any = 1
+    local asked = remaining
+    for _, entry in ipairs(entries) do examine(index, s, entry[1], entry[2], 1) end
+    if #entries < asked then break end
+  end
+end
+
+-- Nothing to hand out: tell the caller where each stream ends, so it can
+-- block on XREAD from exactly there without missing what arrives meanwhile.
+local tails = {}
+if #out == 0 and read_any == 0 then
+  for index, s in ipairs(streams) do
+    local last = redis.call('XREVRANGE', s.key, '+', '-', 'COUNT', 1)
+    if #last > 0 then tails[index] = last[1][1] else tails[index] = '0-0' end
+  end
+end
+return {out, read_any, missing, cursors, tails, next_due}
+"""
+
+# ARGV: prefix, has_delivery, stream key, group, consumer, entry id,
+# deliveries, message id, has message id, done, dedupe ttl ms, dead reason,
+# has dead letter, topic, body, state count, then per state: key, has value,
+# value, expected version; then per message: topic, group, id, body, delay ms.
+COMMIT = _COMMON + r"""
+local prefix = ARGV[1]
+local has_delivery = ARGV[2] == '1'
+local skey, group, consumer, eid = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local deliveries = tonumber(ARGV[7])
+local mid, has_mid = ARGV[8], ARGV[9] == '1'
+local done, ttl = ARGV[10] == '1', ARGV[11]
+local reason, has_dead = ARGV[12], ARGV[13] == '1'
+local topic, body = ARGV[14], ARGV[15]
+local n_state = tonumber(ARGV[16])
+local first_message = 17 + 4 * n_state
+
+if has_delivery and not owns(skey, group, consumer, eid, deliveries) then
+  return 'lease_lost'
+end
+for i = 17, first_message - 1, 4 do
+  local current = redis.call('HGET', prefix .. ':_state:' .. ARGV[i], 'n')
+  if (tonumber(current) or 0) ~= tonumber(ARGV[i + 3]) then return 'conflict' end
+end
+
+-- Validated: from here on every call writes.
+local now = now_ms()
+for i = first_message, #ARGV, 5 do
+  publish(prefix, now, ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], tonumber(ARGV[i + 4]))
+end
+local index = prefix .. ':_state_keys'
+for i = 17, first_message - 1, 4 do
+  local key = prefix .. ':_state:' .. ARGV[i]
+  if ARGV[i + 1] == '1' then
+    redis.call('HSET', key, 'v', ARGV[i + 2], 'n', tonumber(ARGV[i + 3]) + 1)
+    redis.call('ZADD', index, 0, ARGV[i])
+  else
+    redis.call('DEL', key)
+    redis.call('ZREM', index, ARGV[i])
+  end
+end
+if has_delivery then
+  if has_dead then
+    local message_id = false
+    if has_mid then message_id = mid end
+    dead_letter(prefix, topic, group, message_id, body, reason, deliveries, now)
+  end
+  if done and has_mid then
+    redis.call('SET', prefix .. ':_seen:' .. group .. ':' .. mid, '1', 'PX', ttl)
+  end
+  redis.call('XACK', skey, group, eid)
+end
+return 'ok'
+"""
+
+# ARGV: stream key, group, consumer, entry id, deliveries. Returns 1 or 0.
+EXTEND = _COMMON + r"""
+if not owns(ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])) then return 0 end
+-- JUSTID resets the idle time without bumping the delivery counter.
+redis.call('XCLAIM', ARGV[1], ARGV[2], ARGV[3], 0, ARGV[4], 'JUSTID')
+return 1
+"""
+
+# ARGV: prefix, dead letter id. Returns 1, or 0 if there is no such letter.
+REPLAY = _COMMON + r"""
+local prefix, id = ARGV[1], ARGV[2]
+local dkey = prefix .. ':_dead'
+local found = redis.call('XRANGE', dkey, id, id)
+if #found == 0 then return 0 end
+local f = {}
+local flat = found[1][2]
+for i = 1, #flat, 2 do f[flat[i]] = flat[i + 1] end
+local group = f.group or ''
+local fields = {'body', f.body or ''}
+if f.message_id then
+  fields[3] = 'id'
+  fields[4] = f.message_id
+  if group ~= '' then redis.call('DEL', prefix .. ':_seen:' .. group .. ':' .. f.message_id) end
+end
+redis.call('XADD', stream_key(prefix, f.topic or '', group), '*', unpack(fields))
+redis.call('XDEL', dkey, id)
+return 1
+"""
+
+# ARGV: prefix, then per subscription: topic, group.
+# Returns {ready, pending, delayed} per subscription, flattened.
+BACKLOG = _COMMON + r"""
+local prefix = ARGV[1]
+
+local function group_info(key, group)
+  local groups = redis.pcall('XINFO', 'GROUPS', key)
+  if type(groups) ~= 'table' or groups.err then return nil end
+  for _, flat in ipairs(groups) do
+    local g = {}
+    for i = 1, #flat, 2 do g[flat[i]] = flat[i + 1] end
+    if g.name == group then return g end
+  end
+  return nil
+end
+
+local function work(key, group)
+  local g = group_info(key, group)
+  if g == nil then return 0, 0 end
+  local ready = g.lag
+  -- lag is NULL after some deletions and trims: count past the group's position
+  if type(ready) ~= 'number' then
+    ready = #redis.call('XRANGE', key, '(' .. g['last-delivered-id'], '+')
+  end
+  return ready, tonumber(g.pending)
+end
+
+local delayed = {}
+for _, member in ipairs(redis.call('ZRANGE', prefix .. ':_delayed', 0, -1)) do
+  local cut = string.find(member, '\n', 1, true)
+  if cut then
+    local ok, head = pcall(cjson.decode, string.sub(member, 1, cut - 1))
+    if ok and type(head) == 'table' then delayed[#delayed + 1] = head end
+  end
+end
+
+local out = {}
+for i = 2, #ARGV, 2 do
+  local topic, group = ARGV[i], ARGV[i + 1]
+  local r1, p1 = work(stream_key(prefix, topic, ''), group)
+  local r2, p2 = work(stream_key(prefix, topic, group), group)
+  local late = 0
+  for _, head in ipairs(delayed) do
+    if head[1] == topic and (head[2] == '' or head[2] == group) then late = late + 1 end
+  end
+  out[#out + 1] = r1 + r2
+  out[#out + 1] = p1 + p2
+  out[#out + 1] = late
+end
+return out
+"""
+
+# ARGV: prefix, prefix of state keys. Returns {key, value, version, ...}.
+LIST_STATE = r"""
+local prefix, start = ARGV[1], ARGV[2]
+local keys
+if start == '' then
+  keys = redis.call('ZRANGEBYLEX', prefix .. ':_state_keys', '-', '+')
+else
+  keys = redis.call('ZRANGEBYLEX', prefix .. ':_state_keys', '[' .. start, '(' .. start .. '\255')
+end
+local out = {}
+for _, key in ipairs(keys) do
+  local v = redis.call('HMGET', prefix .. ':_state:' .. key, 'v', 'n')
+  if v[1] then
+    out[#out + 1] = key
+    out[#out + 1] = v[1]
+    out[#out + 1] = v[2]
+  end
+end
+return out
+"""
+
+# ARGV: maxlen, then per stream: key, private (0/1). Trims each stream to
+# about maxlen entries, but never at or past the oldest entry that any group
+# still has pending or has not been delivered yet. Returns entries removed.
+TRIM = r"""
+local maxlen = tonumber(ARGV[1])
+
+local function split(id)
+  local dash = string.find(id, '-', 1, true)
+  return tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
+end
+
+local function older(a, b)
+  local am, as = split(a)
+  local bm, bs = split(b)
+  return am < bm or (am == bm and as < bs)
+end
+
+local removed = 0
+for i = 2, #ARGV, 2 do
+  local key, private = ARGV[i], ARGV[i + 1] == '1'
+  local excess = redis.call('XLEN', key) - maxlen
+  local groups = redis.pcall('XINFO', 'GROUPS', key)
+  if excess > 0 and type(groups) == 'table' and not groups.err and not (private and #groups == 0) then
+    local cut = redis.call('XRANGE', key, '-', '+', 'COUNT', math.min(excess, 10000) + 1)
+    local bound = cut[#cut][1]
+    for _, flat in ipairs(groups) do
+      local g = {}
+      for j = 1, #flat, 2 do g[flat[j]] = flat[j + 1] end
+      local floor = g['last-delivered-id']
+      if tonumber(g.pending) > 0 then
+        local summary = redis.call('XPENDING', key, g.name)
+        if older(summary[2], floor) then floor = summary[2] end
+      end
+      if older(floor, bound) then bound = floor end
+    end
+    removed = removed + redis.call('XTRIM', key, 'MINID', bound)
+  end
+end
+return removed
+"""
