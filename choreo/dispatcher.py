@@ -23,6 +23,7 @@ from brokers import Broker, CommitStatus, Delivery, Message
 from choreo.context import Context
 from choreo.errors import DecodeError, EmitNotDeclared, PayloadValidationError, Reject, Retry
 from choreo.events import DEFAULT_MAX_SIZE, Event, decode_event, encode_event
+from choreo.logs import handling
 from choreo.middleware import Middleware, Outcome
 from choreo.payloads import build_payload
 from choreo.routing import Emit, Route
@@ -80,7 +81,10 @@ class Dispatcher:
     def published(self, events: Sequence[Event]) -> None:
         for hook in self.middleware:
             for event in events:
-                hook.on_publish(event)
+                try:
+                    hook.on_publish(event)
+                except Exception:  # an observer must never undo a commit
+                    log.exception("middleware %r failed in on_publish", hook)
 
     async def handle(self, delivery: Delivery) -> None:
         """Run and settle one delivery. Never raises except on cancellation."""
@@ -94,12 +98,13 @@ class Dispatcher:
             await self._dead_letter(delivery, route, None, f"undecodable message: {exc}", started)
             return
         ctx = Context(event, route.service, route.name, self.broker)
-        for _ in range(MAX_STATE_CONFLICTS):
-            status = await self._attempt(delivery, route, event, ctx, started)
-            if status is not CommitStatus.CONFLICT:
-                return
-            ctx.reset()
-        log.warning("%s: state kept changing under event %s; leaving it for redelivery", route.group, event.id)
+        with handling(event, route.group):  # log records carry the event's ids
+            for _ in range(MAX_STATE_CONFLICTS):
+                status = await self._attempt(delivery, route, event, ctx, started)
+                if status is not CommitStatus.CONFLICT:
+                    return
+                ctx.reset()
+            log.warning("%s: state kept changing under event %s; leaving it for redelivery", route.group, event.id)
 
     async def _attempt(
         self, delivery: Delivery, route: Route, event: Event, ctx: Context, started: float
@@ -143,10 +148,7 @@ class Dispatcher:
                 except PayloadValidationError as exc:
                     raise _Permanent(f"invalid payload for {route.group}: {exc}") from None
         handler = route.handler
-        if inspect.iscoroutinefunction(handler):
-            call = handler(**kwargs)
-        else:
-            call = asyncio.to_thread(handler, **kwargs)
+        call = handler(**kwargs) if inspect.iscoroutinefunction(handler) else asyncio.to_thread(handler, **kwargs)
         if route.timeout is None:
             result = await call
         else:
@@ -171,7 +173,8 @@ class Dispatcher:
             choices = [Emit(route.emits[0], result)]
         else:
             raise _Permanent(
-                f"handler {route.group} returned {type(result).__name__}; return a dict, None, an Emit or a list of Emit"
+                f"handler {route.group} returned {type(result).__name__}; "
+                "return a dict, None, an Emit or a list of Emit"
             )
         emitted = []
         for choice in choices:
@@ -244,7 +247,10 @@ class Dispatcher:
         status = await self._commit(delivery, route, dead_letter=reason)
         if status is CommitStatus.OK:
             for hook in self.middleware:
-                hook.on_dead_letter(route, event, reason)
+                try:
+                    hook.on_dead_letter(route, event, reason)
+                except Exception:
+                    log.exception("middleware %r failed in on_dead_letter", hook)
             self._handled(route, event, Outcome.DEAD_LETTERED, started)
         return status
 
@@ -262,4 +268,7 @@ class Dispatcher:
     def _handled(self, route: Route, event: Event | None, outcome: str, started: float) -> None:
         duration = time.perf_counter() - started
         for hook in self.middleware:
-            hook.on_handled(route, event, outcome, duration)
+            try:
+                hook.on_handled(route, event, outcome, duration)
+            except Exception:
+                log.exception("middleware %r failed in on_handled", hook)

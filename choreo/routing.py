@@ -7,6 +7,7 @@ order and return the handler unchanged, so a handler stays a plain function.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import typing
 from collections.abc import Callable, Iterator, Sequence
@@ -182,10 +183,9 @@ class Router:
         registrations = getattr(route.handler, _ROUTERS_ATTR, None)
         if registrations is None:
             registrations = []
-            try:
+            # Bound methods and builtins take no attributes; they cannot use @emits afterwards.
+            with contextlib.suppress(AttributeError):
                 setattr(route.handler, _ROUTERS_ATTR, registrations)
-            except AttributeError:  # bound methods and builtins take no attributes
-                pass
         if (self, key) not in registrations:
             registrations.append((self, key))
         return route

@@ -184,7 +184,7 @@ class Runtime:
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("unexpected error handling %s on %s; it will be redelivered", delivery.entry_id, delivery.topic)
+            log.exception("unexpected error on %s of %s; it will be redelivered", delivery.entry_id, delivery.topic)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._in_flight.pop(task, None)
@@ -221,7 +221,8 @@ class Runtime:
             log.info("draining %d in-flight handlers (grace %.1fs)", len(pending), grace)
             _, still = await asyncio.wait(pending, timeout=grace)
             if still:
-                log.warning("cancelling %d handlers still running after %.1fs; they will be redelivered", len(still), grace)
+                log.warning("cancelling %d handlers still running after %.1fs; they will be redelivered",
+                            len(still), grace)
                 for task in still:
                     task.cancel()
                 await asyncio.wait(still, timeout=5)
