@@ -96,6 +96,12 @@ def _check_message(message: Message) -> None:
         _check_name("group", message.group)
 
 
+def _check_subscriptions(subscriptions: Sequence[Subscription]) -> None:
+    for sub in subscriptions:
+        _check_name("topic", sub.topic)
+        _check_name("group", sub.group)
+
+
 def _seq(entry: _Entry) -> int:
     return entry.seq
 
@@ -124,8 +130,6 @@ class MemoryBroker:
         self._turn = 0
         self._changed = asyncio.Event()
 
-    # -- lifecycle -----------------------------------------------------------
-
     async def connect(self) -> None:
         """Mark the broker usable. Idempotent; state survives close/connect."""
         self._connected = True
@@ -143,8 +147,6 @@ class MemoryBroker:
         """The earliest clock time at which a delayed message or an expired
         lease becomes actionable, or ``None`` if nothing is scheduled."""
         return self._next_due(None)
-
-    # -- publishing and subscribing ------------------------------------------
 
     async def publish(self, messages: Sequence[Message]) -> None:
         """Publish messages, all or none (names are checked first).
@@ -165,21 +167,12 @@ class MemoryBroker:
             BrokerError: not connected, or a name is invalid.
         """
         self._require_connected()
-        for sub in subscriptions:
-            _check_name("topic", sub.topic)
-            _check_name("group", sub.group)
+        _check_subscriptions(subscriptions)
         for sub in subscriptions:
             self._group(self._topic(sub.topic), sub.group)
 
-    # -- consuming -----------------------------------------------------------
-
     async def fetch(
-        self,
-        consumer: str,
-        subscriptions: Sequence[Subscription],
-        *,
-        limit: int,
-        timeout: float,
+        self, consumer: str, subscriptions: Sequence[Subscription], *, limit: int, timeout: float
     ) -> list[Delivery]:
         """Hand out up to ``limit`` deliveries, waiting up to ``timeout`` real
         seconds for the first; see ``Broker.fetch``.
@@ -189,10 +182,8 @@ class MemoryBroker:
                 waiting when the broker closes returns ``[]``.
         """
         self._require_connected()
+        _check_subscriptions(subscriptions)
         subs = list(dict.fromkeys(subscriptions))
-        for sub in subs:
-            _check_name("topic", sub.topic)
-            _check_name("group", sub.group)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout)
         while True:
@@ -229,21 +220,18 @@ class MemoryBroker:
             _check_message(message)
         now = self._clock()
         # Validate everything first: a refused commit writes nothing.
-        group: _Group | None = None
-        lease: _Pending | None = None
-        if delivery is not None:
-            topic = self._topics.get(delivery.topic)
-            group = topic.groups.get(delivery.group) if topic is not None else None
-            lease = group.pending.get(delivery.entry_id) if group is not None else None
-            if lease is None or lease.consumer != delivery.consumer:
-                return CommitStatus.LEASE_LOST
-        versions = {key: item.version for key, item in self._state.items()}
+        owned = self._owned(delivery) if delivery is not None else None
+        if delivery is not None and owned is None:
+            return CommitStatus.LEASE_LOST
+        versions: dict[str, int] = {}
         for write in state:
-            if versions.get(write.key, 0) != write.expected_version:
+            current = self._state.get(write.key)
+            if versions.get(write.key, current.version if current is not None else 0) != write.expected_version:
                 return CommitStatus.CONFLICT
             versions[write.key] = 0 if write.value is None else write.expected_version + 1
 
-        if delivery is not None and group is not None and lease is not None:
+        if delivery is not None and owned is not None:
+            group, lease = owned
             del group.pending[delivery.entry_id]
             if done:
                 self._settle(group, lease.entry.message_id, now)
@@ -262,15 +250,11 @@ class MemoryBroker:
         """Renew the lease for another ``visibility_timeout``; ``False`` if
         the consumer no longer owns the delivery."""
         self._require_connected()
-        topic = self._topics.get(delivery.topic)
-        group = topic.groups.get(delivery.group) if topic is not None else None
-        lease = group.pending.get(delivery.entry_id) if group is not None else None
-        if lease is None or lease.consumer != delivery.consumer:
+        owned = self._owned(delivery)
+        if owned is None:
             return False
-        lease.deadline = self._clock() + self.visibility_timeout
+        owned[1].deadline = self._clock() + self.visibility_timeout
         return True
-
-    # -- state ---------------------------------------------------------------
 
     async def get_state(self, key: str) -> Versioned | None:
         """Read one state key."""
@@ -281,8 +265,6 @@ class MemoryBroker:
         """Read every state key that starts with ``prefix``."""
         self._require_connected()
         return {key: item for key, item in self._state.items() if key.startswith(prefix)}
-
-    # -- inspection and dead letters -----------------------------------------
 
     async def backlog(self, subscriptions: Sequence[Subscription]) -> list[GroupBacklog]:
         """Ready, pending and delayed counts per subscription, in order."""
@@ -328,8 +310,6 @@ class MemoryBroker:
             return count
         return sum(1 for dead_id in set(ids) if self._dead.pop(dead_id, None) is not None)
 
-    # -- internals -----------------------------------------------------------
-
     def _require_connected(self) -> None:
         if not self._connected:
             raise BrokerError("memory broker is not connected (await connect() first)")
@@ -337,6 +317,15 @@ class MemoryBroker:
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
+
+    def _owned(self, delivery: Delivery) -> tuple[_Group, _Pending] | None:
+        """The delivery's group and lease, if its consumer still holds it."""
+        topic = self._topics.get(delivery.topic)
+        group = topic.groups.get(delivery.group) if topic is not None else None
+        lease = group.pending.get(delivery.entry_id) if group is not None else None
+        if group is None or lease is None or lease.consumer != delivery.consumer:
+            return None
+        return group, lease
 
     def _topic(self, name: str) -> _Topic:
         topic = self._topics.get(name)

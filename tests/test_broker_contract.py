@@ -227,9 +227,7 @@ async def test_commit_by_stale_consumer_is_refused(fast_broker_url: str) -> None
         await broker.publish([msg(1)])
         (stale,) = await broker.fetch("c1", [G1], limit=1, timeout=1)
         (fresh,) = await collect(broker, "c2", [G1], 1)
-        status = await broker.commit(
-            stale, publish=[msg(2, topic=OUT.topic)], state=[StateWrite("saga:1", b"x", 0)]
-        )
+        status = await broker.commit(stale, publish=[msg(2, topic=OUT.topic)], state=[StateWrite("saga:1", b"x", 0)])
         assert status is CommitStatus.LEASE_LOST
         assert await broker.extend(stale) is False
         assert await broker.get_state("saga:1") is None
