@@ -35,7 +35,7 @@ async def run_blocks(page: Path, blocks: list[tuple[int, str]]) -> None:
             "exec",
             flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT,
         )
-        result = eval(code, namespace)  # noqa: S307 - our own documentation
+        result = eval(code, namespace)  # our own documentation
         if asyncio.iscoroutine(result):
             await result
 
