@@ -184,11 +184,11 @@ class Dispatcher:
             if choice.data is not None and not isinstance(choice.data, dict):
                 raise _Permanent(f"handler {route.group} emitted {choice.type!r} with non-object data")
             data = {**event.data, **(choice.data or {})} if choice.merge else dict(choice.data or {})
-            emitted.append((self.child(event, choice.type, data), choice.delay))
+            emitted.append((self.child(event, choice.type, data, choice.headers), choice.delay))
         return emitted
 
     @staticmethod
-    def child(event: Event, event_type: str, data: dict[str, Any]) -> Event:
+    def child(event: Event, event_type: str, data: dict[str, Any], headers: dict[str, str] | None = None) -> Event:
         """An event emitted while handling ``event``: ids propagate."""
         return Event(
             type=event_type,
@@ -196,6 +196,7 @@ class Dispatcher:
             correlation_id=event.correlation_id,
             causation_id=event.id,
             saga_id=event.saga_id,
+            headers=dict(headers or {}),
         )
 
     async def _failed(

@@ -38,12 +38,14 @@ class Emit:
         data: Merged over the incoming data (``{**incoming, **data}``) unless
             ``merge`` is false.
         delay: Seconds until it becomes deliverable.
+        headers: String metadata for the emitted event (e.g. ``idempotency_key``).
     """
 
     type: str
     data: dict[str, Any] | None = None
     delay: float | None = None
     merge: bool = True
+    headers: dict[str, str] | None = None
 
 
 @attrs.frozen
