@@ -402,9 +402,9 @@ async def test_invalid_topic_name_rejected(broker: Broker) -> None:
 
 
 async def test_maxlen_never_trims_pending(fast_broker_url: str) -> None:
-    """Retention keeps every entry still pending or undelivered in some group."""
+    """Retention keeps every entry still pending in a group, even far past maxlen."""
     async with connected(fast_broker_url + "&maxlen=2") as broker:
-        await broker.subscribe([G1, G2])
+        await broker.subscribe([G1])
         await broker.publish([msg(n) for n in range(5)])
         taken = await collect(broker, "c1", [G1], 5)
         for delivery in taken[1:]:
@@ -414,5 +414,15 @@ async def test_maxlen_never_trims_pending(fast_broker_url: str) -> None:
         assert sorted(d.message_id or "" for d in rest) == sorted(["m0", *(f"m{n}" for n in range(5, 10))])
         (reclaimed,) = [d for d in rest if d.message_id == "m0"]
         assert (reclaimed.body, reclaimed.deliveries) == (b"body-0", 2)
-        late = await collect(broker, "c3", [G2], 10)
+
+
+async def test_maxlen_never_trims_undelivered(broker_url: str) -> None:
+    """Retention keeps every entry a slow group has not been handed yet."""
+    async with connected(broker_url + ("&" if "?" in broker_url else "?") + "maxlen=2") as broker:
+        await broker.subscribe([G1, G2])
+        for n in range(10):
+            await broker.publish([msg(n)])
+            for delivery in await collect(broker, "fast", [G1], 1):
+                assert await broker.commit(delivery) is CommitStatus.OK
+        late = await collect(broker, "slow", [G2], 10)
         assert [d.message_id for d in late] == [f"m{n}" for n in range(10)]
