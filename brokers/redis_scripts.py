@@ -51,8 +51,8 @@ local function owns(skey, group, consumer, eid, deliveries)
 end
 """
 
-# ARGV: prefix, consumer, limit, max_deliveries, move_delayed, min_idle_ms,
-# dedupe flag unused, then per stream: key, topic, group, claim (0/1), cursor.
+# ARGV: prefix, consumer, limit, max_deliveries, move_delayed (0/1), min_idle_ms,
+# then per stream: key, topic, group, claim (0/1), XAUTOCLAIM cursor.
 # Returns {deliveries, read_any, missing, cursors, tails, next_due_ms}; each
 # delivery is {stream index, entry id, message id, body, deliveries}.
 FETCH = _COMMON + r"""
@@ -62,7 +62,7 @@ local max_deliveries = tonumber(ARGV[4])
 local move_delayed = ARGV[5] == '1'
 local min_idle = tonumber(ARGV[6])
 local streams = {}
-for i = 8, #ARGV, 5 do
+for i = 7, #ARGV, 5 do
   streams[#streams + 1] = {key = ARGV[i], topic = ARGV[i + 1], group = ARGV[i + 2],
                            claim = ARGV[i + 3] == '1', cursor = ARGV[i + 4]}
 end

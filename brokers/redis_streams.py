@@ -52,17 +52,11 @@ import logging
 import time
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import attrs
-import redis.asyncio as aioredis
 from redis import exceptions as rexc
-from redis.backoff import ExponentialBackoff, NoBackoff
-from redis.retry import Retry
 
 from brokers import redis_scripts as lua
 from brokers.base import (
-    TOPIC_PATTERN,
     BrokerError,
     CommitStatus,
     DeadLetterRecord,
@@ -74,52 +68,31 @@ from brokers.base import (
     Versioned,
 )
 from brokers.options import BrokerOptions, parse_url, redact_url
-from brokers.redis_wait import Outage, wait_for_entries
+from brokers.redis_support import (
+    Outage,
+    Stream,
+    check_name,
+    check_server,
+    dead_letter_record,
+    is_stream_id,
+    is_transient,
+    open_clients,
+    redis_url,
+    slot,
+    text,
+    wait_for_entries,
+)
 
 __all__ = ("RedisStreamsBroker",)
 
 log = logging.getLogger("brokers.redis")
 
-_OPTION_NAMES = frozenset(field.name for field in attrs.fields(BrokerOptions))
 _PRIVATE = "p:"
 #: Seconds between looks at the delayed set when no due time is known.
 _DELAYED_POLL = 0.1
 #: Seconds between retention sweeps (only with ``maxlen``).
 _TRIM_INTERVAL = 5.0
-_TRANSIENT = (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError, OSError)
 _STATUS = {b"ok": CommitStatus.OK, b"lease_lost": CommitStatus.LEASE_LOST, b"conflict": CommitStatus.CONFLICT}
-
-
-@attrs.frozen
-class _Stream:
-    key: str
-    topic: str
-    group: str
-    private: bool
-
-
-def _redis_url(url: str) -> str:
-    """The URL for redis-py: choreo's own query options removed."""
-    parts = urlsplit(url)
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in _OPTION_NAMES]
-    return urlunsplit(parts._replace(query=urlencode(query)))
-
-
-def _check_name(kind: str, name: str) -> None:
-    if not isinstance(name, str) or not TOPIC_PATTERN.match(name):
-        raise BrokerError(f"invalid {kind} name {name!r}: letters, digits and ._-: only")
-
-
-def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, rexc.AuthenticationError):
-        return False
-    if isinstance(exc, _TRANSIENT):
-        return True
-    return isinstance(exc, rexc.ResponseError) and str(exc).startswith(("BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN"))
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 class RedisStreamsBroker:
@@ -141,17 +114,17 @@ class RedisStreamsBroker:
         self.max_deliveries = options.max_deliveries
         #: Consumer groups recreated after NOGROUP (stream or group gone).
         self.group_recoveries = 0
-        self._redis_url = _redis_url(url)
+        self._redis_url = redis_url(url)
         self._prefix = options.prefix
-        self._client: aioredis.Redis | None = None
-        self._reader: aioredis.Redis | None = None
+        self._client: Any | None = None
+        self._reader: Any | None = None
         self._scripts: dict[str, Any] = {}
         self._claim_due: dict[str, float] = {}
         self._cursors: dict[str, str] = {}
         self._rotation = 0
         self._delayed_due = 0.0
         self._trim_due = 0.0
-        self._known: dict[str, _Stream] = {}
+        self._known: dict[str, Stream] = {}
         self._outage = Outage(log, self.url)
 
     # -- lifecycle -----------------------------------------------------------
@@ -164,42 +137,13 @@ class RedisStreamsBroker:
         """
         if self._client is not None:
             return
-        common: dict[str, Any] = {"decode_responses": False, "protocol": 2, "socket_connect_timeout": 5.0}
-        client = aioredis.from_url(
-            self._redis_url, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2), **common
-        )
-        # Blocking reads get their own pool; their timeout is enforced per call.
-        reader = aioredis.from_url(self._redis_url, retry=Retry(NoBackoff(), 0), socket_timeout=None, **common)
-        try:
-            await client.ping()
-        except Exception as exc:
-            await client.aclose()
-            await reader.aclose()
-            raise BrokerError(f"cannot connect to {self.url}: {type(exc).__name__}: {exc}") from None
+        client, reader = await open_clients(self._redis_url, self.url)
         self._client, self._reader = client, reader
         self._scripts = {
             name: client.register_script(getattr(lua, name))
             for name in ("FETCH", "COMMIT", "EXTEND", "REPLAY", "BACKLOG", "LIST_STATE", "TRIM")
         }
-        await self._check_server(client)
-
-    async def _check_server(self, client: aioredis.Redis) -> None:
-        try:
-            appendonly = await client.config_get("appendonly")
-            policy = await client.config_get("maxmemory-policy")
-        except rexc.ResponseError:
-            return  # CONFIG is denied to a least-privilege ACL user: nothing to check
-        if appendonly.get(b"appendonly", b"yes") != b"yes":
-            log.warning(
-                "Redis at %s runs with appendonly no: acknowledged events are lost if it crashes "
-                "(set appendonly yes)", self.url,
-            )
-        value = policy.get(b"maxmemory-policy", b"noeviction")
-        if value != b"noeviction":
-            log.warning(
-                "Redis at %s runs with maxmemory-policy %s: eviction destroys streams and groups "
-                "(set maxmemory-policy noeviction)", self.url, value.decode(),
-            )
+        await check_server(client, self.url, log)
 
     async def close(self) -> None:
         """Close both connection pools. Idempotent."""
@@ -209,7 +153,7 @@ class RedisStreamsBroker:
             if each is not None:
                 await each.aclose()
 
-    def _redis(self) -> aioredis.Redis:
+    def _redis(self) -> Any:
         if self._client is None:
             raise BrokerError(f"broker {self.url} is not connected: await connect() first")
         return self._client
@@ -223,18 +167,18 @@ class RedisStreamsBroker:
 
     # -- streams -------------------------------------------------------------
 
-    def _streams(self, subscriptions: Sequence[Subscription]) -> list[_Stream]:
-        out: list[_Stream] = []
+    def _streams(self, subscriptions: Sequence[Subscription]) -> list[Stream]:
+        out: list[Stream] = []
         for sub in subscriptions:
-            _check_name("topic", sub.topic)
-            _check_name("group", sub.group)
-            out.append(_Stream(f"{self._prefix}:{sub.topic}", sub.topic, sub.group, False))
-            out.append(_Stream(f"{self._prefix}:_group:{sub.group}:{sub.topic}", sub.topic, sub.group, True))
+            check_name("topic", sub.topic)
+            check_name("group", sub.group)
+            out.append(Stream(f"{self._prefix}:{sub.topic}", sub.topic, sub.group, False))
+            out.append(Stream(f"{self._prefix}:_group:{sub.group}:{sub.topic}", sub.topic, sub.group, True))
         for stream in out:
             self._known.setdefault(stream.key, stream)
         return out
 
-    async def _create_groups(self, streams: Sequence[_Stream]) -> None:
+    async def _create_groups(self, streams: Sequence[Stream]) -> None:
         pipe = self._redis().pipeline(transaction=False)
         for s in streams:
             pipe.xgroup_create(s.key, s.group, id="0" if s.private else "$", mkstream=True)
@@ -256,9 +200,9 @@ class RedisStreamsBroker:
         args: list[Any] = []
         soonest = None
         for m in messages:
-            _check_name("topic", m.topic)
+            check_name("topic", m.topic)
             if m.group is not None:
-                _check_name("group", m.group)
+                check_name("group", m.group)
             if not isinstance(m.body, bytes | bytearray):
                 raise BrokerError(f"message {m.id!r} body must be bytes, not {type(m.body).__name__}")
             delay_ms = max(0, round((m.delay or 0.0) * 1000))
@@ -266,7 +210,7 @@ class RedisStreamsBroker:
                 soonest = delay_ms if soonest is None else min(soonest, delay_ms)
             args += [m.topic, m.group or "", m.id, bytes(m.body), delay_ms]
             self._known.setdefault(
-                f"{self._prefix}:{m.topic}", _Stream(f"{self._prefix}:{m.topic}", m.topic, "", False)
+                f"{self._prefix}:{m.topic}", Stream(f"{self._prefix}:{m.topic}", m.topic, "", False)
             )
         if soonest is not None:
             self._delayed_due = min(self._delayed_due, time.monotonic() + soonest / 1000)
@@ -357,7 +301,7 @@ class RedisStreamsBroker:
                     return []
                 if tails is None:
                     continue  # read only duplicates or dead letters, or regrouped: read on
-                slots = [self._claim_due[_slot(s)] for s in streams]
+                slots = [self._claim_due[slot(s)] for s in streams]
                 wait = min(deadline, self._delayed_due, *slots) - now
                 if wait > 0:
                     assert self._reader is not None
@@ -365,7 +309,7 @@ class RedisStreamsBroker:
             except Exception as exc:
                 if self._client is None:
                     return []  # closed while waiting
-                if not _is_transient(exc):
+                if not is_transient(exc):
                     if isinstance(exc, rexc.RedisError):
                         raise BrokerError(f"fetch failed on {self.url}: {type(exc).__name__}: {exc}") from exc
                     raise
@@ -373,26 +317,26 @@ class RedisStreamsBroker:
                 return []
 
     async def _fetch_once(
-        self, consumer: str, streams: list[_Stream], limit: int
+        self, consumer: str, streams: list[Stream], limit: int
     ) -> tuple[list[Delivery], dict[str, str] | None]:
         now = time.monotonic()
         move_delayed = now >= self._delayed_due
         args: list[Any] = [
             self._prefix, consumer, limit, self.max_deliveries, int(move_delayed),
-            round(self.visibility_timeout * 1000), "",
+            round(self.visibility_timeout * 1000),
         ]
         for s in streams:
-            slot = _slot(s)
-            claim = now >= self._claim_due.setdefault(slot, now)
+            key = slot(s)
+            claim = now >= self._claim_due.setdefault(key, now)
             if claim:
-                self._claim_due[slot] = now + self.options.effective_claim_interval
-            args += [s.key, s.topic, s.group, int(claim), self._cursors.get(slot, "0-0")]
+                self._claim_due[key] = now + self.options.effective_claim_interval
+            args += [s.key, s.topic, s.group, int(claim), self._cursors.get(key, "0-0")]
         if self.options.maxlen is not None and now >= self._trim_due:
             self._trim_due = now + _TRIM_INTERVAL
             await self.trim()
         out, read_any, missing, cursors, tails, next_due = await self._scripts["FETCH"](args=args)
         for s, cursor in zip(streams, cursors, strict=True):
-            self._cursors[_slot(s)] = _text(cursor)
+            self._cursors[slot(s)] = text(cursor)
         if move_delayed:
             soon = _DELAYED_POLL if next_due < 0 else min(_DELAYED_POLL, next_due / 1000)
             self._delayed_due = time.monotonic() + soon
@@ -401,19 +345,19 @@ class RedisStreamsBroker:
         found = []
         for index, entry, message_id, body, count in out:
             s = streams[index - 1]
-            entry_id = _text(entry)
+            entry_id = text(entry)
             found.append(
                 Delivery(
                     topic=s.topic, group=s.group, consumer=consumer,
                     entry_id=_PRIVATE + entry_id if s.private else entry_id,
-                    message_id=_text(message_id), body=bytes(body), deliveries=int(count),
+                    message_id=text(message_id), body=bytes(body), deliveries=int(count),
                 )
             )
         if found or read_any or missing:
             return found, None
-        return [], {s.key: _text(tail) for s, tail in zip(streams, tails, strict=True)}
+        return [], {s.key: text(tail) for s, tail in zip(streams, tails, strict=True)}
 
-    async def _recover_groups(self, streams: Sequence[_Stream]) -> None:
+    async def _recover_groups(self, streams: Sequence[Stream]) -> None:
         self.group_recoveries += 1
         self._outage.note_nogroup(", ".join(sorted({f"{s.key} ({s.group})" for s in streams})))
         await self._create_groups(streams)
@@ -448,15 +392,15 @@ class RedisStreamsBroker:
     async def list_state(self, prefix: str) -> dict[str, Versioned]:
         flat = await self._run("LIST_STATE", [self._prefix, prefix])
         return {
-            _text(flat[i]): Versioned(value=bytes(flat[i + 1]), version=int(flat[i + 2]))
+            text(flat[i]): Versioned(value=bytes(flat[i + 1]), version=int(flat[i + 2]))
             for i in range(0, len(flat), 3)
         }
 
     async def backlog(self, subscriptions: Sequence[Subscription]) -> list[GroupBacklog]:
         args: list[Any] = [self._prefix]
         for sub in subscriptions:
-            _check_name("topic", sub.topic)
-            _check_name("group", sub.group)
+            check_name("topic", sub.topic)
+            check_name("group", sub.group)
             args += [sub.topic, sub.group]
         flat = await self._run("BACKLOG", args)
         return [
@@ -470,25 +414,10 @@ class RedisStreamsBroker:
             entries = await self._redis().xrange(f"{self._prefix}:_dead", count=max(1, limit))
         except rexc.RedisError as exc:
             raise BrokerError(f"dead_letters failed on {self.url}: {exc}") from exc
-        records = []
-        for entry_id, fields in entries:
-            message_id = fields.get(b"message_id")
-            records.append(
-                DeadLetterRecord(
-                    id=_text(entry_id),
-                    topic=_text(fields.get(b"topic", b"")),
-                    group=_text(fields.get(b"group", b"")),
-                    message_id=None if message_id is None else _text(message_id),
-                    body=bytes(fields.get(b"body", b"")),
-                    reason=_text(fields.get(b"reason", b"")),
-                    deliveries=int(fields.get(b"deliveries", 0)),
-                    dead_at=float(fields.get(b"dead_at", 0)),
-                )
-            )
-        return records
+        return [dead_letter_record(entry_id, fields) for entry_id, fields in entries]
 
     async def replay(self, dead_letter_id: str) -> bool:
-        if not _is_stream_id(dead_letter_id):
+        if not is_stream_id(dead_letter_id):
             return False
         return bool(await self._run("REPLAY", [self._prefix, dead_letter_id]))
 
@@ -501,16 +430,7 @@ class RedisStreamsBroker:
                 pipe.delete(key)
                 count, _ = await pipe.execute()
                 return int(count)
-            valid = [i for i in ids if _is_stream_id(i)]
+            valid = [i for i in ids if is_stream_id(i)]
             return int(await self._redis().xdel(key, *valid)) if valid else 0
         except rexc.RedisError as exc:
             raise BrokerError(f"purge_dead_letters failed on {self.url}: {exc}") from exc
-
-
-def _slot(stream: _Stream) -> str:
-    return f"{stream.key}\n{stream.group}"
-
-
-def _is_stream_id(value: str) -> bool:
-    ms, dash, seq = value.partition("-")
-    return bool(dash) and ms.isdigit() and seq.isdigit()

@@ -1,5 +1,6 @@
-"""Waiting on Redis: the blocking read for new entries, and backoff with
-bounded logging while Redis is unreachable, loading or busy."""
+"""Plumbing for the Redis Streams adapter: connections, server checks, the
+blocking wait for new entries, and backoff with bounded logging while Redis is
+unreachable, loading or busy."""
 
 from __future__ import annotations
 
@@ -7,19 +8,142 @@ import asyncio
 import logging
 import time
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-__all__ = ("Outage", "wait_for_entries")
+import attrs
+import redis.asyncio as aioredis
+from redis import exceptions as rexc
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.retry import Retry
 
+from brokers.base import TOPIC_PATTERN, BrokerError, DeadLetterRecord
+from brokers.options import BrokerOptions
+
+__all__ = (
+    "Outage",
+    "Stream",
+    "check_name",
+    "check_server",
+    "dead_letter_record",
+    "is_stream_id",
+    "is_transient",
+    "open_clients",
+    "redis_url",
+    "slot",
+    "text",
+    "wait_for_entries",
+)
+
+_OPTION_NAMES = frozenset(field.name for field in attrs.fields(BrokerOptions))
+_TRANSIENT = (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError, OSError)
 #: Seconds between repeated log lines about the same condition.
 _LOG_EVERY = 30.0
 _MAX_BACKOFF = 2.0
 
 
+@attrs.frozen
+class Stream:
+    """One stream a subscription reads: its topic's, or its group's private one."""
+
+    key: str
+    topic: str
+    group: str
+    private: bool
+
+
+def slot(stream: Stream) -> str:
+    """Key for per-(stream, group) bookkeeping (claim timers, claim cursors)."""
+    return f"{stream.key}\n{stream.group}"
+
+
+def redis_url(url: str) -> str:
+    """The URL for redis-py: choreo's own query options removed."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in _OPTION_NAMES]
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def check_name(kind: str, name: str) -> None:
+    if not isinstance(name, str) or not TOPIC_PATTERN.match(name):
+        raise BrokerError(f"invalid {kind} name {name!r}: letters, digits and ._-: only (at most 200)")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether waiting can cure ``exc`` (not a wrong password or a missing permission)."""
+    if isinstance(exc, rexc.AuthenticationError | rexc.AuthorizationError):
+        return False
+    if isinstance(exc, _TRANSIENT):
+        return True
+    return isinstance(exc, rexc.ResponseError) and str(exc).startswith(("BUSY ", "MASTERDOWN", "TRYAGAIN"))
+
+
+def is_stream_id(value: str) -> bool:
+    ms, dash, seq = value.partition("-")
+    return bool(dash) and ms.isdigit() and seq.isdigit()
+
+
+def text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+async def open_clients(url: str, safe_url: str) -> tuple[Any, Any]:
+    """A command client and a client for blocking reads (its own pool), pinged.
+
+    Raises:
+        BrokerError: Redis is unreachable or refuses the credentials.
+    """
+    common: dict[str, Any] = {"decode_responses": False, "protocol": 2, "socket_connect_timeout": 5.0}
+    client = aioredis.from_url(url, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2), **common)
+    # Blocking reads have no socket timeout: each call bounds its own wait.
+    reader = aioredis.from_url(url, retry=Retry(NoBackoff(), 0), socket_timeout=None, **common)
+    try:
+        await client.ping()
+    except Exception as exc:
+        await client.aclose()
+        await reader.aclose()
+        raise BrokerError(f"cannot connect to {safe_url}: {type(exc).__name__}: {exc}") from None
+    return client, reader
+
+
+async def check_server(client: Any, safe_url: str, log: logging.Logger) -> None:
+    """Warn unless Redis keeps data like a database (RELIABILITY rule 7)."""
+    try:
+        found = {**await client.config_get("appendonly"), **await client.config_get("maxmemory-policy")}
+    except rexc.ResponseError:
+        return  # CONFIG is denied to a least-privilege ACL user: nothing to check
+    config = {text(k): text(v) for k, v in found.items()}
+    if config.get("appendonly", "yes") != "yes":
+        log.warning(
+            "Redis at %s runs with appendonly no: acknowledged events are lost if it crashes "
+            "(set appendonly yes)", safe_url,
+        )
+    policy = config.get("maxmemory-policy", "noeviction")
+    if policy != "noeviction":
+        log.warning(
+            "Redis at %s runs with maxmemory-policy %s: eviction destroys streams and groups "
+            "(set maxmemory-policy noeviction)", safe_url, policy,
+        )
+
+
+def dead_letter_record(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetterRecord:
+    message_id = fields.get(b"message_id")
+    return DeadLetterRecord(
+        id=text(entry_id),
+        topic=text(fields.get(b"topic", b"")),
+        group=text(fields.get(b"group", b"")),
+        message_id=None if message_id is None else text(message_id),
+        body=bytes(fields.get(b"body", b"")),
+        reason=text(fields.get(b"reason", b"")),
+        deliveries=int(fields.get(b"deliveries", b"0")),
+        dead_at=float(fields.get(b"dead_at", b"0")),
+    )
+
+
 async def wait_for_entries(reader: Any, tails: dict[str, str], seconds: float) -> None:
     """Block until any stream gets an entry past its tail, or ``seconds`` pass.
 
-    One XREAD over all the streams on the blocking connection pool; the reply
-    only wakes the caller, which then reads through its consumer groups.
+    One XREAD over all the streams on the blocking pool; the reply only wakes
+    the caller, which then reads through its consumer groups.
     """
     block = int(seconds * 1000)
     if block < 1 or not tails:

@@ -1,0 +1,239 @@
+"""Redis-only behaviour of ``RedisStreamsBroker``, proven against real faults.
+
+Each test starts its own redis-server (``RedisServer``) so it can corrupt,
+flush, kill or restart it without touching the shared session server.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager
+
+import pytest
+import redis.asyncio as aioredis
+
+from brokers import BrokerError, CommitStatus, Delivery, Message, Subscription
+from brokers.redis_streams import RedisStreamsBroker
+from tests.redis_server import RedisServer
+
+pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+
+TOPIC = "order.created"
+G1 = Subscription(TOPIC, "inventory.reserve")
+G2 = Subscription(TOPIC, "billing.charge")
+OUT = Subscription("inventory.reserved", "shipping.ship")
+FAST = "visibility_timeout=0.3&max_deliveries=3"
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    instance = RedisServer()
+    instance.start()
+    yield instance
+    instance.stop()
+
+
+@pytest.fixture
+def aof_server() -> Iterator[RedisServer]:
+    instance = RedisServer(appendonly=True, appendfsync="always")
+    instance.start()
+    yield instance
+    instance.stop()
+
+
+@asynccontextmanager
+async def connected(url: str) -> AsyncIterator[RedisStreamsBroker]:
+    broker = RedisStreamsBroker(url)
+    await broker.connect()
+    try:
+        yield broker
+    finally:
+        await broker.close()
+
+
+@asynccontextmanager
+async def raw(server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(server.url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def collect(
+    broker: RedisStreamsBroker, consumer: str, subs: Sequence[Subscription], count: int, *, timeout: float = 3.0
+) -> list[Delivery]:
+    deadline = time.monotonic() + timeout
+    found: list[Delivery] = []
+    while len(found) < count and time.monotonic() < deadline:
+        found += await broker.fetch(consumer, subs, limit=count - len(found), timeout=0.2)
+    return found
+
+
+def msg(n: int, topic: str = TOPIC) -> Message:
+    return Message(topic, f"m{n}", f"body-{n}".encode())
+
+
+async def test_unreadable_entries_are_dead_lettered_on_first_delivery(server: RedisServer) -> None:
+    """Entries XADDed by hand without ``body`` or ``id`` go to the dead letters at once; good ones flow."""
+    async with connected(server.url) as broker:
+        await broker.subscribe([G1])
+        await broker.publish([msg(1)])
+        server.command("XADD", f"choreo:{TOPIC}", "*", "id", "no-body")
+        server.command("XADD", f"choreo:{TOPIC}", "*", "body", "no-id")
+        server.command("XADD", f"choreo:{TOPIC}", "*", "junk", "x")
+        await broker.publish([msg(2)])
+        got = await collect(broker, "c", [G1], 2)
+        assert [d.message_id for d in got] == ["m1", "m2"]
+        for delivery in got:
+            assert await broker.commit(delivery) is CommitStatus.OK
+        records = await broker.dead_letters()
+        assert [(r.message_id, r.body, r.reason, r.deliveries) for r in records] == [
+            ("no-body", b"", 'unreadable entry: missing field "body"', 1),
+            (None, b"no-id", 'unreadable entry: missing field "id"', 1),
+            (None, b"", 'unreadable entry: missing field "id"', 1),
+        ]
+        assert {(r.topic, r.group) for r in records} == {(TOPIC, G1.group)}
+        (backlog,) = await broker.backlog([G1])
+        assert backlog.idle
+
+
+async def test_flushall_recreates_groups_and_keeps_consuming(server: RedisServer) -> None:
+    """NOGROUP after FLUSHALL (or a destroyed group) recreates the groups; fetch neither raises nor stalls."""
+    async with connected(server.url) as broker:
+        await broker.subscribe([G1])
+        await broker.publish([msg(1)])
+        (first,) = await collect(broker, "c", [G1], 1)
+        assert await broker.commit(first) is CommitStatus.OK
+        server.command("FLUSHALL")
+        assert await broker.fetch("c", [G1], limit=1, timeout=0.1) == []
+        assert broker.group_recoveries == 1
+        await broker.publish([msg(2)])
+        assert [d.message_id for d in await collect(broker, "c", [G1], 1)] == ["m2"]
+        server.command("XGROUP", "DESTROY", f"choreo:{TOPIC}", G1.group)
+        assert await broker.fetch("c", [G1], limit=1, timeout=0.1) == []
+        await broker.publish([msg(3)])
+        assert [d.message_id for d in await collect(broker, "c", [G1], 1)] == ["m3"]
+        assert broker.group_recoveries == 2
+
+
+async def test_restart_keeps_acknowledged_messages_and_scripts_reload(aof_server: RedisServer) -> None:
+    """After kill -9 and restart from the AOF, published messages survive and commit reloads its script."""
+    async with connected(aof_server.url) as broker:
+        await broker.subscribe([G1, OUT])
+        await broker.publish([msg(1)])
+        (before,) = await collect(broker, "c", [G1], 1)
+        assert await broker.commit(before, publish=[msg(10, topic=OUT.topic)]) is CommitStatus.OK
+        await broker.publish([msg(2)])
+
+        aof_server.kill()
+        assert await broker.fetch("c", [G1], limit=1, timeout=0.2) == []
+        with pytest.raises(BrokerError):
+            await broker.publish([msg(3)])
+        aof_server.start()
+
+        (after,) = await collect(broker, "c", [G1], 1, timeout=5)
+        assert after.message_id == "m2"
+        assert await broker.commit(after) is CommitStatus.OK
+        assert [d.message_id for d in await collect(broker, "c", [OUT], 1)] == ["m10"]
+        assert (await broker.backlog([G1]))[0].idle
+
+
+async def test_stale_consumer_after_reclaim_publishes_nothing(server: RedisServer) -> None:
+    """A delivery reclaimed by XAUTOCLAIM (even by the same consumer) is fenced: its commit writes nothing."""
+    async with connected(f"{server.url}?{FAST}") as broker, raw(server) as client:
+        await broker.subscribe([G1, OUT])
+        await broker.publish([msg(1), msg(2)])
+        stale_a, stale_b = await broker.fetch("a", [G1], limit=2, timeout=1)
+        reclaimed = await collect(broker, "b", [G1], 1)
+        reclaimed += await collect(broker, "a", [G1], 1)
+        assert sorted((d.consumer, d.deliveries) for d in reclaimed) == [("a", 2), ("b", 2)]
+        for stale in (stale_a, stale_b):
+            status = await broker.commit(stale, publish=[msg(9, topic=OUT.topic)])
+            assert status is CommitStatus.LEASE_LOST
+            assert await broker.extend(stale) is False
+        assert await client.xlen(f"choreo:{OUT.topic}") == 0
+        for fresh in reclaimed:
+            assert await broker.commit(fresh) is CommitStatus.OK
+
+
+async def test_retention_never_trims_pending_or_undelivered(server: RedisServer) -> None:
+    """With maxlen, trimming stops at the oldest entry pending or undelivered in any group."""
+    async with connected(f"{server.url}?maxlen=2") as broker, raw(server) as client:
+        key = f"choreo:{TOPIC}"
+        await broker.subscribe([G1, G2])
+        await broker.publish([msg(n) for n in range(10)])
+        taken = await collect(broker, "c", [G1], 10)
+        for delivery in taken[3:]:
+            assert await broker.commit(delivery) is CommitStatus.OK
+        assert await broker.trim() == 0  # G2 has read nothing yet
+        assert await client.xlen(key) == 10
+
+        for delivery in await collect(broker, "c", [G2], 10):
+            assert await broker.commit(delivery) is CommitStatus.OK
+        assert await broker.trim() == 0  # m0..m2 still pending in G1
+        for delivery in taken[:3]:
+            assert await broker.commit(delivery) is CommitStatus.OK
+        assert await broker.trim() == 8
+        assert await client.xlen(key) == 2
+
+
+async def test_startup_warns_when_redis_is_not_durable(server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    """connect() warns when appendonly is off (acknowledged events would die with Redis)."""
+    with caplog.at_level(logging.WARNING, logger="brokers.redis"):
+        async with connected(server.url):
+            pass
+    assert any("appendonly no" in r.getMessage() for r in caplog.records if r.name == "brokers.redis")
+
+
+async def test_no_warning_for_durable_redis(aof_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    """With appendonly yes and noeviction, connect() is quiet."""
+    with caplog.at_level(logging.WARNING, logger="brokers.redis"):
+        async with connected(aof_server.url):
+            pass
+    assert not [r for r in caplog.records if r.name == "brokers.redis"]
+
+
+async def test_outage_backs_off_and_logs_once(server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    """While Redis is down, fetch returns [] after a backoff, with one warning, not one per call."""
+    async with connected(server.url) as broker:
+        await broker.subscribe([G1])
+        server.kill()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="brokers.redis"):
+            started = time.monotonic()
+            for _ in range(5):
+                assert await broker.fetch("c", [G1], limit=1, timeout=0.05) == []
+            assert time.monotonic() - started >= 0.2  # backed off, no hot loop
+        assert len([r for r in caplog.records if r.name == "brokers.redis"]) == 1
+
+
+async def test_password_never_appears_in_url_or_errors() -> None:
+    """A wrong password is a BrokerError (not a silent retry) and neither it nor the URL leak it."""
+    server = RedisServer(extra=("--user", "app", "on", ">s3cret-pass", "~*", "&*", "+@all"))
+    try:
+        server.start()
+        good = f"redis://app:s3cret-pass@127.0.0.1:{server.port}/0"
+        async with connected(good) as broker:
+            assert "s3cret-pass" not in broker.url
+            await broker.publish([msg(1)])
+        bad = RedisStreamsBroker(f"redis://app:wrong-pass@127.0.0.1:{server.port}/0")
+        with pytest.raises(BrokerError) as info:
+            await bad.connect()
+        assert "wrong-pass" not in str(info.value)
+        await bad.close()
+    finally:
+        server.stop()
+
+
+async def test_retry_to_private_stream_survives_group_subscribe_later(server: RedisServer) -> None:
+    """A group-targeted message sent before the group exists is still delivered to it (private stream at 0)."""
+    async with connected(server.url) as broker:
+        await broker.publish([Message(TOPIC, "r1", b"retry", group=G1.group)])
+        await broker.subscribe([G1, G2])
+        (delivery,) = await collect(broker, "c", [G1], 1)
+        assert (delivery.message_id, delivery.body) == ("r1", b"retry")
+        assert await broker.commit(delivery) is CommitStatus.OK
+        assert await broker.fetch("c", [G2], limit=1, timeout=0.1) == []
