@@ -3,6 +3,7 @@ pausable and killable, so tests can fault the real thing."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -108,7 +109,5 @@ class RedisServer:
 
     def resume_quietly(self) -> None:
         if self.process is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.process.pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
