@@ -165,7 +165,8 @@ class Dispatcher:
         """The events a handler's return value emits, with their delays."""
         if isinstance(result, Emit):
             choices = [result]
-        elif isinstance(result, list | tuple) and result and all(isinstance(r, Emit) for r in result):
+        elif isinstance(result, list | tuple) and all(isinstance(r, Emit) for r in result):
+            # An empty list is an explicit choice to emit nothing.
             choices = list(result)
         elif result is None or isinstance(result, dict):
             if route.terminal:
