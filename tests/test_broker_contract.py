@@ -32,10 +32,6 @@ G1 = Subscription(TOPIC, "inventory.reserve")
 G2 = Subscription(TOPIC, "billing.charge")
 OUT = Subscription("inventory.reserved", "shipping.ship")
 
-# Marked here as well as in conftest: anyio's plugin must see the marker at
-# collection time, or it rebuilds the items without the broker parametrization.
-pytestmark = pytest.mark.anyio
-
 
 @asynccontextmanager
 async def connected(url: str) -> AsyncIterator[Broker]:

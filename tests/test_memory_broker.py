@@ -13,8 +13,6 @@ import brokers
 from brokers import BrokerError, BrokerOptions, CommitStatus, Delivery, Message, Subscription
 from brokers.memory import MemoryBroker
 
-pytestmark = pytest.mark.anyio
-
 SUB = Subscription("order.created", "inventory.reserve")
 
 
