@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from brokers import Broker, BrokerError, CommitStatus, Delivery, StateWrite, Subscription
@@ -275,11 +275,13 @@ async def serve(
     grace: float = 10.0,
     middleware: Sequence[Middleware] = (),
     ready: asyncio.Event | None = None,
+    background: Sequence[Callable[[Runtime], Awaitable[None]]] = (),
 ) -> None:
     """Run ``apps`` until SIGINT or SIGTERM, then drain and return.
 
     This is what ``choreo worker`` runs; signal handling lives here so tests
-    can reach it.
+    can reach it. ``background`` coroutines (e.g. a metrics poller) run beside
+    the runtime and are cancelled when it stops.
     """
     import signal
 
@@ -297,9 +299,15 @@ async def serve(
             names = ", ".join(app.name for app in apps)
             log.info("worker %s running %s on %s (%d routes)", runtime.consumer, names, runtime.broker.url,
                      len(runtime.routes))
+            tasks = [asyncio.create_task(job(runtime)) for job in background]
             if ready is not None:
                 ready.set()
-            await stop.wait()
+            try:
+                await stop.wait()
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
             log.info("stopping: draining in-flight handlers")
     finally:
         for signum in installed:

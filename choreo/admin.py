@@ -1,0 +1,163 @@
+"""Operating a running system from outside it: publish, dead letters, routes.
+
+The library side of ``choreo publish``, ``choreo routes`` and ``choreo dlq``;
+the CLI only parses arguments and prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from brokers import Broker, BrokerError
+from choreo.dead_letters import DeadLetter
+from choreo.errors import BrokerUnavailable, ChoreoError, DecodeError
+from choreo.events import Event
+
+if TYPE_CHECKING:
+    from choreo.app import App
+
+__all__ = (
+    "connected",
+    "dead_letters",
+    "find_dead_letter",
+    "parse_json_object",
+    "publish",
+    "purge_dead_letters",
+    "replay_dead_letters",
+    "route_rows",
+)
+
+#: Dead letters read at most by one listing or replay pass.
+MAX_LISTED = 100_000
+
+
+@contextlib.asynccontextmanager
+async def connected(broker: str | Broker | None) -> AsyncIterator[Broker]:
+    """A connected broker for ``broker`` (a URL, ``CHOREO_BROKER_URL`` or
+    ``memory://``); closed on exit if this opened it.
+
+    Raises:
+        ConfigurationError: an invalid URL.
+        BrokerUnavailable: the broker cannot be reached.
+    """
+    from choreo.worker import connect_broker
+
+    instance, owned = connect_broker(broker)
+    try:
+        await instance.connect()
+    except BrokerError as exc:
+        raise BrokerUnavailable(f"{instance.url}: {exc}") from None
+    try:
+        yield instance
+    except BrokerError as exc:
+        raise BrokerUnavailable(f"{instance.url}: {exc}") from None
+    finally:
+        if owned:
+            with contextlib.suppress(Exception):
+                await instance.close()
+
+
+def parse_json_object(text: str, what: str = "data") -> dict[str, Any]:
+    """Parse ``text`` as a JSON object.
+
+    Raises:
+        DecodeError: not JSON, or JSON but not an object.
+    """
+    try:
+        value = json.loads(text, parse_constant=lambda name: _reject(name))
+    except ValueError as exc:
+        raise DecodeError(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise DecodeError(f"{what} must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _reject(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def publish(
+    broker: str | Broker | None, type: str, data: dict[str, Any], *, delay: float | None = None, **ids: Any
+) -> Event:
+    """Publish one root event and return it.
+
+    Raises:
+        DecodeError: an invalid event type or data.
+        BrokerUnavailable: the broker failed.
+    """
+    from choreo.worker import run
+
+    async with run(broker=broker) as runtime:
+        return await runtime.publish(type, data, delay=delay, **ids)
+
+
+def route_rows(apps: Sequence[App]) -> list[dict[str, str]]:
+    """One row per route: event, service, handler, emits, group, options."""
+    rows = []
+    for app in apps:
+        for route in app.routes:
+            options = [f"retries={route.retries}"]
+            if route.timeout is not None:
+                options.append(f"timeout={route.timeout:g}s")
+            if route.concurrency is not None:
+                options.append(f"concurrency={route.concurrency}")
+            rows.append({
+                "event": route.event,
+                "service": route.service,
+                "handler": route.name,
+                "emits": ", ".join(route.emits) or "-",
+                "group": route.group,
+                "options": " ".join(options),
+            })
+    return rows
+
+
+async def dead_letters(broker: Broker, limit: int = 1000) -> list[DeadLetter]:
+    """Dead letters, oldest first, decoded where possible."""
+    return [DeadLetter.from_record(record) for record in await broker.dead_letters(limit=limit)]
+
+
+async def find_dead_letter(broker: Broker, dead_letter_id: str) -> DeadLetter:
+    """The dead letter with this id.
+
+    Raises:
+        ChoreoError: there is none.
+    """
+    for letter in await dead_letters(broker, MAX_LISTED):
+        if letter.id == dead_letter_id:
+            return letter
+    raise ChoreoError(f"no dead letter with id {dead_letter_id!r}")
+
+
+async def replay_dead_letters(
+    broker: Broker,
+    ids: Sequence[str] | None = None,
+    *,
+    progress: Callable[[DeadLetter | str, bool], None] | None = None,
+) -> tuple[int, list[str]]:
+    """Replay the given dead letters (every one if ``ids`` is ``None``) to the
+    group that gave up on them.
+
+    ``progress(item, replayed)`` is called after each one. Returns how many
+    were replayed and the ids that did not exist.
+    """
+    replayed, missing = 0, []
+    targets: Sequence[DeadLetter | str] = await dead_letters(broker, MAX_LISTED) if ids is None else ids
+    for item in targets:
+        key = item.id if isinstance(item, DeadLetter) else item
+        done = await broker.replay(key)
+        if done:
+            replayed += 1
+        else:
+            missing.append(key)
+        if progress is not None:
+            progress(item, done)
+    return replayed, missing
+
+
+async def purge_dead_letters(broker: Broker, ids: Sequence[str] | None = None) -> int:
+    """Delete the given dead letters (every one if ``ids`` is ``None``); return how many."""
+    return await broker.purge_dead_letters(None if ids is None else list(ids))

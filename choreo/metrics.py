@@ -1,0 +1,218 @@
+"""Prometheus metrics: a middleware, a consumer-health poller and an HTTP endpoint.
+
+``Metrics`` observes what a runtime publishes and handles. Its registry is
+injectable; by default each instance gets a fresh ``CollectorRegistry`` (never
+the process-global one), so tests and several runtimes in one process do not
+collide. Under ``choreo worker --workers N`` each process writes to
+prometheus-client's multiprocess directory and the parent serves one
+aggregated scrape.
+
+Names (public contract, see docs/metrics.md):
+
+* ``choreo_events_published_total{event}``
+* ``choreo_events_handled_total{service,handler,event,outcome}``
+* ``choreo_handler_duration_seconds{service,handler,event}``
+* ``choreo_dead_lettered_total{service,handler,event}``
+* ``choreo_saga_{started,completed,compensated,failed}_total{saga}``
+* ``choreo_saga_step_duration_seconds{saga,step}``
+* ``choreo_stream_pending{stream,group}``, ``choreo_stream_lag{stream,group}``,
+  ``choreo_stream_delayed{stream,group}``, ``choreo_dead_letters``
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from choreo.middleware import Middleware
+
+if TYPE_CHECKING:
+    from brokers import Broker, Subscription
+    from choreo.events import Event
+    from choreo.routing import Route
+
+__all__ = ("MULTIPROC_ENV", "Metrics", "MetricsServer", "aggregate_registry", "start_metrics_server")
+
+log = logging.getLogger("choreo.metrics")
+
+#: prometheus-client's multiprocess directory; set by ``choreo worker --workers N``.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+#: Handler latency buckets, seconds: from a cache hit to a slow remote call.
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+#: Saga steps include retries and backoff, so they run longer.
+STEP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+#: ``saga.<name>.<phase>``; ``saga.cmd.*`` and ``saga.reply.*`` are not lifecycle events.
+_LIFECYCLE = re.compile(r"^saga\.(?!cmd\.|reply\.)(?P<saga>.+)\.(?P<phase>started|completed|compensated|failed)$")
+_REPLY = re.compile(r"^saga\.reply\.(?P<saga>.+)$")
+
+
+def _multiprocess() -> bool:
+    return bool(os.environ.get(MULTIPROC_ENV))
+
+
+class Metrics(Middleware):
+    """The choreo metrics, as a middleware.
+
+    Args:
+        registry: Where the metrics are registered; a fresh registry if
+            ``None``. In multiprocess mode values go to the shared directory
+            whatever the registry.
+
+    Example::
+
+        metrics = Metrics()
+        async with choreo.run(app, middleware=[metrics]) as runtime:
+            ...
+        generate_latest(metrics.registry)
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.published = Counter(
+            "choreo_events_published_total", "Events committed to the broker (root publishes and emits).",
+            ["event"], registry=r,
+        )
+        self.handled = Counter(
+            "choreo_events_handled_total",
+            "Handler attempts settled, by outcome (success, retry, failed, dead_lettered).",
+            ["service", "handler", "event", "outcome"], registry=r,
+        )
+        self.duration = Histogram(
+            "choreo_handler_duration_seconds", "Seconds from delivery to settlement of one handler attempt.",
+            ["service", "handler", "event"], buckets=DURATION_BUCKETS, registry=r,
+        )
+        self.dead_lettered = Counter(
+            "choreo_dead_lettered_total", "Deliveries dead-lettered by a handler's group.",
+            ["service", "handler", "event"], registry=r,
+        )
+        self.saga = {
+            phase: Counter(f"choreo_saga_{phase}_total", f"Sagas {phase}.", ["saga"], registry=r)
+            for phase in ("started", "completed", "compensated", "failed")
+        }
+        self.step_duration = Histogram(
+            "choreo_saga_step_duration_seconds",
+            "Seconds a saga step took, from its first command to its final reply (retries included).",
+            ["saga", "step"], buckets=STEP_BUCKETS, registry=r,
+        )
+        # Health gauges: one process polls, so the most recent value is the truth.
+        mode: Any = "mostrecent"
+        self.pending = Gauge(
+            "choreo_stream_pending", "Deliveries handed to a consumer and not yet settled.",
+            ["stream", "group"], registry=r, multiprocess_mode=mode,
+        )
+        self.lag = Gauge(
+            "choreo_stream_lag", "Entries published and not yet delivered to the group.",
+            ["stream", "group"], registry=r, multiprocess_mode=mode,
+        )
+        self.delayed = Gauge(
+            "choreo_stream_delayed", "Messages scheduled for later (retries, timers) for the group.",
+            ["stream", "group"], registry=r, multiprocess_mode=mode,
+        )
+        self.dead_letters = Gauge(
+            "choreo_dead_letters", "Dead letters waiting to be replayed or purged.",
+            registry=r, multiprocess_mode=mode,
+        )
+
+    # -- middleware hooks ----------------------------------------------------
+
+    def on_publish(self, event: Event) -> None:
+        self.published.labels(event.type).inc()
+        lifecycle = _LIFECYCLE.match(event.type)
+        if lifecycle is not None:
+            saga = event.data.get("saga")
+            name = saga if isinstance(saga, str) and saga else lifecycle["saga"]
+            self.saga[lifecycle["phase"]].labels(name).inc()
+            return
+        reply = _REPLY.match(event.type)
+        if reply is not None:
+            self._observe_step(reply["saga"], event.data)
+
+    def _observe_step(self, saga: str, data: dict[str, Any]) -> None:
+        # A reply that closes a step may carry how long the step took.
+        step, duration = data.get("step"), data.get("duration")
+        valid = isinstance(duration, int | float) and not isinstance(duration, bool) and duration >= 0
+        if isinstance(step, str) and valid:
+            self.step_duration.labels(saga, step).observe(duration)
+
+    def on_handled(self, route: Route, event: Event | None, outcome: str, duration: float) -> None:
+        self.handled.labels(route.service, route.name, route.event, outcome).inc()
+        self.duration.labels(route.service, route.name, route.event).observe(duration)
+
+    def on_dead_letter(self, route: Route, event: Event | None, reason: str) -> None:
+        self.dead_lettered.labels(route.service, route.name, route.event).inc()
+
+    # -- consumer health -----------------------------------------------------
+
+    async def refresh(self, broker: Broker, subscriptions: Sequence[Subscription], *, dead_limit: int = 10_000) -> None:
+        """Set the health gauges from ``broker.backlog`` and the dead-letter list."""
+        for backlog in await broker.backlog(subscriptions):
+            self.pending.labels(backlog.topic, backlog.group).set(backlog.pending)
+            self.lag.labels(backlog.topic, backlog.group).set(backlog.ready)
+            self.delayed.labels(backlog.topic, backlog.group).set(backlog.delayed)
+        self.dead_letters.set(len(await broker.dead_letters(limit=dead_limit)))
+
+    async def watch(self, broker: Broker, subscriptions: Sequence[Subscription], interval: float = 5.0) -> None:
+        """Refresh the health gauges every ``interval`` seconds until cancelled."""
+        failing = False
+        while True:
+            try:
+                await self.refresh(broker, subscriptions)
+                failing = False
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not failing:  # once per outage, not once per poll
+                    log.warning("could not read consumer backlog from %s: %s", broker.url, exc)
+                failing = True
+            await asyncio.sleep(interval)
+
+
+def aggregate_registry(path: str | None = None) -> CollectorRegistry:
+    """A registry that reads every process's values from the multiprocess directory."""
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=path or os.environ[MULTIPROC_ENV])
+    return registry
+
+
+class MetricsServer:
+    """A running metrics endpoint (``GET /metrics``); ``close()`` stops it."""
+
+    def __init__(self, server: Any, thread: threading.Thread) -> None:
+        self._server = server
+        self._thread = thread
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+def start_metrics_server(registry: CollectorRegistry, port: int, host: str = "127.0.0.1") -> MetricsServer:
+    """Serve ``registry`` over HTTP on ``host:port`` in a daemon thread.
+
+    Binds 127.0.0.1 unless told otherwise (prometheus-client's own default is
+    every interface). Port 0 picks a free one (see ``MetricsServer.port``).
+
+    Raises:
+        OSError: the address is in use or cannot be bound.
+    """
+    from prometheus_client import start_http_server
+
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    return MetricsServer(server, thread)

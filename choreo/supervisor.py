@@ -1,0 +1,227 @@
+"""What ``choreo worker`` runs: one worker process, or a parent supervising N.
+
+``run_worker`` sets up logging and metrics around ``choreo.worker.serve`` (which
+owns signal handling and draining). ``supervise`` starts N worker processes
+(each a fresh interpreter running ``python -m choreo worker``), forwards
+SIGTERM/SIGINT to them, serves one aggregated metrics endpoint
+(prometheus-client multiprocess mode) and returns 0 once every child drained
+and exited 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from types import FrameType
+from typing import TYPE_CHECKING
+
+import attrs
+
+from choreo.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from choreo.metrics import MetricsServer
+    from choreo.worker import Runtime
+
+__all__ = ("WorkerOptions", "run_worker", "supervise")
+
+log = logging.getLogger("choreo.supervisor")
+
+#: Exit code of a child that was misconfigured: restarting it cannot help.
+CONFIG_EXIT = 2
+#: Seconds between restarts of a crashed child.
+RESTART_DELAY = 1.0
+
+
+@attrs.frozen
+class WorkerOptions:
+    """Everything ``choreo worker`` was asked for."""
+
+    targets: tuple[str, ...]
+    broker: str | None = None
+    concurrency: int = 64
+    grace: float = 10.0
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    log_level: str = "INFO"
+    log_format: str = "text"
+    health_interval: float = 5.0
+
+    def child_argv(self) -> list[str]:
+        """The command line of one worker process (metrics are served by the parent)."""
+        argv = [sys.executable, "-m", "choreo", "worker", *self.targets,
+                "--concurrency", str(self.concurrency), "--grace", str(self.grace),
+                "--log-level", self.log_level, "--log-format", self.log_format,
+                "--health-interval", str(self.health_interval)]
+        if self.broker:
+            argv += ["--broker", self.broker]
+        return argv
+
+
+def _serve_metrics(registry: object, options: WorkerOptions) -> MetricsServer | None:
+    from choreo.metrics import start_metrics_server
+
+    if options.metrics_port is None:
+        return None
+    try:
+        server = start_metrics_server(registry, options.metrics_port, options.metrics_host)  # type: ignore[arg-type]
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot serve metrics on {options.metrics_host}:{options.metrics_port}: {exc.strerror or exc}"
+        ) from None
+    log.info("metrics on http://%s:%d/metrics", options.metrics_host, server.port)
+    return server
+
+
+def run_worker(options: WorkerOptions) -> None:
+    """Run the apps in this process until SIGTERM/SIGINT, then drain.
+
+    Raises:
+        ConfigurationError: a target cannot be loaded, or the metrics port cannot be bound.
+        BrokerUnavailable: the broker cannot be reached.
+    """
+    from choreo.loader import load_apps
+    from choreo.metrics import MULTIPROC_ENV, Metrics
+    from choreo.worker import serve
+
+    apps = load_apps(list(options.targets))
+    # A child of `--workers N` writes to the shared directory; its parent serves the scrape.
+    child = bool(os.environ.get(MULTIPROC_ENV))
+    metrics = Metrics() if child or options.metrics_port is not None else None
+    server = None if metrics is None or child else _serve_metrics(metrics.registry, options)
+
+    async def watch_health(runtime: Runtime) -> None:
+        assert metrics is not None
+        await metrics.watch(runtime.broker, runtime.subscriptions, options.health_interval)
+
+    try:
+        asyncio.run(
+            serve(
+                apps,
+                broker=options.broker,
+                concurrency=options.concurrency,
+                grace=options.grace,
+                middleware=[metrics] if metrics is not None else [],
+                background=[watch_health] if metrics is not None else [],
+            )
+        )
+    finally:
+        if server is not None:
+            server.close()
+
+
+class _Children:
+    def __init__(self, argv: Sequence[str], env: dict[str, str], count: int) -> None:
+        self.argv = list(argv)
+        self.env = env
+        self.procs: list[subprocess.Popen[bytes]] = [self._start(i) for i in range(count)]
+
+    def _start(self, index: int) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(self.argv, env={**self.env, "CHOREO_WORKER_INDEX": str(index)})
+        log.info("started worker %d (pid %d)", index, proc.pid)
+        return proc
+
+    def restart(self, index: int) -> None:
+        self.procs[index] = self._start(index)
+
+    def signal_all(self, signum: int) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+
+def supervise(options: WorkerOptions, count: int) -> int:
+    """Run ``count`` worker processes; return the exit code for the parent.
+
+    SIGTERM or SIGINT is forwarded to every child; each drains its in-flight
+    handlers and exits. Returns 0 when all exited 0. A child that crashes is
+    restarted after a second, unless it exited with the configuration error
+    code (then every child is stopped and that code returned).
+    """
+    from choreo.loader import load_apps
+    from choreo.metrics import MULTIPROC_ENV, aggregate_registry
+
+    if count < 1:
+        raise ConfigurationError("--workers must be at least 1")
+    load_apps(list(options.targets))  # fail fast, in this process, with one clear line
+    env = dict(os.environ)
+    metrics_dir = None
+    server = None
+    if options.metrics_port is not None:
+        metrics_dir = tempfile.mkdtemp(prefix="choreo-metrics-")
+        env[MULTIPROC_ENV] = metrics_dir
+        server = _serve_metrics(aggregate_registry(metrics_dir), options)
+    stopping: list[int] = []
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        stopping.append(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    children = _Children(options.child_argv(), env, count)
+    forwarded = False
+    code = 0
+    finished: set[int] = set()  # pids that exited and were accounted for
+    try:
+        deadline: float | None = None
+        while True:
+            if stopping and not forwarded:
+                log.info("stopping %d workers (signal %d)", count, stopping[0])
+                children.signal_all(signal.SIGTERM)
+                forwarded = True
+                deadline = time.monotonic() + options.grace + 10.0
+            running = 0
+            for index, proc in enumerate(children.procs):
+                status = proc.poll()
+                if status is None:
+                    running += 1
+                    continue
+                if proc.pid in finished:
+                    continue
+                finished.add(proc.pid)
+                if metrics_dir is not None:
+                    _mark_dead(proc.pid, metrics_dir)
+                if forwarded:
+                    if status != 0 and code == 0:
+                        code = status if status > 0 else 1
+                    continue
+                if status == CONFIG_EXIT:
+                    log.error("worker %d exited with a configuration error; stopping", index)
+                    stopping.append(signal.SIGTERM)
+                    code = CONFIG_EXIT
+                    continue
+                log.error("worker %d (pid %d) exited with %s; restarting it", index, proc.pid, status)
+                time.sleep(RESTART_DELAY)
+                children.restart(index)
+                running += 1
+            if forwarded and running == 0:
+                return code
+            if deadline is not None and time.monotonic() > deadline:
+                log.error("workers still running past the grace period; killing them")
+                children.signal_all(signal.SIGKILL)
+                code = code or 1
+                deadline = None
+            time.sleep(0.05)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if server is not None:
+            server.close()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _mark_dead(pid: int, path: str) -> None:
+    from prometheus_client import multiprocess
+
+    with contextlib.suppress(OSError):
+        multiprocess.mark_process_dead(pid, path)
+
