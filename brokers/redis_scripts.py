@@ -8,7 +8,61 @@ no rollback.
 
 from __future__ import annotations
 
-__all__ = ("BACKLOG", "COMMIT", "EXTEND", "FETCH", "LIST_STATE", "REPLAY", "TRIM")
+from collections.abc import Sequence
+from typing import Any
+
+from brokers.base import BrokerError, Delivery, Message, StateWrite
+from brokers.redis_support import check_name
+
+__all__ = ("BACKLOG", "COMMIT", "EXTEND", "FETCH", "LIST_STATE", "REPLAY", "TRIM", "commit_args", "message_args")
+
+
+def message_args(messages: Sequence[Message]) -> tuple[list[Any], float | None]:
+    """COMMIT's per-message ARGV, validated, and the soonest delay in seconds.
+
+    Raises:
+        BrokerError: an invalid topic or group name, or a body that is not bytes.
+    """
+    args: list[Any] = []
+    soonest: float | None = None
+    for m in messages:
+        check_name("topic", m.topic)
+        if m.group is not None:
+            check_name("group", m.group)
+        if not isinstance(m.body, bytes | bytearray):
+            raise BrokerError(f"message {m.id!r} body must be bytes, not {type(m.body).__name__}")
+        delay_ms = max(0, round((m.delay or 0.0) * 1000))
+        if delay_ms:
+            soonest = delay_ms / 1000 if soonest is None else min(soonest, delay_ms / 1000)
+        args += [m.topic, m.group or "", m.id, bytes(m.body), delay_ms]
+    return args, soonest
+
+
+def commit_args(
+    prefix: str,
+    delivery: Delivery | None,
+    located: tuple[str, str] | None,
+    dead_letter: str | None,
+    state: Sequence[StateWrite],
+    done: bool,
+    dedupe_ttl: float,
+) -> list[Any]:
+    """COMMIT's ARGV up to the messages (see the layout above the script)."""
+    args: list[Any] = [prefix]
+    if delivery is None or located is None:
+        args += [0, "", "", "", "", 0, "", 0, 0, 0, "", 0, "", b""]
+    else:
+        key, entry = located
+        args += [
+            1, key, delivery.group, delivery.consumer, entry, delivery.deliveries,
+            delivery.message_id or "", int(delivery.message_id is not None), int(done),
+            max(1, round(dedupe_ttl * 1000)), dead_letter or "", int(dead_letter is not None),
+            delivery.topic, delivery.body if dead_letter is not None else b"",
+        ]
+    args.append(len(state))
+    for write in state:
+        args += [write.key, int(write.value is not None), write.value or b"", write.expected_version]
+    return args
 
 # Shared helpers, prepended to every script that needs them.
 _COMMON = r"""

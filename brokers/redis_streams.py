@@ -44,6 +44,16 @@ Retention: streams are never trimmed with MAXLEN on XADD. With ``maxlen`` set,
 about ``maxlen`` with XTRIM MINID, bounded by every group's oldest pending
 entry and last-delivered id, so an entry still pending or not yet delivered in
 any group is never trimmed. Without ``maxlen`` nothing is trimmed.
+
+Least privilege: a worker needs only its prefix's keys and these commands
+(scripts run under the caller's ACL too); ``CONFIG`` is optional (without it
+the start-up durability check is skipped)::
+
+    ACL SETUSER worker on >password resetkeys ~choreo:* resetchannels -@all +ping +hello
+      +evalsha +eval +script|load +multi +exec +time +exists +del +set
+      +hget +hset +hmget +zadd +zrem +zrange +zrangebyscore +zrangebylex +xadd +xack
+      +xautoclaim +xclaim +xdel +xgroup|create +xinfo|groups +xlen +xpending +xrange
+      +xrevrange +xread +xreadgroup +xtrim
 """
 
 from __future__ import annotations
@@ -197,23 +207,11 @@ class RedisStreamsBroker:
     # -- publishing and committing -------------------------------------------
 
     def _message_args(self, messages: Sequence[Message]) -> list[Any]:
-        args: list[Any] = []
-        soonest = None
+        args, soonest = lua.message_args(messages)
         for m in messages:
-            check_name("topic", m.topic)
-            if m.group is not None:
-                check_name("group", m.group)
-            if not isinstance(m.body, bytes | bytearray):
-                raise BrokerError(f"message {m.id!r} body must be bytes, not {type(m.body).__name__}")
-            delay_ms = max(0, round((m.delay or 0.0) * 1000))
-            if delay_ms:
-                soonest = delay_ms if soonest is None else min(soonest, delay_ms)
-            args += [m.topic, m.group or "", m.id, bytes(m.body), delay_ms]
-            self._known.setdefault(
-                f"{self._prefix}:{m.topic}", Stream(f"{self._prefix}:{m.topic}", m.topic, "", False)
-            )
+            self._known.setdefault(f"{self._prefix}:{m.topic}", Stream(f"{self._prefix}:{m.topic}", m.topic, "", False))
         if soonest is not None:
-            self._delayed_due = min(self._delayed_due, time.monotonic() + soonest / 1000)
+            self._delayed_due = min(self._delayed_due, time.monotonic() + soonest)
         return args
 
     async def publish(self, messages: Sequence[Message]) -> None:
@@ -233,20 +231,8 @@ class RedisStreamsBroker:
         """Settle a delivery and apply its effects in one fenced script."""
         if dead_letter is not None and delivery is None:
             raise BrokerError("a dead letter needs the delivery it records")
-        args: list[Any] = [self._prefix]
-        if delivery is None:
-            args += [0, "", "", "", "", 0, "", 0, 0, 0, "", 0, "", b""]
-        else:
-            key, entry = self._locate(delivery)
-            args += [
-                1, key, delivery.group, delivery.consumer, entry, delivery.deliveries,
-                delivery.message_id or "", int(delivery.message_id is not None), int(done),
-                max(1, round(self.options.dedupe_ttl * 1000)), dead_letter or "", int(dead_letter is not None),
-                delivery.topic, delivery.body if dead_letter is not None else b"",
-            ]
-        args.append(len(state))
-        for write in state:
-            args += [write.key, int(write.value is not None), write.value or b"", write.expected_version]
+        located = None if delivery is None else self._locate(delivery)
+        args = lua.commit_args(self._prefix, delivery, located, dead_letter, state, done, self.options.dedupe_ttl)
         args += self._message_args(publish)
         return _STATUS[await self._run("COMMIT", args)]
 
@@ -309,11 +295,13 @@ class RedisStreamsBroker:
             except Exception as exc:
                 if self._client is None:
                     return []  # closed while waiting
-                if not is_transient(exc):
+                # A periodic trim wraps its error like any other call.
+                cause = exc.__cause__ if isinstance(exc, BrokerError) and exc.__cause__ else exc
+                if not is_transient(cause):
                     if isinstance(exc, rexc.RedisError):
                         raise BrokerError(f"fetch failed on {self.url}: {type(exc).__name__}: {exc}") from exc
                     raise
-                await self._outage.pause(exc, deadline - time.monotonic())
+                await self._outage.pause(cause, deadline - time.monotonic())
                 return []
 
     async def _fetch_once(

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import NoPermissionError
 
 from brokers import BrokerError, CommitStatus, Delivery, Message, Subscription
 from brokers.redis_streams import RedisStreamsBroker
@@ -237,3 +238,42 @@ async def test_retry_to_private_stream_survives_group_subscribe_later(server: Re
         assert (delivery.message_id, delivery.body) == ("r1", b"retry")
         assert await broker.commit(delivery) is CommitStatus.OK
         assert await broker.fetch("c", [G2], limit=1, timeout=0.1) == []
+
+
+ACL_RULES = (
+    "on >worker-pass resetkeys ~choreo:* resetchannels -@all +ping +hello +evalsha +eval"
+    " +script|load +multi +exec +time +exists +del +set +hget +hset +hmget +zadd +zrem +zrange +zrangebyscore"
+    " +zrangebylex +xadd +xack +xautoclaim +xclaim +xdel +xgroup|create +xinfo|groups +xlen +xpending +xrange"
+    " +xrevrange +xread +xreadgroup +xtrim"
+)
+
+
+async def test_least_privilege_acl_user_runs_everything(server: RedisServer) -> None:
+    """The ACL documented in the module works for every operation and denies FLUSHALL, CONFIG and other keys."""
+    assert server.command("ACL", "SETUSER", "worker", *ACL_RULES.split()).startswith(b"OK")
+    url = f"redis://worker:worker-pass@127.0.0.1:{server.port}/0?{FAST}&maxlen=1"
+    async with connected(url) as broker:
+        await broker.subscribe([G1, OUT])
+        await broker.publish([msg(1), Message(TOPIC, "late", b"x", delay=0.05)])
+        server.command("XADD", f"choreo:{TOPIC}", "*", "junk", "x")
+        got = await collect(broker, "c", [G1], 2)
+        assert sorted(d.message_id or "" for d in got) == ["late", "m1"]
+        assert await broker.extend(got[0])
+        assert await broker.commit(got[0], publish=[msg(2, topic=OUT.topic)], state=[]) is CommitStatus.OK
+        assert await broker.commit(got[1], dead_letter="bad") is CommitStatus.OK
+        assert await broker.trim() >= 0
+        (dead, junk) = sorted(await broker.dead_letters(), key=lambda r: r.reason)
+        assert await broker.replay(dead.id)
+        assert (await collect(broker, "c", [G1], 1))[0].message_id == dead.message_id
+        assert await broker.list_state("") == {}
+        assert await broker.get_state("x") is None
+        assert len(await broker.backlog([G1, OUT])) == 2
+        assert await broker.purge_dead_letters([junk.id]) == 1
+        assert await broker.purge_dead_letters() == 0
+        client = aioredis.from_url(url.split("?")[0])
+        try:
+            for denied in (("FLUSHALL",), ("CONFIG", "GET", "appendonly"), ("SET", "other:key", "1")):
+                with pytest.raises(NoPermissionError):
+                    await client.execute_command(*denied)
+        finally:
+            await client.aclose()
