@@ -18,6 +18,7 @@ from choreo.errors import (
 from choreo.events import Event
 from choreo.middleware import Middleware, Outcome
 from choreo.routing import Emit, Route, Router, emits
+from choreo.saga import SagaCoordinator, SagaResult, SagaState, SagaStep, StepResult
 from choreo.worker import Runtime, run
 
 __all__ = (
@@ -39,7 +40,12 @@ __all__ = (
     "Route",
     "Router",
     "Runtime",
+    "SagaCoordinator",
+    "SagaResult",
+    "SagaState",
+    "SagaStep",
     "StateValue",
+    "StepResult",
     "emits",
     "run",
 )

@@ -17,12 +17,13 @@ from brokers import Broker
 from choreo.dead_letters import DeadLetter
 from choreo.events import Event
 from choreo.middleware import Middleware
+from choreo.saga.harness import SagaTestHarness
 from choreo.worker import Runtime, run
 
 if TYPE_CHECKING:
     from choreo.app import App
 
-__all__ = ("TestEnv", "run_apps")
+__all__ = ("SagaTestHarness", "TestEnv", "run_apps")
 
 
 class _Recorder(Middleware):

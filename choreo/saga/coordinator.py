@@ -1,0 +1,426 @@
+"""``SagaCoordinator``: sagas compiled into handlers of an app's routing table.
+
+For each saga the coordinator adds two routes to its app: one consumes the
+participants' replies (``saga.reply.<name>``), one the delayed timers
+(``saga.timeout.<name>``). Each reads the saga's record from the broker's
+state store, applies one transition of ``choreo.saga.machine``, and returns
+the next command (with its timer) and any lifecycle event; the dispatcher
+commits those, the record (compare-and-set) and the ack in one step. A
+coordinator process therefore holds nothing a crash could lose: kill it, and
+another finishes every saga from the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from brokers import CommitStatus, StateWrite
+from choreo.context import Context
+from choreo.errors import ChoreoError, ConfigurationError
+from choreo.events import Event, new_event_id
+from choreo.middleware import Middleware
+from choreo.routing import Emit, Route
+from choreo.saga.definition import (
+    SagaDefinition,
+    SagaNotFound,
+    SagaResult,
+    SagaState,
+    SagaStep,
+    lifecycle_topic,
+    reply_topic,
+    timeout_topic,
+)
+from choreo.saga.machine import Out, SagaRun, new_record, to_result
+
+if TYPE_CHECKING:
+    from choreo.app import App
+    from choreo.worker import Runtime
+
+__all__ = ("SagaCoordinator", "coordinator_of")
+
+log = logging.getLogger("choreo.saga")
+
+_SAGA_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_TERMINAL = ("completed", "compensated", "failed")
+_coordinators: weakref.WeakKeyDictionary[App, SagaCoordinator] = weakref.WeakKeyDictionary()
+
+
+def coordinator_of(app: App) -> SagaCoordinator | None:
+    """The coordinator attached to ``app``, if any."""
+    return _coordinators.get(app)
+
+
+def _encode(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, separators=(",", ":"), allow_nan=False).encode()
+
+
+class _Waiters(Middleware):
+    """Wakes ``start_saga(wait=True)`` callers when this process publishes the
+    saga's final lifecycle event; other processes' sagas are polled."""
+
+    def __init__(self, coordinator: SagaCoordinator) -> None:
+        self.coordinator = coordinator
+        self.futures: dict[str, list[asyncio.Future[SagaResult]]] = {}
+
+    def on_publish(self, event: Event) -> None:
+        if event.saga_id is None or event.saga_id not in self.futures:
+            return
+        name = event.data.get("saga")
+        if not isinstance(name, str) or event.type not in {lifecycle_topic(name, w) for w in _TERMINAL}:
+            return
+        record = {"saga_id": event.saga_id, "name": name, **event.data}
+        result = to_result(self.coordinator.definitions.get(name), record)
+        for future in self.futures.pop(event.saga_id, []):
+            if not future.done():
+                future.set_result(result)
+
+
+class SagaCoordinator:
+    """Runs sagas defined on ``app``: the orchestrator, as handlers of ``app``.
+
+    Args:
+        app: The service whose routing table gets the saga handlers.
+        debug: Log the saga data on every transition (may contain personal data).
+        trace_enabled: Log per-event detail (commands, replies, tokens).
+        persistence: Keep finished sagas in the state store (``get_saga_state``
+            after the end, and a ``saga_id`` never starts twice). When false,
+            a saga's record is deleted in the commit that ends it.
+        sweep_interval: Seconds between sweeps for sagas whose step or
+            deadline is overdue by more than this (their timer was lost);
+            ``None`` turns the sweeper off.
+        poll_interval: Seconds between state reads while waiting for a saga
+            that another process is running.
+        key_prefix: Prefix of the state keys (``saga:<id>``).
+
+    Raises:
+        ConfigurationError: ``app`` already has a coordinator.
+    """
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        debug: bool = False,
+        trace_enabled: bool = False,
+        persistence: bool = True,
+        sweep_interval: float | None = 10.0,
+        poll_interval: float = 0.25,
+        key_prefix: str = "saga:",
+    ) -> None:
+        if app in _coordinators:
+            raise ConfigurationError(f"app {app.name!r} already has a SagaCoordinator")
+        if sweep_interval is not None and sweep_interval <= 0:
+            raise ConfigurationError("sweep_interval must be positive or None")
+        self.app = app
+        self.debug = debug
+        self.trace_enabled = trace_enabled or debug
+        self.persistence = persistence
+        self.sweep_interval = sweep_interval
+        self.poll_interval = poll_interval
+        self.key_prefix = key_prefix
+        self.definitions: dict[str, SagaDefinition] = {}
+        self._waiters = _Waiters(self)
+        self._attached: weakref.WeakKeyDictionary[Runtime, asyncio.Task[None] | None] = weakref.WeakKeyDictionary()
+        _coordinators[app] = self
+
+    def __repr__(self) -> str:
+        return f"SagaCoordinator({self.app.name!r}, sagas={sorted(self.definitions)})"
+
+    # -- definitions -------------------------------------------------------------
+
+    def define_saga(self, name: str, steps: Sequence[SagaStep], **options: Any) -> SagaDefinition:
+        """Define a saga and compile it into ``app``'s routing table.
+
+        Args:
+            name: The saga's name (``saga.<name>.*`` events).
+            steps: The steps, run in order and compensated in reverse.
+            options: ``deadline``: seconds after the start at which a saga
+                still running fails at its current step and compensates.
+
+        Raises:
+            ConfigurationError: the saga is already defined, or the
+                definition is invalid (see ``SagaDefinition.build``).
+        """
+        definition = SagaDefinition.build(name, steps, **options)
+        if name in self.definitions:
+            raise ConfigurationError(f"saga {name!r} is already defined on {self.app.name!r}")
+        emits = (
+            *definition.commands(),
+            timeout_topic(name),
+            *(lifecycle_topic(name, what) for what in _TERMINAL),
+        )
+
+        async def on_reply(event: Event, ctx: Context) -> list[Emit]:
+            return await self._transition(definition, event, ctx, lambda run: run.on_reply(event.data))
+
+        async def on_timeout(event: Event, ctx: Context) -> list[Emit]:
+            return await self._transition(definition, event, ctx, lambda run: run.on_timer(event.data))
+
+        # State conflicts re-run a handler at once; these retries are for a
+        # broker that failed mid-transition.
+        for topic, handler, suffix in ((reply_topic(name), on_reply, "reply"), (timeout_topic(name), on_timeout, "timeout")):
+            handler.__name__ = handler.__qualname__ = f"saga_{name}_{suffix}"
+            self.app.router.add(
+                Route(event=topic, service=self.app.name, name=handler.__name__, handler=handler, emits=emits,
+                      retries=5, retry_delay=0.5)
+            )
+        self.definitions[name] = definition
+        return definition
+
+    def definition(self, name: str) -> SagaDefinition:
+        """The definition of saga ``name``.
+
+        Raises:
+            ConfigurationError: no saga of that name is defined here.
+        """
+        try:
+            return self.definitions[name]
+        except KeyError:
+            known = ", ".join(sorted(self.definitions)) or "none"
+            raise ConfigurationError(f"no saga {name!r} on {self.app.name!r} (defined: {known})") from None
+
+    def key(self, saga_id: str) -> str:
+        return f"{self.key_prefix}{saga_id}"
+
+    # -- running sagas -------------------------------------------------------------
+
+    async def start_saga(
+        self,
+        name: str,
+        data: dict[str, Any] | None = None,
+        *,
+        saga_id: str | None = None,
+        wait: bool = True,
+        timeout: float | None = None,
+    ) -> SagaResult:
+        """Start saga ``name`` with ``data``; the coordinator's app must be running.
+
+        The record, the ``started`` event, the first command and its timer
+        are committed in one step. A ``saga_id`` that exists already is not
+        started again: the call returns (or waits for) that saga.
+
+        Returns:
+            The saga when it ends (``wait=True``), or as started.
+
+        Raises:
+            ConfigurationError: unknown saga, or an invalid ``saga_id``.
+            ChoreoError: the app is not running.
+            TimeoutError: still running after ``timeout`` seconds (it goes on).
+        """
+        definition = self.definition(name)
+        runtime = self._attach()
+        saga_id = saga_id or new_event_id()
+        if not isinstance(saga_id, str) or not _SAGA_ID.match(saga_id):
+            raise ConfigurationError(f"saga_id {saga_id!r} must be 1-128 letters, digits or '._:-'")
+        record = new_record(definition, saga_id, dict(data or {}), time.time())
+        lines: list[tuple[str, str]] = []
+        outs = SagaRun(definition, record, time.time(), lambda i, line: lines.append((i, line)), self._detail).start()
+        future = self._waiter(saga_id) if wait else None
+        try:
+            status = await runtime.commit(
+                self._events(outs, saga_id, correlation_id=saga_id), state=[StateWrite(self.key(saga_id), _encode(record), 0)]
+            )
+            if status is CommitStatus.OK:
+                for sid, line in lines:
+                    self._trace(sid, line)
+                current = to_result(definition, record)
+            else:
+                log.info("[SAGA-%s] already exists; not starting it again", saga_id)
+                current = await self.get_saga_state(saga_id)
+            if not wait or current.state.terminal:
+                return current
+            assert future is not None
+            return await self._wait(saga_id, future, timeout)
+        finally:
+            self._forget(saga_id, future)
+
+    async def get_saga_state(self, saga_id: str) -> SagaResult:
+        """The saga as stored now.
+
+        Raises:
+            SagaNotFound: no such saga (or it ended with ``persistence=False``).
+            ChoreoError: the app is not running.
+        """
+        stored = await self.app.runtime.broker.get_state(self.key(saga_id))
+        if stored is None:
+            raise SagaNotFound(f"no saga {saga_id!r}")
+        record = json.loads(stored.value)
+        return to_result(self.definitions.get(record["name"]), record)
+
+    async def list_sagas(self, state: SagaState | str | None = None) -> list[SagaResult]:
+        """Stored sagas (of every coordinator sharing the key prefix), oldest
+        first; only those in ``state`` if given (e.g. ``"failed"``, for a person)."""
+        wanted = None if state is None else SagaState(state)
+        found = []
+        for item in (await self.app.runtime.broker.list_state(self.key_prefix)).values():
+            record = json.loads(item.value)
+            if wanted is None or record["state"] == wanted.value:
+                found.append(record)
+        found.sort(key=lambda r: (r.get("created_at", 0), r["saga_id"]))
+        return [to_result(self.definitions.get(r["name"]), r) for r in found]
+
+    async def resume_saga(self, saga_id: str, *, wait: bool = True, timeout: float | None = None) -> SagaResult:
+        """Continue a saga from its stored state: resend the command it waits
+        for, or (for a FAILED saga) retry the compensations that failed.
+
+        Raises:
+            SagaNotFound: no such saga.
+            ConfigurationError: the saga is not defined on this coordinator.
+            TimeoutError: still running after ``timeout`` seconds.
+        """
+        runtime = self._attach()
+        future = self._waiter(saga_id) if wait else None
+        try:
+            for _ in range(20):
+                stored = await runtime.broker.get_state(self.key(saga_id))
+                if stored is None:
+                    raise SagaNotFound(f"no saga {saga_id!r}")
+                record = json.loads(stored.value)
+                definition = self.definition(record["name"])
+                outs = SagaRun(definition, record, time.time(), self._trace, self._detail).resume()
+                if not outs:
+                    return to_result(definition, record)
+                status = await runtime.commit(
+                    self._events(outs, saga_id, correlation_id=saga_id),
+                    state=[StateWrite(self.key(saga_id), _encode(record), stored.version)],
+                )
+                if status is CommitStatus.OK:
+                    break
+            else:
+                raise ChoreoError(f"saga {saga_id!r} kept changing while resuming it")
+            if not wait:
+                return to_result(definition, record)
+            assert future is not None
+            return await self._wait(saga_id, future, timeout)
+        finally:
+            self._forget(saga_id, future)
+
+    async def sweep(self) -> int:
+        """Fire the timer of every saga whose step or deadline is overdue by
+        more than ``sweep_interval`` (its delayed event was lost). Harmless
+        if the timer does fire: the first one wins. Returns how many fired."""
+        runtime = self.app.runtime
+        grace = self.sweep_interval or 0.0
+        now = time.time()
+        fired = 0
+        for item in (await runtime.broker.list_state(self.key_prefix)).values():
+            record = json.loads(item.value)
+            if record.get("name") not in self.definitions or SagaState(record["state"]).terminal:
+                continue
+            kind = None
+            if record.get("deadline_at") is not None and now > record["deadline_at"] + grace:
+                kind = "deadline"
+            elif record.get("due_at") is not None and now > record["due_at"] + grace:
+                kind = "sweep"
+            if kind is None:
+                continue
+            log.warning("[SAGA-%s] overdue (%s); firing its timer", record["saga_id"], kind)
+            data = {"saga": record["name"], "kind": kind, "token": record["token"], "step": None}
+            await runtime.publish(timeout_topic(record["name"]), data, saga_id=record["saga_id"],
+                                  correlation_id=record["saga_id"])
+            fired += 1
+        return fired
+
+    # -- internals -----------------------------------------------------------------
+
+    async def _transition(
+        self, definition: SagaDefinition, event: Event, ctx: Context, step: Callable[[SagaRun], list[Out]]
+    ) -> list[Emit]:
+        self._attach()
+        if not event.saga_id:
+            log.warning("ignoring %s %s: it names no saga", event.type, event.id)
+            return []
+        key = self.key(event.saga_id)
+        stored = await ctx.get_state(key)
+        if stored is None:
+            log.warning("[SAGA-%s] ignoring %s for an unknown saga", event.saga_id, event.type)
+            return []
+        before = json.dumps(stored.data, sort_keys=True)
+        record = json.loads(before)
+        run = SagaRun(definition, record, time.time(), self._trace, self._detail)
+        outs = step(run)
+        if json.dumps(record, sort_keys=True) == before and not outs:
+            return []
+        if self.debug:
+            log.info("[SAGA-%s]   data: %s", event.saga_id, json.dumps(record["data"], default=str)[:2000])
+        keep = self.persistence or not run.state.terminal
+        ctx.set_state(key, record if keep else None, expected_version=stored.version)
+        return [Emit(o.type, o.data, delay=o.delay, merge=False, headers=o.headers) for o in outs]
+
+    def _events(self, outs: Sequence[Out], saga_id: str, correlation_id: str) -> list[tuple[Event, float | None]]:
+        events: list[tuple[Event, float | None]] = []
+        cause: str | None = None
+        for out in outs:
+            event = Event(type=out.type, data=out.data, saga_id=saga_id, correlation_id=correlation_id,
+                          causation_id=cause, headers=dict(out.headers or {}))
+            cause = cause or event.id
+            events.append((event, out.delay))
+        return events
+
+    def _trace(self, saga_id: str, line: str) -> None:
+        log.info("[SAGA-%s] %s", saga_id, line)
+
+    def _detail(self, saga_id: str, line: str) -> None:
+        if self.trace_enabled:
+            log.info("[SAGA-%s]   %s", saga_id, line)
+
+    def _attach(self) -> Runtime:
+        """Hook into the running app's runtime once: the waiter middleware and the sweeper."""
+        runtime = self.app.runtime
+        if runtime not in self._attached:
+            runtime.add_middleware(self._waiters)
+            task = None
+            if self.sweep_interval is not None:
+                task = asyncio.get_running_loop().create_task(self._sweeper(runtime), name="choreo-saga-sweeper")
+            self._attached[runtime] = task
+        return runtime
+
+    async def _sweeper(self, runtime: Runtime) -> None:
+        assert self.sweep_interval is not None
+        while True:
+            await asyncio.sleep(self.sweep_interval)
+            try:
+                if self.app.runtime is not runtime:
+                    return
+            except ChoreoError:
+                return  # the app stopped
+            try:
+                await self.sweep()
+            except Exception as exc:
+                log.warning("saga sweep failed, trying again in %ss: %s", self.sweep_interval, exc)
+
+    def _waiter(self, saga_id: str) -> asyncio.Future[SagaResult]:
+        future: asyncio.Future[SagaResult] = asyncio.get_running_loop().create_future()
+        self._waiters.futures.setdefault(saga_id, []).append(future)
+        return future
+
+    def _forget(self, saga_id: str, future: asyncio.Future[SagaResult] | None) -> None:
+        waiting = self._waiters.futures.get(saga_id)
+        if future is not None and waiting and future in waiting:
+            waiting.remove(future)
+            if not waiting:
+                del self._waiters.futures[saga_id]
+
+    async def _wait(self, saga_id: str, future: asyncio.Future[SagaResult], timeout: float | None) -> SagaResult:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        poll = min(0.05, self.poll_interval)
+        while True:
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                raise TimeoutError(f"saga {saga_id} has not ended after {timeout}s; it goes on")
+            with contextlib.suppress(TimeoutError):
+                return await asyncio.wait_for(asyncio.shield(future), poll if left is None else min(poll, left))
+            with contextlib.suppress(SagaNotFound):
+                current = await self.get_saga_state(saga_id)
+                if current.state.terminal:
+                    return current
+            poll = min(poll * 2, self.poll_interval)

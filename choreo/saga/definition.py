@@ -1,0 +1,284 @@
+"""Saga definitions and results: the values users write and read.
+
+A saga is a named, ordered list of ``SagaStep``. Each step names the service
+that runs it, the action to run, and the action that undoes it. Definitions
+are validated when they are made, so a mistake is an error at import time
+rather than in the middle of a transaction.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import attrs
+
+from choreo.errors import ChoreoError, ConfigurationError
+
+__all__ = (
+    "SagaDefinition",
+    "SagaNotFound",
+    "SagaResult",
+    "SagaState",
+    "SagaStep",
+    "StepResult",
+    "StepStatus",
+    "command_topic",
+    "lifecycle_topic",
+    "reply_topic",
+    "timeout_topic",
+)
+
+#: Names of sagas, steps, services and actions: they become event type segments.
+_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,100}$")
+#: Saga names that would collide with the coordinator's own event families.
+_RESERVED = frozenset({"cmd", "reply", "timeout"})
+
+
+def command_topic(service: str, action: str) -> str:
+    """The event a participant's action consumes: ``saga.cmd.<service>.<action>``."""
+    return f"saga.cmd.{service}.{action}"
+
+
+def reply_topic(saga: str) -> str:
+    """The event participants answer a saga's commands with."""
+    return f"saga.reply.{saga}"
+
+
+def timeout_topic(saga: str) -> str:
+    """The delayed event that fires when a step (or the saga) runs out of time."""
+    return f"saga.timeout.{saga}"
+
+
+def lifecycle_topic(saga: str, what: str) -> str:
+    """``saga.<name>.started|completed|compensated|failed``, for any service to handle."""
+    return f"saga.{saga}.{what}"
+
+
+class SagaNotFound(ChoreoError, LookupError):
+    """No saga with this id is stored."""
+
+
+class SagaState(enum.Enum):
+    """Where a saga is in its life; the last three are terminal."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    COMPENSATING = "compensating"
+    COMPENSATED = "compensated"
+    FAILED = "failed"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (SagaState.COMPLETED, SagaState.COMPENSATED, SagaState.FAILED)
+
+
+class StepStatus:
+    """The ``status`` values of a ``StepResult``."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    COMPENSATING = "compensating"
+    COMPENSATED = "compensated"
+    SKIPPED = "skipped"
+    COMPENSATION_FAILED = "compensation_failed"
+
+
+def _check_name(what: str, value: object) -> None:
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ConfigurationError(f"{what} {value!r} must be 1-100 letters, digits, '_' or '-'")
+
+
+def _positive_or_none(what: str, value: float | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value <= 0):
+        raise ConfigurationError(f"{what} must be a positive number of seconds or None, not {value!r}")
+
+
+@attrs.frozen(init=False)
+class SagaStep:
+    """One step of a saga: an action on a service, and what undoes it.
+
+    Args:
+        name: The step's name, unique in its saga.
+        service: The service (``App`` name) whose ``@app.action`` runs it.
+        action: The action to run.
+        compensation: The action that undoes it, or ``None``.
+        timeout: Seconds per attempt, from the moment the command is
+            published; no reply by then is a failed attempt.
+        retry_count: Attempts after the first (for the action, the fallback
+            and the compensation alike).
+        retry_delay: Base of the exponential backoff between attempts, seconds.
+        fallback: An action to run once the action's attempts are spent
+            (forward recovery); if it succeeds the step counts as done.
+        compensatable: ``False`` for steps that cannot be undone (an email
+            sent); they are skipped during compensation.
+
+    Raises:
+        ConfigurationError: invalid names or values, a compensation or
+            fallback equal to the action, or an unknown option.
+    """
+
+    name: str
+    service: str
+    action: str
+    compensation: str | None
+    timeout: float | None
+    retry_count: int
+    retry_delay: float
+    fallback: str | None
+    compensatable: bool
+
+    def __init__(
+        self,
+        name: str,
+        service: str,
+        action: str,
+        compensation: str | None = None,
+        *,
+        timeout: float | None = None,
+        retry_count: int = 0,
+        retry_delay: float = 0.0,
+        fallback: str | None = None,
+        compensatable: bool = True,
+        **unknown: Any,
+    ) -> None:
+        if unknown:
+            raise ConfigurationError(f"saga step {name!r}: unknown options {', '.join(sorted(unknown))}")
+        _check_name("step name", name)
+        _check_name(f"step {name!r}: service", service)
+        _check_name(f"step {name!r}: action", action)
+        for what, other in (("compensation", compensation), ("fallback", fallback)):
+            if other is not None:
+                _check_name(f"step {name!r}: {what}", other)
+                if other == action:
+                    raise ConfigurationError(f"step {name!r}: the {what} {other!r} is the action itself")
+        _positive_or_none(f"step {name!r}: timeout", timeout)
+        if isinstance(retry_count, bool) or not isinstance(retry_count, int) or retry_count < 0:
+            raise ConfigurationError(f"step {name!r}: retry_count must be an integer >= 0, not {retry_count!r}")
+        if isinstance(retry_delay, bool) or not isinstance(retry_delay, int | float) or retry_delay < 0:
+            raise ConfigurationError(f"step {name!r}: retry_delay must be >= 0, not {retry_delay!r}")
+        self.__attrs_init__(
+            name, service, action, compensation, timeout, retry_count, float(retry_delay), fallback,
+            bool(compensatable),
+        )
+
+    @property
+    def attempts(self) -> int:
+        """Most runs of the action (and of the fallback, and of the compensation)."""
+        return 1 + self.retry_count
+
+    def actions(self) -> tuple[str, ...]:
+        """Every action this step may command: action, fallback, compensation."""
+        return tuple(a for a in (self.action, self.fallback, self.compensation) if a is not None)
+
+
+@attrs.frozen
+class SagaDefinition:
+    """A named, validated list of steps, with saga-wide options.
+
+    Attributes:
+        deadline: Seconds from the start after which a saga still running is
+            failed at its current step and compensated; ``None`` for none.
+    """
+
+    name: str
+    steps: tuple[SagaStep, ...]
+    deadline: float | None = None
+
+    @classmethod
+    def build(cls, name: str, steps: Sequence[SagaStep], **options: Any) -> SagaDefinition:
+        """Validate and build a definition.
+
+        Raises:
+            ConfigurationError: a bad or reserved name, no steps, duplicate
+                step names, something that is not a ``SagaStep``, or an
+                unknown option.
+        """
+        deadline = options.pop("deadline", None)
+        if options:
+            raise ConfigurationError(f"saga {name!r}: unknown options {', '.join(sorted(options))}")
+        _check_name("saga name", name)
+        if name in _RESERVED:
+            raise ConfigurationError(f"saga name {name!r} is reserved (it would clash with saga.{name}.* events)")
+        steps = tuple(steps)
+        if not steps:
+            raise ConfigurationError(f"saga {name!r} has no steps")
+        for step in steps:
+            if not isinstance(step, SagaStep):
+                raise ConfigurationError(f"saga {name!r}: {step!r} is not a SagaStep")
+        names = [step.name for step in steps]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ConfigurationError(f"saga {name!r}: duplicate step names {', '.join(duplicates)}")
+        _positive_or_none(f"saga {name!r}: deadline", deadline)
+        return cls(name, steps, deadline)
+
+    def index(self, step: str) -> int | None:
+        for i, candidate in enumerate(self.steps):
+            if candidate.name == step:
+                return i
+        return None
+
+    def commands(self) -> tuple[str, ...]:
+        """Every command topic this saga may publish, in step order."""
+        topics = [command_topic(s.service, a) for s in self.steps for a in s.actions()]
+        return tuple(dict.fromkeys(topics))
+
+
+@attrs.frozen
+class StepResult:
+    """How one step went.
+
+    Attributes:
+        status: pending, running, succeeded, failed, compensating,
+            compensated, skipped or compensation_failed.
+        attempts: Runs of the action and fallback so far.
+        error: ``{"type", "message"}`` of the last failure, or ``None``.
+    """
+
+    name: str
+    status: str
+    attempts: int = 0
+    error: dict[str, Any] | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+@attrs.frozen
+class SagaResult:
+    """A saga as stored: its state, its data so far, and its steps.
+
+    Attributes:
+        data: The start data with every action's returned dict merged in.
+        error: Why it failed or compensated (``step``, ``type``, ``message``),
+            or ``None``.
+    """
+
+    saga_id: str
+    name: str
+    state: SagaState
+    data: dict[str, Any]
+    error: dict[str, Any] | None
+    steps: tuple[StepResult, ...]
+
+    def step(self, name: str) -> StepResult:
+        """The result of the step called ``name``.
+
+        Raises:
+            KeyError: no such step.
+        """
+        for step in self.steps:
+            if step.name == name:
+                return step
+        raise KeyError(name)
+
+    @property
+    def compensation_failures(self) -> list[str]:
+        """Steps whose compensation failed: a person must look at these."""
+        return [s.name for s in self.steps if s.status == StepStatus.COMPENSATION_FAILED]

@@ -1,0 +1,390 @@
+"""The saga state machine: a stored record in, a new record and outputs out.
+
+Pure: no broker, no clock of its own. The coordinator reads the record, calls
+one transition, then writes the record back with compare-and-set in the same
+commit as the outputs (commands, their timers, lifecycle events), so a
+transition happens entirely or not at all.
+
+Every command carries a ``token``; the record remembers the token of the one
+command it waits for. A reply or timer with another token is stale (a late or
+duplicate reply) and changes nothing, except that a late success of a step
+that was given up on gets that step's compensation sent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+
+from choreo.dispatcher import backoff_delay
+from choreo.saga.definition import (
+    SagaDefinition,
+    SagaResult,
+    SagaState,
+    SagaStep,
+    StepResult,
+    StepStatus,
+    command_topic,
+    lifecycle_topic,
+    timeout_topic,
+)
+
+__all__ = ("ACTION", "COMPENSATION", "FALLBACK", "LATE", "Out", "SagaRun", "new_record", "to_result")
+
+log = logging.getLogger("choreo.saga")
+
+ACTION, FALLBACK, COMPENSATION, LATE = "action", "fallback", "compensation", "late_compensation"
+FORWARD, BACKWARD = "forward", "backward"
+RECORD_VERSION = 1
+
+
+@attrs.frozen
+class Out:
+    """An event a transition publishes: a command, a timer or a lifecycle event."""
+
+    type: str
+    data: dict[str, Any]
+    delay: float | None = None
+    headers: dict[str, str] | None = None
+
+
+def new_record(definition: SagaDefinition, saga_id: str, data: dict[str, Any], now: float) -> dict[str, Any]:
+    """The stored record of a saga about to start."""
+    return {
+        "v": RECORD_VERSION,
+        "saga_id": saga_id,
+        "name": definition.name,
+        "state": SagaState.PENDING.value,
+        "data": dict(data),
+        "error": None,
+        "phase": FORWARD,
+        "cursor": 0,
+        "token": 0,
+        "kind": None,
+        "attempt": 0,
+        "due_at": None,
+        "deadline_at": None if definition.deadline is None else now + definition.deadline,
+        "queue": [],
+        "created_at": now,
+        "updated_at": now,
+        "steps": [
+            {"status": StepStatus.PENDING, "attempts": 0, "error": None, "started_at": None, "finished_at": None,
+             "late": None}
+            for _ in definition.steps
+        ],
+    }
+
+
+def _time(value: float | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, UTC)
+
+
+def to_result(definition: SagaDefinition | None, record: dict[str, Any]) -> SagaResult:
+    """The public view of a stored record."""
+    names = [s.name for s in definition.steps] if definition else [f"step{i + 1}" for i in range(len(record["steps"]))]
+    steps = tuple(
+        StepResult(name, s["status"], s["attempts"], s["error"], _time(s["started_at"]), _time(s["finished_at"]))
+        for name, s in zip(names, record["steps"], strict=False)
+    )
+    return SagaResult(
+        saga_id=record["saga_id"],
+        name=record["name"],
+        state=SagaState(record["state"]),
+        data=dict(record["data"]),
+        error=record["error"],
+        steps=steps,
+    )
+
+
+class SagaRun:
+    """One transition of one saga's record (mutated in place).
+
+    Args:
+        definition: The saga's definition.
+        record: The stored record (a fresh copy; it is changed).
+        now: Wall-clock time of this transition.
+        trace: Receives the user-facing trace lines.
+        detail: Receives per-event detail lines (``debug``/``trace_enabled``).
+    """
+
+    def __init__(
+        self,
+        definition: SagaDefinition,
+        record: dict[str, Any],
+        now: float,
+        trace: Callable[[str, str], None],
+        detail: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.definition = definition
+        self.record = record
+        self.now = now
+        self.out: list[Out] = []
+        self._trace = trace
+        self._detail = detail
+
+    # -- entry points ------------------------------------------------------------
+
+    @property
+    def saga_id(self) -> str:
+        return str(self.record["saga_id"])
+
+    @property
+    def state(self) -> SagaState:
+        return SagaState(self.record["state"])
+
+    def start(self) -> list[Out]:
+        self.trace(f"Starting saga: {self.definition.name}")
+        self.record["state"] = SagaState.RUNNING.value
+        self._lifecycle("started")
+        if self.record["deadline_at"] is not None:
+            delay = max(self.record["deadline_at"] - self.now, 0.0)
+            self.out.append(Out(timeout_topic(self.definition.name), self._timer_data("deadline", -1), delay or None))
+        self._dispatch(0, ACTION, 1)
+        return self._finish()
+
+    def on_reply(self, reply: dict[str, Any]) -> list[Out]:
+        """Apply a participant's reply; stale and duplicate replies change nothing but a log line."""
+        index = self.definition.index(str(reply.get("step")))
+        kind = reply.get("kind")
+        if index is None:
+            log.warning("[SAGA-%s] ignoring a reply for unknown step %r", self.saga_id, reply.get("step"))
+            return []
+        if kind == LATE:
+            return self._late_compensated(index, reply)
+        if self.state.terminal or reply.get("token") != self.record["token"] or index != self.record["cursor"]:
+            if reply.get("outcome") == "succeeded" and kind in (ACTION, FALLBACK):
+                return self._late_success(index, reply)
+            log.info("[SAGA-%s] ignoring a stale or duplicate reply from step %s", self.saga_id, reply.get("step"))
+            return []
+        self.detail(f"reply {reply.get('kind')} {reply.get('step')} attempt {reply.get('attempt')}: {reply.get('outcome')}")
+        result = reply.get("result")
+        if isinstance(result, dict):
+            self.record["data"].update(result)
+        if reply.get("outcome") == "succeeded":
+            self._succeeded(index, reply)
+        else:
+            self._failed(index, reply.get("error") or {"type": "Error", "message": "failed"})
+        return self._finish()
+
+    def on_timer(self, timer: dict[str, Any]) -> list[Out]:
+        """Apply a step timeout, a sweep or the saga deadline."""
+        if self.state.terminal:
+            return []
+        if timer.get("kind") == "deadline":
+            if self.record["phase"] != FORWARD:
+                return []
+            index = self.record["cursor"]
+            message = f"saga deadline of {self.definition.deadline}s exceeded"
+            self.trace(f"Step {index + 1}/{len(self.definition.steps)}: {self.definition.steps[index].name} - TIMED OUT")
+            self._step_failed(index, {"type": "TimeoutError", "message": message})
+            return self._finish()
+        if timer.get("token") != self.record["token"]:
+            return []
+        index = self.record["cursor"]
+        step = self.definition.steps[index]
+        what = step.compensation if self.record["kind"] == COMPENSATION else step.name
+        self.trace(f"Step {index + 1}/{len(self.definition.steps)}: {what} - TIMED OUT")
+        self._failed(index, {"type": "TimeoutError", "message": f"no reply within {step.timeout}s"})
+        return self._finish()
+
+    def resume(self) -> list[Out]:
+        """Continue from the stored state: resend the awaited command, or retry
+        the compensations that failed."""
+        steps = self.record["steps"]
+        if self.state is SagaState.FAILED:
+            failed = [i for i in reversed(range(len(steps))) if steps[i]["status"] == StepStatus.COMPENSATION_FAILED]
+            if not failed:
+                return []
+            self.trace(f"Resuming saga: {self.definition.name} ({len(failed)} compensations to retry)")
+            self.record["state"] = SagaState.COMPENSATING.value
+            self.record["phase"] = BACKWARD
+            self.record["queue"] = failed
+            self._next_compensation()
+            return self._finish()
+        if self.state.terminal:
+            return []
+        self.trace(f"Resuming saga: {self.definition.name}")
+        self._dispatch(self.record["cursor"], self.record["kind"] or ACTION, max(self.record["attempt"], 1), count=False)
+        return self._finish()
+
+    # -- transitions ---------------------------------------------------------------
+
+    def _succeeded(self, index: int, reply: dict[str, Any]) -> None:
+        step, state = self.definition.steps[index], self.record["steps"][index]
+        total = len(self.definition.steps)
+        state["finished_at"] = self.now
+        if self.record["kind"] == COMPENSATION:
+            state["status"] = StepStatus.COMPENSATED
+            self._next_compensation()
+            return
+        state["status"] = StepStatus.SUCCEEDED
+        state["error"] = None
+        suffix = " (fallback)" if self.record["kind"] == FALLBACK else ""
+        self.trace(f"Step {index + 1}/{total}: {step.name} - COMPLETED{suffix}")
+        if index + 1 < total:
+            self._dispatch(index + 1, ACTION, 1)
+            return
+        self._end(SagaState.COMPLETED, "Saga completed successfully")
+
+    def _failed(self, index: int, error: dict[str, Any]) -> None:
+        step, state = self.definition.steps[index], self.record["steps"][index]
+        kind, attempt = self.record["kind"], self.record["attempt"]
+        total = len(self.definition.steps)
+        state["error"] = error
+        if attempt < step.attempts:
+            delay = backoff_delay(step.retry_delay, attempt) if step.retry_delay else None
+            what = step.compensation if kind == COMPENSATION else step.name
+            self.trace(f"Step {index + 1}/{total}: {what} - RETRYING (attempt {attempt + 1}/{step.attempts})")
+            self._dispatch(index, kind, attempt + 1, delay=delay)
+            return
+        if kind == COMPENSATION:
+            state["status"] = StepStatus.COMPENSATION_FAILED
+            state["finished_at"] = self.now
+            log.error(
+                "[SAGA-%s] Compensation failed: %s after %d attempts: %s; resume the saga once the cause is fixed",
+                self.saga_id, step.compensation, attempt, error.get("message"),
+            )
+            self._next_compensation()
+            return
+        if kind == ACTION and step.fallback is not None:
+            self.trace(f"Step {index + 1}/{total}: {step.name} - FALLBACK: {step.fallback}")
+            self._dispatch(index, FALLBACK, 1)
+            return
+        self.trace(f"Step {index + 1}/{total}: {step.name} - FAILED")
+        self._step_failed(index, error)
+
+    def _step_failed(self, index: int, error: dict[str, Any]) -> None:
+        state = self.record["steps"][index]
+        state["status"] = StepStatus.FAILED
+        state["error"] = error
+        state["finished_at"] = self.now
+        self.record["error"] = {"step": self.definition.steps[index].name, **error}
+        self.record["state"] = SagaState.COMPENSATING.value
+        self.record["phase"] = BACKWARD
+        steps = self.record["steps"]
+        self.record["queue"] = [i for i in reversed(range(index)) if steps[i]["status"] == StepStatus.SUCCEEDED]
+        self._next_compensation()
+
+    def _next_compensation(self) -> None:
+        queue: list[int] = self.record["queue"]
+        while queue:
+            index = queue.pop(0)
+            step, state = self.definition.steps[index], self.record["steps"][index]
+            if not step.compensatable or step.compensation is None:
+                state["status"] = StepStatus.SKIPPED
+                self.trace(f"Skipping compensation: {step.name} (not compensatable)")
+                continue
+            state["status"] = StepStatus.COMPENSATING
+            self.trace(f"Compensating: {step.compensation}")
+            self._dispatch(index, COMPENSATION, 1)
+            return
+        failed = [s.name for s, st in zip(self.definition.steps, self.record["steps"], strict=True)
+                  if st["status"] == StepStatus.COMPENSATION_FAILED]
+        if failed:
+            self._end(SagaState.FAILED, f"Saga failed: compensation failed for {', '.join(failed)}")
+        else:
+            self._end(SagaState.COMPENSATED, "Saga compensated successfully")
+
+    def _late_success(self, index: int, reply: dict[str, Any]) -> list[Out]:
+        """A step given up on (timed out) completed after all: undo it, once."""
+        step, state = self.definition.steps[index], self.record["steps"][index]
+        if state["status"] != StepStatus.FAILED or step.compensation is None or state["late"] is not None:
+            log.info("[SAGA-%s] ignoring a late reply from step %s", self.saga_id, step.name)
+            return []
+        state["late"] = "compensating"
+        log.warning("[SAGA-%s] step %s completed after it was given up on; compensating it", self.saga_id, step.name)
+        result = reply.get("result")
+        data = {**self.record["data"], **(result if isinstance(result, dict) else {})}
+        self.out.append(self._command(index, LATE, 1, None, data=data))
+        return self._finish()
+
+    def _late_compensated(self, index: int, reply: dict[str, Any]) -> list[Out]:
+        state = self.record["steps"][index]
+        if state["late"] != "compensating":
+            return []
+        state["late"] = "compensated" if reply.get("outcome") == "succeeded" else "compensation_failed"
+        if state["late"] != "compensated":
+            log.error("[SAGA-%s] compensation of the late step %s failed: %s", self.saga_id,
+                      self.definition.steps[index].name, (reply.get("error") or {}).get("message"))
+        return self._finish()
+
+    def _end(self, state: SagaState, line: str) -> None:
+        self.record["state"] = state.value
+        self.record["phase"] = "done"
+        self.record["due_at"] = None
+        self.record["kind"] = None
+        self.trace(line)
+        self._lifecycle(state.value)
+
+    # -- outputs -------------------------------------------------------------------
+
+    def _dispatch(self, index: int, kind: str, attempt: int, delay: float | None = None, count: bool = True) -> None:
+        step, state = self.definition.steps[index], self.record["steps"][index]
+        self.record["token"] += 1
+        self.record.update(cursor=index, kind=kind, attempt=attempt)
+        if kind in (ACTION, FALLBACK):
+            state["status"] = StepStatus.RUNNING
+            if count:
+                state["attempts"] += 1
+            if state["started_at"] is None:
+                state["started_at"] = self.now
+        self.out.append(self._command(index, kind, attempt, delay))
+        self.record["due_at"] = None
+        if step.timeout is not None:
+            after = (delay or 0.0) + step.timeout
+            self.record["due_at"] = self.now + after
+            self.out.append(Out(timeout_topic(self.definition.name), self._timer_data("step", index), after))
+
+    def _command(
+        self, index: int, kind: str, attempt: int, delay: float | None, data: dict[str, Any] | None = None
+    ) -> Out:
+        step = self.definition.steps[index]
+        action = {ACTION: step.action, FALLBACK: step.fallback, COMPENSATION: step.compensation,
+                  LATE: step.compensation}[kind]
+        assert action is not None
+        headers = {
+            "idempotency_key": f"{self.saga_id}:{step.name}:{action}",
+            "saga": self.definition.name,
+            "saga_step": step.name,
+            "saga_kind": kind,
+            "saga_token": str(self.record["token"] if kind != LATE else -1),
+            "saga_attempt": str(attempt),
+            "reply_to": f"saga.reply.{self.definition.name}",
+        }
+        self.detail(f"command {command_topic(step.service, action)} ({kind}, attempt {attempt}, token {headers['saga_token']})")
+        return Out(command_topic(step.service, action), dict(data or self.record["data"]), delay, headers)
+
+    def _timer_data(self, kind: str, index: int) -> dict[str, Any]:
+        step = self.definition.steps[index].name if index >= 0 else None
+        return {"saga": self.definition.name, "kind": kind, "token": self.record["token"], "step": step}
+
+    def _lifecycle(self, what: str) -> None:
+        data: dict[str, Any] = {"saga": self.definition.name, "saga_id": self.saga_id, "state": self.record["state"]}
+        if what != "started":
+            data.update(
+                data=self.record["data"],
+                error=self.record["error"],
+                steps=self.record["steps"],
+                duration=max(self.now - self.record["created_at"], 0.0),
+            )
+        self.out.append(Out(lifecycle_topic(self.definition.name, what), data))
+
+    def _finish(self) -> list[Out]:
+        self.record["updated_at"] = self.now
+        return self.out
+
+    def trace(self, line: str) -> None:
+        self._trace(self.saga_id, line)
+
+    def detail(self, line: str) -> None:
+        if self._detail is not None:
+            self._detail(self.saga_id, line)
+
+
+def step_of(definition: SagaDefinition, name: str) -> SagaStep | None:
+    index = definition.index(name)
+    return None if index is None else definition.steps[index]
