@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from choreo.errors import ChoreoError, ConfigurationError
@@ -96,6 +96,28 @@ class App:
 
         def register(handler: Handler) -> Handler:
             register_action(self, name, handler)
+            return handler
+
+        return register
+
+    def compensates(
+        self,
+        target: Handler | str,
+        *,
+        on: str | Sequence[str],
+        name: str | None = None,
+        retries: int = 10,
+        retry_delay: float = 1.0,
+    ) -> Callable[[Handler], Handler]:
+        """Declare the decorated handler as the compensation of ``target`` (a
+        handler of this service, or its name) in a choreographed saga: it runs
+        when any of the ``on`` failure events arrives. Works with ``@emits``
+        in either order; returns the handler unchanged.
+        """
+        from choreo.saga.choreography import register_compensation
+
+        def register(handler: Handler) -> Handler:
+            register_compensation(self, target, on, handler, name=name, retries=retries, retry_delay=retry_delay)
             return handler
 
         return register
