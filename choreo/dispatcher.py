@@ -22,7 +22,7 @@ import attrs
 from brokers import Broker, CommitStatus, Delivery, Message
 from choreo.context import Context
 from choreo.errors import DecodeError, EmitNotDeclared, PayloadValidationError, Reject, Retry
-from choreo.events import DEFAULT_MAX_SIZE, Event, decode_event, encode_event
+from choreo.events import DEFAULT_MAX_SIZE, Event, child_event, decode_event, encode_event
 from choreo.logs import handling
 from choreo.middleware import Middleware, Outcome
 from choreo.payloads import build_payload
@@ -191,14 +191,7 @@ class Dispatcher:
     @staticmethod
     def child(event: Event, event_type: str, data: dict[str, Any], headers: dict[str, str] | None = None) -> Event:
         """An event emitted while handling ``event``: ids propagate."""
-        return Event(
-            type=event_type,
-            data=data,
-            correlation_id=event.correlation_id,
-            causation_id=event.id,
-            saga_id=event.saga_id,
-            headers=dict(headers or {}),
-        )
+        return child_event(event, event_type, data, headers)
 
     async def _failed(
         self, delivery: Delivery, route: Route, event: Event, exc: Exception, started: float, ctx: Context
