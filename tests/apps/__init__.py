@@ -1,0 +1,1 @@
+"""Tiny apps that the CLI tests run as real worker subprocesses."""
