@@ -85,6 +85,10 @@ class _Topic:
     last_seq: int = 0
 
 
+#: Appends between compactions of a topic that has no ``maxlen``.
+_COMPACT_EVERY = 1024
+
+
 def _check_name(kind: str, name: str) -> None:
     if not isinstance(name, str) or not TOPIC_PATTERN.match(name):
         raise BrokerError(f"invalid {kind} name {name!r}: use letters, digits and ._-: (at most 200)")
@@ -360,8 +364,14 @@ class MemoryBroker:
     def _trim(self, topic: _Topic) -> None:
         # Retention drops only entries below everything still needed by some
         # group: its next undelivered entry and every entry pending with it.
+        # Without maxlen, nothing keeps history in memory: every entry that all
+        # groups are done with goes, checked every _COMPACT_EVERY appends.
         maxlen = self.options.maxlen
-        if maxlen is None or len(topic.log) <= maxlen:
+        if maxlen is None:
+            if topic.last_seq % _COMPACT_EVERY:
+                return
+            maxlen = 0
+        elif len(topic.log) <= maxlen:
             return
         floor = min(
             (
