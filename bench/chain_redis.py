@@ -1,0 +1,194 @@
+"""A 3-hop chain (A -> B -> C -> D) on a local redis-server: choreo against a
+raw redis-py loop doing the minimum, measured in the same run.
+
+    python bench/chain_redis.py [--events 50000] [--latency-events 1000]
+
+Starts its own redis-server on a free port (no persistence, so disk speed does
+not enter). The raw loop: XREADGROUP COUNT 100 over the streams, then one
+pipeline of XADD per entry plus one XACK per stream and batch, JSON decode and
+encode per hop. Throughput counts handled events (three per chain); latency is
+one chain at a time, publish of A to arrival of D, on an idle system.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from choreo import App, Event
+from choreo.testing import run_apps
+from tests.redis_server import RedisServer
+
+PAYLOAD = {"order_id": "O-000000", "sku": "SKU-1", "quantity": 1, "note": "x" * 24}
+NEXT = {"bench.a": "bench.b", "bench.b": "bench.c", "bench.c": "bench.d"}
+
+
+def chain_app(arrived: asyncio.Queue[float] | None = None) -> App:
+    app = App("chain")
+
+    @app.on_event("bench.a")
+    @app.emits("bench.b")
+    async def a_to_b(data: dict[str, Any]) -> None: ...
+
+    @app.on_event("bench.b")
+    @app.emits("bench.c")
+    async def b_to_c(data: dict[str, Any]) -> None: ...
+
+    @app.on_event("bench.c")
+    @app.emits("bench.d")
+    async def c_to_d(data: dict[str, Any]) -> None: ...
+
+    if arrived is not None:
+
+        @app.on_event("bench.d")
+        async def arrive(data: dict[str, Any]) -> None:
+            arrived.put_nowait(time.perf_counter())
+
+    return app
+
+
+async def choreo_throughput(url: str, events: int) -> float:
+    async with run_apps(chain_app(), broker=url, concurrency=200) as env:
+        start = time.perf_counter()
+        for n in range(0, events, 500):  # batches of 500, as the raw loop publishes
+            batch = [Event("bench.a", {**PAYLOAD, "n": m}) for m in range(n, min(n + 500, events))]
+            await env.runtime.commit([(event, None) for event in batch])
+        await env.settle(timeout=3600)
+        elapsed = time.perf_counter() - start
+    return events * 3 / elapsed
+
+
+async def choreo_latency(url: str, events: int) -> list[float]:
+    arrived: asyncio.Queue[float] = asyncio.Queue()
+    latencies = []
+    async with run_apps(chain_app(arrived), broker=url) as env:
+        for n in range(events):
+            start = time.perf_counter()
+            await env.publish("bench.a", {**PAYLOAD, "n": n})
+            latencies.append(await asyncio.wait_for(arrived.get(), 30) - start)
+    return latencies
+
+
+class RawLoop:
+    """The least a Redis Streams consumer can do for this chain."""
+
+    def __init__(self, url: str, terminal: bool) -> None:
+        self.client = aioredis.Redis.from_url(url)
+        self.streams = ["bench.a", "bench.b", "bench.c"] + (["bench.d"] if terminal else [])
+        self.done = 0
+        self.arrived: asyncio.Queue[float] = asyncio.Queue()
+
+    async def setup(self) -> None:
+        for stream in self.streams:
+            await self.client.xgroup_create(stream, "raw", id="$", mkstream=True)
+
+    async def run(self) -> None:
+        streams = {stream: ">" for stream in self.streams}
+        while True:
+            reply = await self.client.xreadgroup("raw", "c1", streams, count=100, block=100)
+            if not reply:
+                continue
+            pipe = self.client.pipeline(transaction=False)
+            for stream, entries in reply:
+                name = stream.decode()
+                for _, fields in entries:
+                    message = json.loads(fields[b"body"])
+                    following = NEXT.get(name)
+                    if following is not None:
+                        body = json.dumps({"type": following, "data": message["data"]})
+                        pipe.xadd(following, {"body": body})
+                    else:
+                        self.arrived.put_nowait(time.perf_counter())
+                    self.done += 1
+                pipe.xack(stream, "raw", *[entry_id for entry_id, _ in entries])
+            await pipe.execute()
+
+    async def publish(self, n: int) -> None:
+        await self.client.xadd("bench.a", {"body": json.dumps({"type": "bench.a", "data": {**PAYLOAD, "n": n}})})
+
+
+async def raw_throughput(url: str, events: int) -> float:
+    loop = RawLoop(url, terminal=False)
+    await loop.setup()
+    task = asyncio.create_task(loop.run())
+    start = time.perf_counter()
+    for n in range(0, events, 500):
+        pipe = loop.client.pipeline(transaction=False)
+        for m in range(n, min(n + 500, events)):
+            pipe.xadd("bench.a", {"body": json.dumps({"type": "bench.a", "data": {**PAYLOAD, "n": m}})})
+        await pipe.execute()
+    while loop.done < events * 3:
+        await asyncio.sleep(0.01)
+    elapsed = time.perf_counter() - start
+    await stop(task)
+    await loop.client.aclose()
+    return events * 3 / elapsed
+
+
+async def raw_latency(url: str, events: int) -> list[float]:
+    loop = RawLoop(url, terminal=True)
+    await loop.setup()
+    task = asyncio.create_task(loop.run())
+    latencies = []
+    for n in range(events):
+        start = time.perf_counter()
+        await loop.publish(n)
+        latencies.append(await asyncio.wait_for(loop.arrived.get(), 30) - start)
+    await stop(task)
+    await loop.client.aclose()
+    return latencies
+
+
+async def stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--latency-events", type=int, default=1_000)
+    args = parser.parse_args()
+    server = RedisServer()
+    server.start()
+    try:
+        db = iter(range(16))
+        url = f"redis://127.0.0.1:{server.port}/"
+        raw_rate = await raw_throughput(url + str(next(db)), args.events)
+        choreo_rate = await choreo_throughput(url + str(next(db)), args.events)
+        raw_lat = await raw_latency(url + str(next(db)), args.latency_events)
+        choreo_lat = await choreo_latency(url + str(next(db)), args.latency_events)
+    finally:
+        server.stop()
+    print(f"redis-py {redis.__version__}; {args.events:,} chains of 3 hops; ~{len(json.dumps(PAYLOAD))}-byte payloads")
+    print(f"raw loop:  {raw_rate:,.0f} events/s")
+    print(f"choreo:    {choreo_rate:,.0f} events/s")
+    print(f"throughput ratio choreo/raw: {choreo_rate / raw_rate:.2f} (target >= 0.60)")
+    for name, lat in (("raw", raw_lat), ("choreo", choreo_lat)):
+        print(
+            f"{name:<7} 3-hop latency p50 {percentile(lat, 0.5) * 1000:.2f} ms, "
+            f"p99 {percentile(lat, 0.99) * 1000:.2f} ms (mean {statistics.fmean(lat) * 1000:.2f} ms)"
+        )
+    print(f"latency ratio p50 choreo/raw: {percentile(choreo_lat, 0.5) / percentile(raw_lat, 0.5):.2f} (target <= 2)")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
