@@ -1,6 +1,6 @@
-"""Operating a running system from outside it: publish, dead letters, routes.
+"""Operating a running system from outside it: publish, dead letters, sagas, routes.
 
-The library side of ``choreo publish``, ``choreo routes`` and ``choreo dlq``;
+The library side of ``choreo publish``, ``routes``, ``dlq`` and ``saga``;
 the CLI only parses arguments and prints.
 """
 
@@ -23,11 +23,14 @@ __all__ = (
     "connected",
     "dead_letters",
     "find_dead_letter",
+    "list_sagas",
     "parse_json_object",
     "publish",
     "purge_dead_letters",
     "replay_dead_letters",
+    "resume_saga",
     "route_rows",
+    "saga_status",
 )
 
 #: Dead letters read at most by one listing or replay pass.
@@ -161,3 +164,89 @@ async def replay_dead_letters(
 async def purge_dead_letters(broker: Broker, ids: Sequence[str] | None = None) -> int:
     """Delete the given dead letters (every one if ``ids`` is ``None``); return how many."""
     return await broker.purge_dead_letters(None if ids is None else list(ids))
+
+
+# -- sagas ---------------------------------------------------------------------------
+
+#: Where the saga store keeps its records (``SagaCoordinator(key_prefix=...)``).
+SAGA_KEY_PREFIX = "saga:"
+
+
+def _saga_definitions(apps: Sequence[App]) -> dict[str, Any]:
+    from choreo.saga.coordinator import coordinator_of
+
+    definitions: dict[str, Any] = {}
+    for app in apps:
+        coordinator = coordinator_of(app)
+        if coordinator is not None:
+            definitions.update(coordinator.definitions)
+    return definitions
+
+
+def _saga_result(record: dict[str, Any], definitions: dict[str, Any]) -> Any:
+    from choreo.saga.machine import to_result
+
+    return to_result(definitions.get(record.get("name", "")), record)
+
+
+async def list_sagas(
+    broker: Broker, state: str | None = None, *, apps: Sequence[App] = (), prefix: str = SAGA_KEY_PREFIX
+) -> list[Any]:
+    """Stored sagas, oldest first, only those in ``state`` if given. Reads the
+    broker's state store directly: no coordinator needs to be running.
+
+    Raises:
+        ConfigurationError: an unknown state name.
+    """
+    from choreo.errors import ConfigurationError
+    from choreo.saga import SagaState
+
+    try:
+        wanted = None if state is None else SagaState(state.lower())
+    except ValueError:
+        names = ", ".join(s.value for s in SagaState)
+        raise ConfigurationError(f"unknown saga state {state!r}: use one of {names}") from None
+    definitions = _saga_definitions(apps)
+    records = [json.loads(item.value) for item in (await broker.list_state(prefix)).values()]
+    records = [r for r in records if wanted is None or r.get("state") == wanted.value]
+    records.sort(key=lambda r: (r.get("created_at", 0), r.get("saga_id", "")))
+    return [_saga_result(r, definitions) for r in records]
+
+
+async def saga_status(broker: Broker, saga_id: str, *, apps: Sequence[App] = (), prefix: str = SAGA_KEY_PREFIX) -> Any:
+    """One saga as stored, with its steps.
+
+    Raises:
+        SagaNotFound: there is no such saga.
+    """
+    from choreo.saga import SagaNotFound
+
+    stored = await broker.get_state(prefix + saga_id)
+    if stored is None:
+        raise SagaNotFound(f"no saga {saga_id!r}")
+    return _saga_result(json.loads(stored.value), _saga_definitions(apps))
+
+
+async def resume_saga(
+    broker: str | None, saga_id: str, apps: Sequence[App], *, wait: bool = False, timeout: float | None = None
+) -> Any:
+    """Resume a saga with the coordinator found among ``apps`` (it holds the
+    saga's definition); with ``wait``, run the apps until the saga ends.
+
+    Raises:
+        ConfigurationError: no given app has a coordinator defining the saga.
+        SagaNotFound: there is no such saga.
+    """
+    from choreo.errors import ConfigurationError
+    from choreo.saga.coordinator import coordinator_of
+    from choreo.worker import run
+
+    coordinators = [c for c in (coordinator_of(app) for app in apps) if c is not None]
+    if not coordinators:
+        raise ConfigurationError("none of the given apps has a SagaCoordinator; name the app that defines the saga")
+    async with run(*apps, broker=broker, grace=5.0) as runtime:
+        current = await saga_status(runtime.broker, saga_id, apps=apps, prefix=coordinators[0].key_prefix)
+        owner = next((c for c in coordinators if current.name in c.definitions), None)
+        if owner is None:
+            raise ConfigurationError(f"saga {current.name!r} is not defined by any given app's coordinator")
+        return await owner.resume_saga(saga_id, wait=wait, timeout=timeout)

@@ -265,6 +265,96 @@ def trace(
     typer.echo(render_tree(result) if format is TraceFormat.tree else render_mermaid(result), nl=False)
 
 
+# -- sagas -------------------------------------------------------------------------
+
+
+def _duration(step: Any) -> str:
+    if step.started_at is None or step.finished_at is None:
+        return "-"
+    return f"{(step.finished_at - step.started_at).total_seconds():.3f}s"
+
+
+def _saga_row(result: Any) -> dict[str, str]:
+    done = sum(1 for s in result.steps if s.status == "succeeded")
+    error = result.error or {}
+    return {"saga_id": result.saga_id, "name": result.name, "state": result.state.value,
+            "steps": f"{done}/{len(result.steps)}", "error": str(error.get("message", "")) or "-"}
+
+
+@saga_app.command("list")
+def saga_list(
+    targets: Annotated[list[str] | None, typer.Argument(help="Apps with the saga definitions (optional).")] = None,
+    state: Annotated[str | None, typer.Option(help="Only sagas in this state (e.g. failed).")] = None,
+    broker: BrokerOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per saga.")] = False,
+) -> None:
+    """List stored sagas, oldest first (``--state failed``: those a person must look at)."""
+    from choreo import admin
+
+    async def go() -> list[Any]:
+        async with admin.connected(broker) as instance:
+            return await admin.list_sagas(instance, state, apps=apps)
+
+    with errors():
+        apps = _load(targets or [])
+        results = asyncio.run(go())
+    rows = [_saga_row(r) for r in results]
+    if as_json:
+        for row in rows:
+            typer.echo(json.dumps(row))
+    elif not rows:
+        typer.echo("no sagas" + (f" in state {state}" if state else ""))
+    else:
+        typer.echo(_table(rows, ("saga_id", "name", "state", "steps", "error")))
+
+
+@saga_app.command("status")
+def saga_status(
+    saga_id: Annotated[str, typer.Argument(metavar="ID")],
+    targets: Annotated[list[str] | None, typer.Argument(help="Apps with the saga definitions (step names).")] = None,
+    broker: BrokerOption = None,
+) -> None:
+    """Show one saga: state, error, and each step's status, attempts and timings."""
+    from choreo import admin
+
+    async def go() -> Any:
+        async with admin.connected(broker) as instance:
+            return await admin.saga_status(instance, saga_id, apps=apps)
+
+    with errors():
+        apps = _load(targets or [])
+        result = asyncio.run(go())
+    typer.echo(f"saga:   {result.saga_id}\nname:   {result.name}\nstate:  {result.state.value}")
+    if result.error:
+        where = f" (step {result.error['step']})" if result.error.get("step") else ""
+        typer.echo(f"error:  {result.error.get('type', '')}: {result.error.get('message', '')}{where}")
+    rows = [
+        {"step": step.name, "status": str(step.status), "attempts": str(step.attempts),
+         "started": step.started_at.strftime("%H:%M:%S.%f")[:-3] if step.started_at else "-",
+         "duration": _duration(step),
+         "error": (step.error or {}).get("message", "-") if step.error else "-"}
+        for step in result.steps
+    ]
+    typer.echo(_table(rows, ("step", "status", "attempts", "started", "duration", "error")))
+
+
+@saga_app.command("resume")
+def saga_resume(
+    saga_id: Annotated[str, typer.Argument(metavar="ID")],
+    targets: Annotated[list[str], typer.Argument(help="The app holding the SagaCoordinator (and participants).")],
+    broker: BrokerOption = None,
+    wait: Annotated[bool, typer.Option(help="Run the given apps until the saga ends.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 60.0,
+) -> None:
+    """Continue a saga from its stored state (e.g. a FAILED one after its cause was fixed)."""
+    from choreo import admin
+
+    with errors():
+        apps = _load(targets)
+        result = asyncio.run(admin.resume_saga(broker, saga_id, apps, wait=wait, timeout=timeout if wait else None))
+    typer.echo(f"saga {result.saga_id} resumed: {result.state.value}")
+
+
 # -- dead letters ----------------------------------------------------------------
 
 
