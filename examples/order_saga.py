@@ -59,8 +59,15 @@ def build_orchestrated(ledger: Ledger) -> tuple[SagaCoordinator, list[App]]:
         [
             SagaStep("create_order", "order_service", "create_order", "cancel_order", timeout=10.0, retry_count=3),
             SagaStep("reserve_inventory", "inventory_service", "reserve_inventory", "release_inventory"),
-            SagaStep("process_payment", "payment_service", "charge_card", "refund_card",
-                     fallback="charge_backup_method", retry_count=1, retry_delay=0.05),
+            SagaStep(
+                "process_payment",
+                "payment_service",
+                "charge_card",
+                "refund_card",
+                fallback="charge_backup_method",
+                retry_count=1,
+                retry_delay=0.05,
+            ),
             SagaStep("send_email", "notification_service", "send_confirmation", None, compensatable=False),
         ],
     )
@@ -166,8 +173,9 @@ async def run_orchestrated(broker: str = "memory://", out: Callable[[str], None]
     outcomes = {}
     async with run_apps(*apps, broker=broker):
         for order in ORDERS:
-            result = await coordinator.start_saga("order_processing", order, saga_id=f"order-{order['order_id']}",
-                                                  timeout=30)
+            result = await coordinator.start_saga(
+                "order_processing", order, saga_id=f"order-{order['order_id']}", timeout=30
+            )
             outcomes[order["order_id"]] = result.state
             steps = ", ".join(f"{s.name}={s.status}" for s in result.steps)
             out(f"  {order['order_id']}: {result.state.value} ({steps})")
