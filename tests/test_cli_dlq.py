@@ -63,7 +63,7 @@ def test_replay_all_and_purge(redis_url: str, tmp_path: Path) -> None:
     worker = WorkerProcess("tests.apps.flaky:app", "--broker", redis_url).start()
     try:
         for n in range(3):
-            payload = json.dumps({"invoice_id": f"I-{n}", "ledger": str(tmp_path / "l"), "fixed_marker": "/nonexistent"})
+            payload = json.dumps({"invoice_id": f"I-{n}", "ledger": str(tmp_path / "l"), "fixed_marker": "/none"})
             assert choreo("publish", "invoice.requested", payload, "--broker", redis_url).returncode == 0
         wait_until(lambda: len(dlq("list", "--json", "--broker", redis_url)) == 3, message="3 dead letters")
         result = runner.invoke(app, ["dlq", "replay", "--all", "--broker", redis_url])

@@ -50,7 +50,8 @@ def test_worker_handles_published_events_and_metrics_match(redis_url: str, tmp_p
             assert result.returncode == 0, result.stderr
             assert "published order.created id=" in result.stdout
         wait_until(lambda: len(lines(ledger)) == 6, message="6 effects")
-        assert sorted(lines(ledger)) == sorted([f"accepted O-{n}" for n in range(3)] + [f"notified O-{n}" for n in range(3)])
+        expected = [f"accepted O-{n}" for n in range(3)] + [f"notified O-{n}" for n in range(3)]
+        assert sorted(lines(ledger)) == sorted(expected)
 
         def scraped() -> str:
             return scrape(port)

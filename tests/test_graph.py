@@ -70,7 +70,7 @@ def test_graph_output_parses_as_mermaid_with_failure_edges_styled_apart() -> Non
 
 def test_graph_of_the_demo_links_every_event_to_its_handlers() -> None:
     graph = EventGraph.from_apps(build_order_apps())
-    nodes, links, _ = parse_mermaid(to_mermaid(graph))
+    _, links, _ = parse_mermaid(to_mermaid(graph))
     pairs = {(a, b) for a, b, _ in links}
     assert ("e_order_created", "h_inventory_service_reserve_inventory") in pairs
     assert ("h_payment_service_charge_card", "e_payment_failed") in pairs
@@ -167,4 +167,6 @@ def test_a_missing_target_is_one_line_and_exit_2() -> None:
     for command in ("routes", "graph", "check"):
         result = runner.invoke(app, [command, "tests.apps.systems:nothing"])
         assert result.exit_code == 2
-        assert result.stderr == "error: 'tests.apps.systems:nothing': module 'tests.apps.systems' has no attribute 'nothing'\n"
+        assert result.stderr == (
+            "error: 'tests.apps.systems:nothing': module 'tests.apps.systems' has no attribute 'nothing'\n"
+        )
