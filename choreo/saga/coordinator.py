@@ -166,11 +166,21 @@ class SagaCoordinator:
 
         # State conflicts re-run a handler at once; these retries are for a
         # broker that failed mid-transition.
-        for topic, handler, suffix in ((reply_topic(name), on_reply, "reply"), (timeout_topic(name), on_timeout, "timeout")):
+        for topic, handler, suffix in (
+            (reply_topic(name), on_reply, "reply"),
+            (timeout_topic(name), on_timeout, "timeout"),
+        ):
             handler.__name__ = handler.__qualname__ = f"saga_{name}_{suffix}"
             self.app.router.add(
-                Route(event=topic, service=self.app.name, name=handler.__name__, handler=handler, emits=emits,
-                      retries=5, retry_delay=0.5)
+                Route(
+                    event=topic,
+                    service=self.app.name,
+                    name=handler.__name__,
+                    handler=handler,
+                    emits=emits,
+                    retries=5,
+                    retry_delay=0.5,
+                )
             )
         self.definitions[name] = definition
         return definition
@@ -226,7 +236,8 @@ class SagaCoordinator:
         future = self._waiter(saga_id) if wait else None
         try:
             status = await runtime.commit(
-                self._events(outs, saga_id, correlation_id=saga_id), state=[StateWrite(self.key(saga_id), _encode(record), 0)]
+                self._events(outs, saga_id, correlation_id=saga_id),
+                state=[StateWrite(self.key(saga_id), _encode(record), 0)],
             )
             if status is CommitStatus.OK:
                 for sid, line in lines:
@@ -324,8 +335,9 @@ class SagaCoordinator:
                 continue
             log.warning("[SAGA-%s] overdue (%s); firing its timer", record["saga_id"], kind)
             data = {"saga": record["name"], "kind": kind, "token": record["token"], "step": None}
-            await runtime.publish(timeout_topic(record["name"]), data, saga_id=record["saga_id"],
-                                  correlation_id=record["saga_id"])
+            await runtime.publish(
+                timeout_topic(record["name"]), data, saga_id=record["saga_id"], correlation_id=record["saga_id"]
+            )
             fired += 1
         return fired
 
@@ -359,8 +371,14 @@ class SagaCoordinator:
         events: list[tuple[Event, float | None]] = []
         cause: str | None = None
         for out in outs:
-            event = Event(type=out.type, data=out.data, saga_id=saga_id, correlation_id=correlation_id,
-                          causation_id=cause, headers=dict(out.headers or {}))
+            event = Event(
+                type=out.type,
+                data=out.data,
+                saga_id=saga_id,
+                correlation_id=correlation_id,
+                causation_id=cause,
+                headers=dict(out.headers or {}),
+            )
             cause = cause or event.id
             events.append((event, out.delay))
         return events

@@ -164,7 +164,14 @@ class SagaStep:
         if isinstance(retry_delay, bool) or not isinstance(retry_delay, int | float) or retry_delay < 0:
             raise ConfigurationError(f"step {name!r}: retry_delay must be >= 0, not {retry_delay!r}")
         self.__attrs_init__(
-            name, service, action, compensation, timeout, retry_count, float(retry_delay), fallback,
+            name,
+            service,
+            action,
+            compensation,
+            timeout,
+            retry_count,
+            float(retry_delay),
+            fallback,
             bool(compensatable),
         )
 

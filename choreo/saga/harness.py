@@ -113,8 +113,12 @@ class SagaTestHarness:
             if self._runtime is not None:
                 return
             runtime = Runtime(
-                [*self.apps, *self._stub_apps()], self.broker, concurrency=self.concurrency, grace=1.0,
-                middleware=[self._recorder], poll_interval=0.05,
+                [*self.apps, *self._stub_apps()],
+                self.broker,
+                concurrency=self.concurrency,
+                grace=1.0,
+                middleware=[self._recorder],
+                poll_interval=0.05,
             )
             await runtime.start()
             set_interceptor(runtime, self._intercept)

@@ -72,8 +72,14 @@ def new_record(definition: SagaDefinition, saga_id: str, data: dict[str, Any], n
         "created_at": now,
         "updated_at": now,
         "steps": [
-            {"status": StepStatus.PENDING, "attempts": 0, "error": None, "started_at": None, "finished_at": None,
-             "late": None}
+            {
+                "status": StepStatus.PENDING,
+                "attempts": 0,
+                "error": None,
+                "started_at": None,
+                "finished_at": None,
+                "late": None,
+            }
             for _ in definition.steps
         ],
     }
@@ -160,7 +166,9 @@ class SagaRun:
                 return self._late_success(index, reply)
             log.info("[SAGA-%s] ignoring a stale or duplicate reply from step %s", self.saga_id, reply.get("step"))
             return []
-        self.detail(f"reply {reply.get('kind')} {reply.get('step')} attempt {reply.get('attempt')}: {reply.get('outcome')}")
+        self.detail(
+            f"reply {reply.get('kind')} {reply.get('step')} attempt {reply.get('attempt')}: {reply.get('outcome')}"
+        )
         result = reply.get("result")
         if isinstance(result, dict):
             self.record["data"].update(result)
@@ -179,7 +187,9 @@ class SagaRun:
                 return []
             index = self.record["cursor"]
             message = f"saga deadline of {self.definition.deadline}s exceeded"
-            self.trace(f"Step {index + 1}/{len(self.definition.steps)}: {self.definition.steps[index].name} - TIMED OUT")
+            self.trace(
+                f"Step {index + 1}/{len(self.definition.steps)}: {self.definition.steps[index].name} - TIMED OUT"
+            )
             self._step_failed(index, {"type": "TimeoutError", "message": message})
             return self._finish()
         if timer.get("token") != self.record["token"]:
@@ -208,7 +218,9 @@ class SagaRun:
         if self.state.terminal:
             return []
         self.trace(f"Resuming saga: {self.definition.name}")
-        self._dispatch(self.record["cursor"], self.record["kind"] or ACTION, max(self.record["attempt"], 1), count=False)
+        self._dispatch(
+            self.record["cursor"], self.record["kind"] or ACTION, max(self.record["attempt"], 1), count=False
+        )
         return self._finish()
 
     # -- transitions ---------------------------------------------------------------
@@ -246,7 +258,10 @@ class SagaRun:
             state["finished_at"] = self.now
             log.error(
                 "[SAGA-%s] Compensation failed: %s after %d attempts: %s; resume the saga once the cause is fixed",
-                self.saga_id, step.compensation, attempt, error.get("message"),
+                self.saga_id,
+                step.compensation,
+                attempt,
+                error.get("message"),
             )
             self._next_compensation()
             return
@@ -282,8 +297,11 @@ class SagaRun:
             self.trace(f"Compensating: {step.compensation}")
             self._dispatch(index, COMPENSATION, 1)
             return
-        failed = [s.name for s, st in zip(self.definition.steps, self.record["steps"], strict=True)
-                  if st["status"] == StepStatus.COMPENSATION_FAILED]
+        failed = [
+            s.name
+            for s, st in zip(self.definition.steps, self.record["steps"], strict=True)
+            if st["status"] == StepStatus.COMPENSATION_FAILED
+        ]
         if failed:
             self._end(SagaState.FAILED, f"Saga failed: compensation failed for {', '.join(failed)}")
         else:
@@ -293,7 +311,7 @@ class SagaRun:
         """A step given up on (timed out) completed after all: undo it, once."""
         step, state = self.definition.steps[index], self.record["steps"][index]
         if state["status"] != StepStatus.FAILED or step.compensation is None or state["late"] is not None:
-            log.info("[SAGA-%s] ignoring a late reply from step %s", self.saga_id, step.name)
+            log.info("[SAGA-%s] ignoring a stale or duplicate reply from step %s", self.saga_id, step.name)
             return []
         state["late"] = "compensating"
         log.warning("[SAGA-%s] step %s completed after it was given up on; compensating it", self.saga_id, step.name)
@@ -308,8 +326,12 @@ class SagaRun:
             return []
         state["late"] = "compensated" if reply.get("outcome") == "succeeded" else "compensation_failed"
         if state["late"] != "compensated":
-            log.error("[SAGA-%s] compensation of the late step %s failed: %s", self.saga_id,
-                      self.definition.steps[index].name, (reply.get("error") or {}).get("message"))
+            log.error(
+                "[SAGA-%s] compensation of the late step %s failed: %s",
+                self.saga_id,
+                self.definition.steps[index].name,
+                (reply.get("error") or {}).get("message"),
+            )
         return self._finish()
 
     def _end(self, state: SagaState, line: str) -> None:
@@ -343,8 +365,12 @@ class SagaRun:
         self, index: int, kind: str, attempt: int, delay: float | None, data: dict[str, Any] | None = None
     ) -> Out:
         step = self.definition.steps[index]
-        action = {ACTION: step.action, FALLBACK: step.fallback, COMPENSATION: step.compensation,
-                  LATE: step.compensation}[kind]
+        action = {
+            ACTION: step.action,
+            FALLBACK: step.fallback,
+            COMPENSATION: step.compensation,
+            LATE: step.compensation,
+        }[kind]
         assert action is not None
         headers = {
             "idempotency_key": f"{self.saga_id}:{step.name}:{action}",
@@ -355,7 +381,9 @@ class SagaRun:
             "saga_attempt": str(attempt),
             "reply_to": f"saga.reply.{self.definition.name}",
         }
-        self.detail(f"command {command_topic(step.service, action)} ({kind}, attempt {attempt}, token {headers['saga_token']})")
+        self.detail(
+            f"command {command_topic(step.service, action)} ({kind}, attempt {attempt}, token {headers['saga_token']})"
+        )
         return Out(command_topic(step.service, action), dict(data or self.record["data"]), delay, headers)
 
     def _timer_data(self, kind: str, index: int) -> dict[str, Any]:

@@ -137,7 +137,12 @@ def register_action(app: App, name: str, handler: Handler, *, service: str | Non
         except Exception as exc:  # any failure is a failure reply, never a dead letter
             log.warning(
                 "[SAGA-%s] action %s.%s failed (attempt %s): %s: %s",
-                event.saga_id, service, name, reply["attempt"], type(exc).__name__, exc,
+                event.saga_id,
+                service,
+                name,
+                reply["attempt"],
+                type(exc).__name__,
+                exc,
             )
             reply.update(outcome="failed", result={}, error=error_info(exc))
         reply["duration"] = time.perf_counter() - started
