@@ -98,4 +98,23 @@ async def run_demo(broker: str = "memory://", out: Callable[[str], None] = print
         out(f"summary: {len(env.published())} events, {len(env.dead_letters())} dead letters")
         for order_id, outcome in sorted(outcomes.items()):
             out(f"  {order_id}: {outcome}")
+    example = _order_saga_example()
+    if example is not None:
+        out("")
+        out(f"the same orders as an orchestrated saga (examples/order_saga.py) on {broker}")
+        await example.run_orchestrated(broker, out)
     return outcomes
+
+
+def _order_saga_example() -> Any:
+    """``examples/order_saga.py`` of this checkout, or ``None`` when installed without it."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "order_saga.py"
+    spec = importlib.util.spec_from_file_location("choreo_example_order_saga", path)
+    if spec is None or spec.loader is None or not path.exists():
+        return None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
