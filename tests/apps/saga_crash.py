@@ -1,0 +1,91 @@
+"""A saga coordinator process that kills itself (SIGKILL) at a named crash point.
+
+``python -m tests.apps.saga_crash URL [COUNT CRASH_AT N]``: runs the
+``order_service`` coordinator on URL; with COUNT, first starts sagas ``s-0`` ..
+``s-<COUNT-1>`` (every fourth one's payment is declined); with CRASH_AT,
+kills itself the Nth time it reaches that point:
+
+- ``after_command``: right after committing a transition that published a command;
+- ``after_reply``: holding a participant's reply, before committing its transition;
+- ``during_compensation``: before committing a transition that sends a compensation.
+
+The participants run elsewhere (the test process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from brokers import Delivery, Message
+from choreo import App, SagaCoordinator, SagaStep, run
+
+SAGA = "fault_order"
+orders = App("order_service")
+coordinator = SagaCoordinator(orders, sweep_interval=1.0)
+coordinator.define_saga(
+    SAGA,
+    [
+        SagaStep("create", "fault_participants", "create_order", "cancel_order"),
+        SagaStep("reserve", "fault_participants", "reserve_stock", "release_stock"),
+        SagaStep("pay", "fault_participants", "charge", "refund"),
+    ],
+)
+
+
+def _kinds(messages: Sequence[Message]) -> set[str]:
+    kinds = set()
+    for message in messages:
+        if message.topic.startswith("saga.cmd."):
+            kinds.add(json.loads(message.body).get("headers", {}).get("saga_kind", ""))
+    return kinds
+
+
+def arm(runtime: Any, crash_at: str, nth: int) -> None:
+    broker = runtime.broker
+    original = broker.commit
+    seen = [0]
+
+    def hit() -> bool:
+        seen[0] += 1
+        return seen[0] == nth
+
+    async def commit(delivery: Delivery | None = None, **effects: Any) -> Any:
+        kinds = _kinds(effects.get("publish", ()))
+        if crash_at == "after_reply" and delivery is not None and delivery.topic.startswith("saga.reply.") and hit():
+            os.kill(os.getpid(), signal.SIGKILL)
+        if crash_at == "during_compensation" and "compensation" in kinds and hit():
+            os.kill(os.getpid(), signal.SIGKILL)
+        status = await original(delivery, **effects)
+        if crash_at == "after_command" and kinds & {"action", "compensation"} and hit():
+            os.kill(os.getpid(), signal.SIGKILL)
+        return status
+
+    broker.commit = commit
+
+
+async def main(url: str, count: int, crash_at: str | None, nth: int) -> None:
+    async with run(orders, broker=url, grace=1.0) as runtime:
+        for i in range(count):
+            await coordinator.start_saga(SAGA, {"n": i, "decline": i % 4 == 0}, saga_id=f"s-{i}", wait=False)
+        if crash_at:
+            arm(runtime, crash_at, nth)
+        print("started", flush=True)
+        await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    asyncio.run(
+        main(
+            args[0],
+            int(args[1]) if len(args) > 1 else 0,
+            args[2] if len(args) > 2 else None,
+            int(args[3]) if len(args) > 3 else 1,
+        )
+    )

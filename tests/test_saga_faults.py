@@ -1,0 +1,119 @@
+"""T12: a coordinator killed with SIGKILL at each crash point; another finishes every saga.
+
+The coordinator runs as a real subprocess on Redis (short leases, so the
+survivor reclaims the dead one's deliveries quickly); the participants run
+here and count every call by idempotency key, the ledger the checks read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from choreo import App, Context
+from choreo.testing import run_apps
+from tests.redis_server import RedisServer
+
+ROOT = Path(__file__).resolve().parent.parent
+SAGAS = 20
+
+
+def participants(calls: Counter[str]) -> App:
+    app = App("fault_participants")
+
+    def action(name: str, fail: bool = False) -> None:
+        async def run(data: dict[str, Any], ctx: Context) -> dict[str, Any]:
+            calls[ctx.idempotency_key] += 1
+            if fail and data["decline"]:
+                raise ValueError("declined")
+            return {name: "done"}
+
+        app.action(name)(run)
+
+    for name in ("create_order", "cancel_order", "reserve_stock", "release_stock", "refund"):
+        action(name)
+    action("charge", fail=True)
+    return app
+
+
+def coordinator(url: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.apps.saga_crash", url, *args],
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def stop(process: subprocess.Popen[str]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def wait_exit(process: subprocess.Popen[str], timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while process.poll() is None:
+        assert time.monotonic() < deadline, "the coordinator did not reach its crash point"
+        await asyncio.sleep(0.05)
+    return process.returncode
+
+
+@pytest.mark.parametrize(("crash_at", "nth"), [("after_command", 7), ("after_reply", 7), ("during_compensation", 2)])
+async def test_killed_coordinator_sagas_all_finish_with_effects_once(
+    redis_server: RedisServer, crash_at: str, nth: int
+) -> None:
+    """Every saga ends COMPLETED or COMPENSATED after the coordinator is killed, each effect called once."""
+    redis_server.command("FLUSHALL")
+    url = redis_server.url + "?visibility_timeout=1"
+    calls: Counter[str] = Counter()
+    first = survivor = None
+    try:
+        async with run_apps(participants(calls), broker=url) as env:
+            first = coordinator(url, str(SAGAS), crash_at, str(nth))
+            assert await wait_exit(first, 30) == -signal.SIGKILL
+            survivor = coordinator(url)
+            deadline = time.monotonic() + 30
+            while True:
+                records = [json.loads(v.value) for v in (await env.broker.list_state("saga:")).values()]
+                if len(records) == SAGAS and all(r["state"] in ("completed", "compensated", "failed") for r in records):
+                    break
+                assert time.monotonic() < deadline, Counter(r["state"] for r in records)
+                await asyncio.sleep(0.1)
+    finally:
+        for process in (first, survivor):
+            if process is not None:
+                stop(process)
+    states = {r["saga_id"]: r["state"] for r in records}
+    for i in range(SAGAS):
+        saga = f"s-{i}"
+        if i % 4 == 0:
+            assert states[saga] == "compensated"
+            expected = [
+                "create:create_order",
+                "reserve:reserve_stock",
+                "pay:charge",
+                "reserve:release_stock",
+                "create:cancel_order",
+            ]
+        else:
+            assert states[saga] == "completed"
+            expected = ["create:create_order", "reserve:reserve_stock", "pay:charge"]
+        assert {key: calls[f"{saga}:{key}"] for key in expected} == dict.fromkeys(expected, 1), saga
+    assert "pay:refund" not in " ".join(calls)
