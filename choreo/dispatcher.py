@@ -23,6 +23,7 @@ from brokers import Broker, CommitStatus, Delivery, Message
 from choreo.context import Context
 from choreo.errors import DecodeError, EmitNotDeclared, PayloadValidationError, Reject, Retry
 from choreo.events import DEFAULT_MAX_SIZE, Event, child_event, decode_event, encode_event
+from choreo.failpoints import ACTIVE, hit
 from choreo.logs import handling
 from choreo.middleware import Middleware, Outcome
 from choreo.payloads import build_payload
@@ -250,12 +251,16 @@ class Dispatcher:
         return status
 
     async def _commit(self, delivery: Delivery, route: Route, **effects: Any) -> CommitStatus | None:
+        if ACTIVE:
+            await hit("dispatcher.before_commit", route.group)
         try:
             status = await self.broker.commit(delivery, **effects)
         except Exception as exc:
             # Nothing is lost: the delivery stays pending and comes back after its lease.
             log.error("%s: commit of %s failed, it will be redelivered: %s", route.group, delivery.entry_id, exc)
             return None
+        if ACTIVE:
+            await hit("dispatcher.after_commit", route.group)
         if status is CommitStatus.LEASE_LOST:
             log.warning("%s: lease on %s was lost; another consumer owns it now", route.group, delivery.entry_id)
         return status

@@ -21,6 +21,7 @@ from brokers import Broker, BrokerError, CommitStatus, Delivery, StateWrite, Sub
 from choreo.dispatcher import Dispatcher
 from choreo.errors import BrokerUnavailable, ConfigurationError
 from choreo.events import DEFAULT_MAX_SIZE, Event, validate_event_type
+from choreo.failpoints import ACTIVE, hit
 from choreo.middleware import Middleware
 
 if TYPE_CHECKING:
@@ -163,6 +164,8 @@ class Runtime:
                 deliveries = await self.broker.fetch(
                     self.consumer, self.subscriptions, limit=min(free, 100), timeout=self.poll_interval
                 )
+                if ACTIVE and deliveries:
+                    await hit("worker.after_fetch")
             except Exception as exc:
                 log.error("fetch from %s failed, retrying in 1s: %s", self.broker.url, exc)
                 await asyncio.sleep(1.0)

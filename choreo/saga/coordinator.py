@@ -26,6 +26,7 @@ from brokers import CommitStatus, StateWrite
 from choreo.context import Context
 from choreo.errors import ChoreoError, ConfigurationError
 from choreo.events import Event, new_event_id
+from choreo.failpoints import ACTIVE, hit
 from choreo.middleware import Middleware
 from choreo.routing import Emit, Route
 from choreo.saga.definition import (
@@ -112,7 +113,7 @@ class SagaCoordinator:
         trace_enabled: bool = False,
         persistence: bool = True,
         sweep_interval: float | None = 10.0,
-        poll_interval: float = 0.25,
+        poll_interval: float = 0.5,
         key_prefix: str = "saga:",
     ) -> None:
         if app in _coordinators:
@@ -235,10 +236,14 @@ class SagaCoordinator:
         outs = SagaRun(definition, record, time.time(), lambda i, line: lines.append((i, line)), self._detail).start()
         future = self._waiter(saga_id) if wait else None
         try:
+            if ACTIVE:
+                await hit("saga.before_state_write", name)
             status = await runtime.commit(
                 self._events(outs, saga_id, correlation_id=saga_id),
                 state=[StateWrite(self.key(saga_id), _encode(record), 0)],
             )
+            if ACTIVE:
+                await hit("saga.after_state_write", name)
             if status is CommitStatus.OK:
                 for sid, line in lines:
                     self._trace(sid, line)
@@ -299,10 +304,14 @@ class SagaCoordinator:
                 outs = SagaRun(definition, record, time.time(), self._trace, self._detail).resume()
                 if not outs:
                     return to_result(definition, record)
+                if ACTIVE:
+                    await hit("saga.before_state_write", definition.name)
                 status = await runtime.commit(
                     self._events(outs, saga_id, correlation_id=saga_id),
                     state=[StateWrite(self.key(saga_id), _encode(record), stored.version)],
                 )
+                if ACTIVE:
+                    await hit("saga.after_state_write", definition.name)
                 if status is CommitStatus.OK:
                     break
             else:
@@ -430,7 +439,9 @@ class SagaCoordinator:
     async def _wait(self, saga_id: str, future: asyncio.Future[SagaResult], timeout: float | None) -> SagaResult:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        poll = min(0.05, self.poll_interval)
+        # The in-process waiter wakes us at once; polling only covers sagas
+        # that another coordinator process ends, so it can be unhurried.
+        poll = self.poll_interval
         while True:
             left = None if deadline is None else deadline - loop.time()
             if left is not None and left <= 0:
@@ -441,4 +452,3 @@ class SagaCoordinator:
                 current = await self.get_saga_state(saga_id)
                 if current.state.terminal:
                     return current
-            poll = min(poll * 2, self.poll_interval)
