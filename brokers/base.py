@@ -21,7 +21,9 @@ Semantics every adapter gives (the contract tests in ``tests/`` hold them to it)
   consumer still owns the delivery. Either all of it happens or none does.
 * **Dedupe.** A message whose id was already settled (committed with
   ``done=True``) in a group is not delivered to that group again; the broker
-  acks such a duplicate by itself. Records are kept for ``dedupe_ttl`` seconds.
+  acks such a duplicate by itself. A duplicate already in flight when the
+  original settles is refused at commit (``DUPLICATE``), so a message id takes
+  effect once per group. Records are kept for ``dedupe_ttl`` seconds.
 * **Delays.** A message with ``delay`` becomes deliverable that many seconds
   later; a message with ``group`` is delivered to that group of its topic only
   (retries and replays use this, so other groups do not see it twice).
@@ -142,7 +144,8 @@ class Versioned:
 
 
 class CommitStatus(enum.Enum):
-    """How a commit ended. Anything but ``OK`` means nothing was written."""
+    """How a commit ended. Anything but ``OK`` means none of the commit's
+    effects (publishes, state, dead letter) were written."""
 
     OK = "ok"
     #: The delivery is no longer owned by this consumer (its lease expired and
@@ -150,6 +153,10 @@ class CommitStatus(enum.Enum):
     LEASE_LOST = "lease_lost"
     #: A ``StateWrite`` found a version other than the one expected.
     CONFLICT = "conflict"
+    #: The delivery's message id was settled in its group while it was in
+    #: flight (a producer duplicate handled at the same time as the original):
+    #: the delivery is acked, nothing else is written.
+    DUPLICATE = "duplicate"
 
 
 @attrs.frozen

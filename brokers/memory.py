@@ -227,6 +227,11 @@ class MemoryBroker:
         owned = self._owned(delivery) if delivery is not None else None
         if delivery is not None and owned is None:
             return CommitStatus.LEASE_LOST
+        if owned is not None and owned[1].entry.message_id in owned[0].settled:
+            # A duplicate that was in flight while the original settled: ack it, nothing else.
+            del owned[0].pending[owned[1].entry.entry_id]
+            self._notify()
+            return CommitStatus.DUPLICATE
         versions: dict[str, int] = {}
         for write in state:
             current = self._state.get(write.key)

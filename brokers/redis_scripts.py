@@ -236,6 +236,11 @@ local first_message = 17 + 4 * n_state
 if has_delivery and not owns(skey, group, consumer, eid, deliveries) then
   return 'lease_lost'
 end
+if has_delivery and has_mid and redis.call('EXISTS', prefix .. ':_seen:' .. group .. ':' .. mid) == 1 then
+  -- A duplicate that was in flight while the original settled: ack it, nothing else.
+  redis.call('XACK', skey, group, eid)
+  return 'duplicate'
+end
 for i = 17, first_message - 1, 4 do
   local current = redis.call('HGET', prefix .. ':_state:' .. ARGV[i], 'n')
   if (tonumber(current) or 0) ~= tonumber(ARGV[i + 3]) then return 'conflict' end

@@ -102,7 +102,10 @@ _PRIVATE = "p:"
 _DELAYED_POLL = 0.1
 #: Seconds between retention sweeps (only with ``maxlen``).
 _TRIM_INTERVAL = 5.0
-_STATUS = {b"ok": CommitStatus.OK, b"lease_lost": CommitStatus.LEASE_LOST, b"conflict": CommitStatus.CONFLICT}
+_STATUS = {
+    b"ok": CommitStatus.OK, b"lease_lost": CommitStatus.LEASE_LOST, b"conflict": CommitStatus.CONFLICT,
+    b"duplicate": CommitStatus.DUPLICATE,
+}
 
 
 class RedisStreamsBroker:

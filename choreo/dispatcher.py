@@ -263,6 +263,9 @@ class Dispatcher:
             await hit("dispatcher.after_commit", route.group)
         if status is CommitStatus.LEASE_LOST:
             log.warning("%s: lease on %s was lost; another consumer owns it now", route.group, delivery.entry_id)
+        elif status is CommitStatus.DUPLICATE:
+            log.info("%s: %s duplicates message %s, settled meanwhile; dropped", route.group, delivery.entry_id,
+                     delivery.message_id)
         return status
 
     def _handled(self, route: Route, event: Event | None, outcome: str, started: float) -> None:
