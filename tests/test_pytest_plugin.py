@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tomllib
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
@@ -40,10 +41,17 @@ def anyio_backend():
 '''
 
 
+def plugin_installed() -> bool:
+    """Whether an installed distribution already registers the plugin by entry point."""
+    return any(ep.value == "choreo.pytest_plugin" for ep in entry_points(group="pytest11"))
+
+
 def run_user_tests(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     (tmp_path / "test_user.py").write_text(USER_TEST)
+    # From a source checkout the entry point is not installed: load the plugin by name instead.
+    load = [] if plugin_installed() else ["-p", "choreo.pytest_plugin"]
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "choreo.pytest_plugin", "-p", "no:cacheprovider",
+        [sys.executable, "-m", "pytest", "-q", "-s", *load, "-p", "no:cacheprovider",
          "--rootdir", str(tmp_path), str(tmp_path / "test_user.py"), *args],
         cwd=tmp_path, capture_output=True, text=True, timeout=60,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
