@@ -310,6 +310,26 @@ async def test_duplicate_message_id_settled_once_per_group(broker: Broker) -> No
     assert [d.message_id for d in await collect(broker, "c", [G2], 2)] == ["m1", "m1"]
 
 
+async def test_concurrent_copies_of_one_message_id_commit_once(fast_broker_url: str) -> None:
+    """Two copies of one id (a producer's retried publish) handed out before
+    either settled: only the first commit takes effect; the second is refused
+    as a duplicate, writes nothing, and nothing is left pending."""
+    async with connected(fast_broker_url) as broker:
+        await broker.subscribe([G1, OUT])
+        await broker.publish([msg(1)])
+        await broker.publish([msg(1)])
+        (first,) = await broker.fetch("c1", [G1], limit=1, timeout=1)
+        (second,) = await broker.fetch("c2", [G1], limit=1, timeout=1)
+        assert (first.message_id, second.message_id) == ("m1", "m1")
+        assert await broker.commit(first, publish=[msg(2, topic=OUT.topic)]) is CommitStatus.OK
+        status = await broker.commit(second, publish=[msg(3, topic=OUT.topic)], state=[StateWrite("k", b"x", 0)])
+        assert status is CommitStatus.DUPLICATE
+        assert await broker.get_state("k") is None
+        assert [d.message_id for d in await broker.fetch("c", [OUT], limit=2, timeout=0.3)] == ["m2"]
+        await assert_nothing(broker, "c3", [G1], wait=0.8)
+        assert (await broker.backlog([G1]))[0].idle
+
+
 async def test_retry_with_done_false_redelivers_same_id(broker: Broker) -> None:
     """A commit with done=False plus a delayed republish to the group delivers the same id again."""
     await broker.subscribe([G1, G2])
