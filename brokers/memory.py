@@ -328,11 +328,14 @@ class MemoryBroker:
         self._changed = asyncio.Event()
 
     def _owned(self, delivery: Delivery) -> tuple[_Group, _Pending] | None:
-        """The delivery's group and lease, if its consumer still holds it."""
+        """The delivery's group and lease, if its consumer still holds it from
+        this hand-out (a reclaim, even by the same consumer, bumps the count)."""
         topic = self._topics.get(delivery.topic)
         group = topic.groups.get(delivery.group) if topic is not None else None
         lease = group.pending.get(delivery.entry_id) if group is not None else None
         if group is None or lease is None or lease.consumer != delivery.consumer:
+            return None
+        if lease.deliveries != delivery.deliveries:
             return None
         return group, lease
 
