@@ -15,6 +15,14 @@ from choreo.logs import CorrelationFilter, JsonFormatter, configure_logging, cur
 from choreo.testing import run_apps
 
 
+@pytest.fixture(autouse=True)
+def keep_root_level() -> Iterator[None]:
+    root = logging.getLogger()
+    level = root.level
+    yield
+    root.setLevel(level)
+
+
 @pytest.fixture
 def captured() -> Iterator[io.StringIO]:
     stream = io.StringIO()
