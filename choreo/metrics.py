@@ -142,7 +142,7 @@ class Metrics(Middleware):
         step, duration = data.get("step"), data.get("duration")
         valid = isinstance(duration, int | float) and not isinstance(duration, bool) and duration >= 0
         if isinstance(step, str) and valid:
-            self.step_duration.labels(saga, step).observe(duration)
+            self.step_duration.labels(saga, step).observe(float(duration))  # type: ignore[arg-type]
 
     def on_handled(self, route: Route, event: Event | None, outcome: str, duration: float) -> None:
         self.handled.labels(route.service, route.name, route.event, outcome).inc()
@@ -182,7 +182,7 @@ def aggregate_registry(path: str | None = None) -> CollectorRegistry:
     from prometheus_client import multiprocess
 
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=path or os.environ[MULTIPROC_ENV])
+    multiprocess.MultiProcessCollector(registry, path=path or os.environ[MULTIPROC_ENV])  # type: ignore[no-untyped-call]
     return registry
 
 

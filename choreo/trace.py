@@ -123,7 +123,8 @@ async def _redis_history(url: str, correlation_id: str) -> _History:
 
     _, options = parse_url(url)
     prefix = options.prefix
-    client = aioredis.from_url(_redis_url(url, [f.name for f in attrs.fields(BrokerOptions)]))
+    # redis-py's reply types are unions of everything; the replies here are known shapes.
+    client: Any = aioredis.from_url(_redis_url(url, [f.name for f in attrs.fields(BrokerOptions)]))
     history = _History(redact_url(url))
     # Ids are time-sortable: nothing of this transaction predates its root.
     start_ms = _ulid_ms(correlation_id)

@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from brokers import Broker, BrokerError, CommitStatus, Delivery, StateWrite, Subscription
@@ -278,7 +278,7 @@ async def serve(
     grace: float = 10.0,
     middleware: Sequence[Middleware] = (),
     ready: asyncio.Event | None = None,
-    background: Sequence[Callable[[Runtime], Awaitable[None]]] = (),
+    background: Sequence[Callable[[Runtime], Coroutine[Any, Any, None]]] = (),
 ) -> None:
     """Run ``apps`` until SIGINT or SIGTERM, then drain and return.
 
