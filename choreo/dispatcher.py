@@ -41,7 +41,8 @@ MAX_STATE_CONFLICTS = 20
 def backoff_delay(retry_delay: float, attempt: int) -> float:
     """Delay before the retry that follows failed ``attempt`` (1-based):
     ``retry_delay * 2**(attempt-1)`` times a jitter factor in [0.75, 1.25]."""
-    return retry_delay * 2 ** (attempt - 1) * random.uniform(0.75, 1.25)
+    growth: float = 2.0 ** (attempt - 1)
+    return retry_delay * growth * random.uniform(0.75, 1.25)
 
 
 def error_info(exc: BaseException) -> dict[str, str]:
