@@ -44,3 +44,17 @@ async def run_blocks(page: Path, blocks: list[tuple[int, str]]) -> None:
 async def test_documentation_code_blocks_run(page: Path) -> None:
     """The page's Python examples run as written and their asserts hold."""
     await run_blocks(page, python_blocks(page))
+
+
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_relative_links_point_at_files_that_exist(page: Path) -> None:
+    """A reader following a link in the docs never lands on a missing page."""
+    missing = [
+        target
+        for target in LINK.findall(page.read_text())
+        if "://" not in target and not (page.parent / target).exists()
+    ]
+    assert missing == []
