@@ -46,7 +46,8 @@ def load_target(target: str) -> object:
 
 
 def load_apps(targets: list[str]) -> list[App]:
-    """Load each target as an ``App`` (or a list/tuple of apps).
+    """Load each target as an ``App``, a list/tuple of apps, or a factory
+    called without arguments that returns either.
 
     Raises:
         ConfigurationError: a target is missing or is not an App.
@@ -56,6 +57,13 @@ def load_apps(targets: list[str]) -> list[App]:
     apps: list[App] = []
     for target in targets:
         value = load_target(target)
+        if callable(value) and not isinstance(value, App | type):
+            # A factory (``module:build_apps``) that returns an App or a list of them.
+            try:
+                value = value()
+            except TypeError as exc:
+                message = f"{target!r} is a callable that cannot be called without arguments: {exc}"
+                raise ConfigurationError(message) from None
         items = value if isinstance(value, list | tuple) else [value]
         for item in items:
             if not isinstance(item, App):
