@@ -13,8 +13,8 @@ the ack, counted by ``tests.ledger``). What a job asks for, in its data:
     a file: sleep ``seconds`` only if it does not exist yet, creating it (so a
     redelivered job runs fast);
 ``crash``
-    SIGKILL this process in the handler (a poison message that takes the
-    worker down every time);
+    SIGKILL this process at the end of the handler, after ``seconds`` (a
+    poison message that takes the worker down every time);
 ``fail``
     raise (a poison message the handler rejects every time);
 ``fail_until``
@@ -52,8 +52,6 @@ def record(path: str, line: str) -> None:
 async def work(data: dict[str, Any]) -> dict[str, Any]:
     if data.get("ledger"):
         record(data["ledger"], f"start {data['job']} {os.getpid()}")
-    if data.get("crash"):
-        os.kill(os.getpid(), signal.SIGKILL)
     if data.get("fail") or (data.get("fail_until") and not Path(data["fail_until"]).exists()):
         raise LabFailure(f"job {data['job']} fails")
     seconds = float(data.get("seconds", 0.0))
@@ -66,4 +64,6 @@ async def work(data: dict[str, Any]) -> dict[str, Any]:
             marker.touch()
     if seconds:
         await asyncio.sleep(seconds)
+    if data.get("crash"):
+        os.kill(os.getpid(), signal.SIGKILL)
     return {"by": os.getpid()}

@@ -1,0 +1,162 @@
+"""Leases: slow handlers (catalogue T2) and poison messages that crash workers (T10).
+
+``max_deliveries`` counts deliveries that ended unsettled (crashes, lost
+leases), so T10's poison takes the worker down with it each time, in real
+subprocesses; handler exceptions are counted by ``retries`` and are covered in
+``test_bad_input.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import brokers
+from choreo import Event, run
+from choreo.middleware import Middleware
+from tests import ledger
+from tests.apps.lab import app
+from tests.redis_server import RedisServer
+from tests.worker_process import WorkerProcess
+
+pytestmark = pytest.mark.anyio
+
+VT = 0.6
+
+
+class Effects(Middleware):
+    """Counts committed ``lab.done`` effects per job (on_publish runs only after a commit)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def on_publish(self, event: Event) -> None:
+        if event.type == ledger.DONE:
+            self.counts[str(event.data["job"])] += 1
+
+
+class NoRenewal:
+    """A broker whose lease renewals never arrive (the renewal loop runs, the broker never hears it)."""
+
+    def __init__(self, inner: brokers.Broker) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def extend(self, delivery: brokers.Delivery) -> bool:
+        return True
+
+
+@asynccontextmanager
+async def two_workers(url: str, effects: Effects, *, renew: bool) -> AsyncIterator[Any]:
+    """Two runtimes (consumers ``a`` and ``b``) of the lab app; yields a publisher."""
+    shared = brokers.from_url(url)
+    await shared.connect()
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(shared.close)
+        runtimes = []
+        for name in ("a", "b"):
+            own = shared if url.startswith("memory") else brokers.from_url(url)
+            if own is not shared:
+                stack.push_async_callback(own.close)
+            broker = own if renew else NoRenewal(own)
+            runtimes.append(
+                await stack.enter_async_context(run(app, broker=broker, consumer=name, middleware=[effects], grace=3))  # type: ignore[arg-type]
+            )
+        yield runtimes[0]
+
+
+async def until(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("renew", [True, False], ids=["renewed", "not-renewed"])
+async def test_handler_slower_than_the_lease(
+    broker_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, renew: bool
+) -> None:
+    """T2: a 3x-lease handler keeps its delivery while its lease is renewed (one execution); without
+    renewal the delivery is reclaimed, the stale owner's commit is refused, and the effect lands once."""
+    url = broker_url + ("&" if "?" in broker_url else "?") + f"visibility_timeout={VT}&claim_interval=0.1"
+    runs, marker = tmp_path / "runs", tmp_path / "slow-once"
+    effects = Effects()
+    with caplog.at_level(logging.WARNING, logger="choreo.dispatcher"):
+        async with two_workers(url, effects, renew=renew) as runtime:
+            data = {"job": "slow", "seconds": 3 * VT, "ledger": str(runs), "slow_once": str(marker)}
+            await runtime.publish("lab.job", data)
+            await until(lambda: effects.counts["slow"] == 1, 10, "the job never took effect")
+            # Let the first execution finish (and try to commit) in the not-renewed case.
+            await until(lambda: not any(r.in_flight for r in [runtime]), 10, "handlers still running")
+            await asyncio.sleep(3 * VT)
+    lost = [r for r in caplog.records if "was lost" in r.getMessage()]
+    assert effects.counts == Counter({"slow": 1})
+    if renew:
+        assert ledger.executions(runs) == Counter({"slow": 1})
+        assert not lost
+    else:
+        assert ledger.executions(runs) == Counter({"slow": 2})
+        assert len(lost) == 1  # the stale owner's commit, refused
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    instance = RedisServer(appendonly=True)
+    instance.start()
+    yield instance
+    instance.stop()
+
+
+@pytest.mark.redis
+async def test_poison_that_crashes_its_worker_is_dead_lettered_after_max_deliveries(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    """T10: a job that SIGKILLs whichever worker takes it (0.3 s in) is handed out exactly
+    max_deliveries times, then dead-lettered; jobs published all along keep flowing and each takes
+    effect once; crashed workers are restarted."""
+    url = f"{server.url}?visibility_timeout=1&claim_interval=0.25&max_deliveries=3"
+    runs = tmp_path / "runs"
+    workers = [WorkerProcess("tests.apps.lab:app", "--broker", url).start() for _ in range(2)]
+    good: list[str] = []
+    restarts = 0
+    try:
+        async with run(broker=url) as producer:
+            poison = Event(type="lab.job", data={"job": "poison", "crash": True, "seconds": 0.3, "ledger": str(runs)})
+            await producer.commit([(poison, None)])
+            deadline = time.monotonic() + 45
+            dead: list[brokers.DeadLetterRecord] = []
+            while not dead:
+                assert time.monotonic() < deadline, (restarts, ledger.executions(runs))
+                batch = [Event(type="lab.job", data={"job": f"g{len(good) + i}"}) for i in range(5)]
+                await producer.commit([(e, None) for e in batch])
+                good += [e.data["job"] for e in batch]
+                for i, worker in enumerate(workers):
+                    assert worker.process is not None
+                    if worker.process.poll() is not None:
+                        worker.kill()
+                        workers[i] = WorkerProcess("tests.apps.lab:app", "--broker", url).start()
+                        restarts += 1
+                dead = await producer.broker.dead_letters()
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1.5)  # one more lease: nothing else may be handed out
+            (record,) = await producer.broker.dead_letters()
+            assert (record.message_id, record.reason, record.deliveries) == (poison.id, "max deliveries exceeded", 3)
+            assert ledger.executions(runs) == Counter({"poison": 3})
+            report = ledger.check(good, ledger.effects_in_redis(url))
+            assert report.ok, report
+            (backlog,) = await producer.broker.backlog([brokers.Subscription("lab.job", "lab.work")])
+            assert backlog.idle
+            print(f"T10: {len(good)} good jobs flowed through {restarts} worker restarts")
+    finally:
+        for worker in workers:
+            worker.kill()
