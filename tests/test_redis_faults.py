@@ -90,6 +90,14 @@ def follow_ons(server: RedisServer) -> Counter[str]:
     return Counter(json.loads(fields[b"body"])["causation_id"] for _, fields in entries)
 
 
+def dead_letters(server: RedisServer) -> list[dict[bytes, bytes]]:
+    client = redis.Redis(port=server.port)
+    try:
+        return [fields for _, fields in client.xrange("choreo:_dead")]
+    finally:
+        client.close()
+
+
 def drained(server: RedisServer, topic: str = JOB, group: str = GROUP) -> bool:
     """No pending entry and everything delivered, for ``group`` on ``topic``."""
     client = redis.Redis(port=server.port, decode_responses=True)
@@ -102,6 +110,23 @@ def drained(server: RedisServer, topic: str = JOB, group: str = GROUP) -> bool:
         return False
     finally:
         client.close()
+
+
+def state_of(server: RedisServer, ledger: Ledger, ids: list[str]) -> str:
+    """What a failed wait saw: jobs without follow-on, their ledger lines, pending and dead letters."""
+    done = follow_ons(server)
+    starts, effects = ledger.read()
+    absent = [i for i in ids if done[i] == 0]
+    client = redis.Redis(port=server.port, decode_responses=True)
+    try:
+        pending = client.xpending_range(f"choreo:{JOB}", GROUP, "-", "+", 20)
+        dead = client.xrange("choreo:_dead", count=20)
+        groups = client.xinfo_groups(f"choreo:{JOB}")
+    finally:
+        client.close()
+    lines = [f"{i}: starts {starts.get(i)} effects {effects.get(i)}" for i in absent[:10]]
+    return "\n".join([f"{len(absent)} without follow-on", *lines, f"groups {groups}", f"pending {pending}",
+                      f"dead {dead}"])
 
 
 def check_exactly_once(server: RedisServer, ledger: Ledger, ids: list[str]) -> None:
@@ -274,7 +299,9 @@ def kill_chaos(server: RedisServer, fleet: Fleet, ledger: Ledger, *, batches: in
     handlers in flight, start a replacement. Then: no job missing, every
     follow-on exactly once, and a job ran twice only if a killed worker had
     started it."""
-    url = url_of(server, "visibility_timeout=1")
+    # The same jobs are often in flight on the next victim too: keep them off
+    # the dead-letter stream (that is max_deliveries doing its job, tested apart).
+    url = url_of(server, "visibility_timeout=1&max_deliveries=100")
     args = ("--concurrency", "4")
     fleet.start(url, *args)
     fleet.start(url, *args)
@@ -297,9 +324,13 @@ def kill_chaos(server: RedisServer, fleet: Fleet, ledger: Ledger, *, batches: in
         fleet.start(url, *args)
 
     deadline = 10 + 0.3 * len(ids) / 4
-    wait_until(lambda: len(follow_ons(server)) >= len(ids), timeout=deadline, message="every follow-on")
+    try:
+        wait_until(lambda: len(follow_ons(server)) >= len(ids), timeout=deadline, message="every follow-on")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{state_of(server, ledger, ids)}") from None
     wait_until(lambda: drained(server), message="drained")
     check_exactly_once(server, ledger, ids)
+    assert dead_letters(server) == []
     starts, effects = ledger.read()
     for event_id, pids in effects.items():
         if len(pids) > 1:
