@@ -16,7 +16,8 @@ Names (public contract, see docs/metrics.md):
 * ``choreo_saga_{started,completed,compensated,failed}_total{saga}``
 * ``choreo_saga_step_duration_seconds{saga,step}``
 * ``choreo_stream_pending{stream,group}``, ``choreo_stream_lag{stream,group}``,
-  ``choreo_stream_delayed{stream,group}``, ``choreo_dead_letters``
+  ``choreo_stream_delayed{stream,group}``, ``choreo_dead_letters``,
+  ``choreo_consumer_groups_recreated_total``
 """
 
 from __future__ import annotations
@@ -122,6 +123,13 @@ class Metrics(Middleware):
             "choreo_dead_letters", "Dead letters waiting to be replayed or purged.",
             registry=r, multiprocess_mode=mode,
         )
+        self.groups_recreated = Counter(
+            "choreo_consumer_groups_recreated_total",
+            "Times the broker found consumer groups missing (stream deleted, group destroyed, FLUSHALL) and "
+            "recreated them.",
+            registry=r,
+        )
+        self._recreated_seen = 0
 
     # -- middleware hooks ----------------------------------------------------
 
@@ -160,6 +168,10 @@ class Metrics(Middleware):
             self.lag.labels(backlog.topic, backlog.group).set(backlog.ready)
             self.delayed.labels(backlog.topic, backlog.group).set(backlog.delayed)
         self.dead_letters.set(len(await broker.dead_letters(limit=dead_limit)))
+        recreated = int(getattr(broker, "group_recoveries", 0))
+        if recreated > self._recreated_seen:
+            self.groups_recreated.inc(recreated - self._recreated_seen)
+            self._recreated_seen = recreated
 
     async def watch(self, broker: Broker, subscriptions: Sequence[Subscription], interval: float = 5.0) -> None:
         """Refresh the health gauges every ``interval`` seconds until cancelled."""
