@@ -77,6 +77,16 @@ def effects_in_redis(url: str, topic: str = DONE, prefix: str = "choreo") -> Cou
     return Counter(str(data["job"]) for data in effect_data_in_redis(url, topic, prefix))
 
 
+def keep_effects(url: str, topic: str = DONE, prefix: str = "choreo") -> None:
+    """Give the effect stream a consumer group that never reads, so retention
+    (``maxlen``), which trims only what every group is done with, keeps it all."""
+    client = redis.Redis.from_url(url.split("?")[0])
+    try:
+        client.xgroup_create(f"{prefix}:{topic}", "ledger.keep", id="0", mkstream=True)
+    finally:
+        client.close()
+
+
 def effect_data_in_redis(url: str, topic: str = DONE, prefix: str = "choreo") -> Iterator[dict[str, Any]]:
     """The data of every event on the stream of ``topic``, read in pages."""
     client = redis.Redis.from_url(url.split("?")[0])

@@ -9,6 +9,7 @@ by themselves after the fault heals.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterator
 
@@ -42,27 +43,34 @@ def proxy(server: RedisServer) -> Iterator[FaultProxy]:
 
 
 class Producer:
-    """Publishes numbered jobs in small batches at a steady pace, directly to Redis."""
+    """Publishes numbered jobs in small batches at a steady pace, directly to Redis.
+
+    ``jobs`` lists what was acknowledged; leaving the block lets the batch in
+    flight finish, so nothing is published that is not listed.
+    """
 
     def __init__(self, env: TestEnv, batch: int = 20, every: float = 0.05) -> None:
         self.env, self.batch, self.every = env, batch, every
         self.jobs: list[str] = []
+        self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     async def _run(self) -> None:
-        while True:
+        while not self._stop.is_set():
             events = [Event(type="lab.job", data={"job": f"j{len(self.jobs) + i}"}) for i in range(self.batch)]
             await self.env.runtime.commit([(e, None) for e in events])
             self.jobs += [e.data["job"] for e in events]  # acknowledged: now they must take effect
-            await asyncio.sleep(self.every)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.every)
 
-    def __enter__(self) -> Producer:
+    async def __aenter__(self) -> Producer:
         self._task = asyncio.get_running_loop().create_task(self._run())
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         assert self._task is not None
-        self._task.cancel()
+        self._stop.set()
+        await self._task
 
 
 async def drained(url: str, expected: list[str], timeout: float) -> float:
@@ -90,7 +98,7 @@ async def test_latency_blackhole_and_resets_lose_nothing_and_workers_reconnect(
     workers = [WorkerProcess("tests.apps.lab:app", "--broker", worker_url).start() for _ in range(2)]
     try:
         async with run_apps(broker=url) as env:
-            with Producer(env) as producer:
+            async with Producer(env) as producer:
                 await phase(1.0)
                 proxy.latency = 0.05
                 await phase(2.0)
@@ -125,7 +133,7 @@ async def test_blackhole_then_heal_without_resets_recovers(server: RedisServer, 
     worker = WorkerProcess("tests.apps.lab:app", "--broker", worker_url).start()
     try:
         async with run_apps(broker=url) as env:
-            with Producer(env) as producer:
+            async with Producer(env) as producer:
                 await phase(1.0)
                 proxy.blackhole = True
                 await phase(3.0)
