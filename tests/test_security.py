@@ -1,0 +1,151 @@
+"""TLS and ACL (catalogue T17): certificates are verified, a worker's ACL user
+can do its job and nothing else, no secret reaches a log or a scrape, and the
+metrics endpoint listens on 127.0.0.1 only.
+
+Certificates come from a throwaway CA made with the ``openssl`` CLI.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from redis.exceptions import NoPermissionError
+
+from choreo import Event
+from choreo.errors import BrokerUnavailable
+from choreo.testing import run_apps
+from tests import ledger
+from tests.apps.lab import app
+from tests.redis_server import RedisServer, free_port
+from tests.test_network_faults import drained
+from tests.worker_process import WorkerProcess, scrape
+
+pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+
+OPENSSL = shutil.which("openssl")
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    assert OPENSSL is not None
+    subprocess.run([OPENSSL, *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def make_ca(where: Path, name: str) -> None:
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
+            "-keyout", f"{name}.key", "-out", f"{name}.crt", cwd=where)
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if OPENSSL is None:
+        pytest.skip("the openssl CLI is not installed: cannot make a test CA")
+    where = tmp_path_factory.mktemp("tls")
+    make_ca(where, "choreo-test-ca")
+    make_ca(where, "rogue-ca")
+    (where / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", "server.key",
+            "-out", "server.csr", cwd=where)
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "choreo-test-ca.crt", "-CAkey", "choreo-test-ca.key",
+            "-CAcreateserial", "-days", "2", "-extfile", "san.cnf", "-out", "server.crt", cwd=where)
+    return where
+
+
+@pytest.fixture
+def tls_server(certificates: Path) -> Iterator[tuple[RedisServer, int]]:
+    tls_port = free_port()
+    instance = RedisServer(appendonly=True, extra=(
+        "--tls-port", str(tls_port), "--tls-cert-file", str(certificates / "server.crt"),
+        "--tls-key-file", str(certificates / "server.key"),
+        "--tls-ca-cert-file", str(certificates / "choreo-test-ca.crt"), "--tls-auth-clients", "no",
+    ))
+    instance.start()
+    yield instance, tls_port
+    instance.stop()
+
+
+async def test_tls_with_the_trusted_ca_works_and_an_untrusted_one_is_refused(
+    tls_server: tuple[RedisServer, int], certificates: Path
+) -> None:
+    """rediss:// verifies the server certificate: the test CA works end to end; the system store and
+    a rogue CA are refused at connect, with a clear error."""
+    _, port = tls_server
+    trusted = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={certificates / 'choreo-test-ca.crt'}"
+    async with run_apps(app, broker=trusted) as env:
+        event = await env.publish("lab.job", {"job": "tls"})
+        await env.settle(timeout=10)
+        assert [e.causation_id for e in env.published("lab.done")] == [event.id]
+    rogue = certificates / "rogue-ca.crt"
+    for untrusted in (f"rediss://127.0.0.1:{port}/0", f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={rogue}"):
+        with pytest.raises(BrokerUnavailable, match=r"(?i)certificate verify failed"):
+            async with run_apps(app, broker=untrusted):
+                pass
+
+
+ACL_RULES = (
+    "on >w0rker-s3cret resetkeys ~choreo:* resetchannels -@all +ping +hello +evalsha +eval"
+    " +script|load +multi +exec +time +exists +del +set +hget +hset +hmget +zadd +zrem +zrange +zrangebyscore"
+    " +zrangebylex +xadd +xack +xautoclaim +xclaim +xdel +xgroup|create +xinfo|groups +xlen +xpending +xrange"
+    " +xrevrange +xread +xreadgroup +xtrim"
+)
+
+
+def listening_addresses(pid: int, port: int) -> set[str]:
+    """Local addresses ``pid`` listens on for ``port`` (from /proc/<pid>/net/tcp{,6})."""
+    found = set()
+    for table in ("tcp", "tcp6"):
+        path = Path(f"/proc/{pid}/net/{table}")
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:
+                found.add(address)
+    return found
+
+
+@pytest.fixture
+def acl_server() -> Iterator[RedisServer]:
+    instance = RedisServer(appendonly=True)
+    instance.start()
+    instance.command("ACL", "SETUSER", "worker", *ACL_RULES.split())
+    yield instance
+    instance.stop()
+
+
+async def test_worker_acl_user_works_cannot_overreach_and_leaks_no_secret(acl_server: RedisServer) -> None:
+    """A worker on the documented least-privilege user applies every job once; that user cannot
+    FLUSHALL, CONFIG or touch keys outside choreo:*; the password is in no log line and no scrape;
+    the metrics endpoint listens on 127.0.0.1 only."""
+    secret = "w0rker-s3cret"
+    url = f"redis://worker:{secret}@127.0.0.1:{acl_server.port}/0?visibility_timeout=1"
+    port = free_port()
+    worker = WorkerProcess("tests.apps.lab:app", "--broker", url, "--metrics-port", str(port),
+                           "--health-interval", "0.2").start()
+    try:
+        assert worker.process is not None
+        assert listening_addresses(worker.process.pid, port) == {"0100007F"}  # 127.0.0.1, little-endian hex
+        async with run_apps(broker=url) as env:
+            events = [Event(type="lab.job", data={"job": f"a{i}"}) for i in range(20)]
+            await env.runtime.commit([(e, None) for e in events])
+            await drained(acl_server.url, [e.data["job"] for e in events], timeout=10)
+        assert ledger.check([e.data["job"] for e in events], ledger.effects_in_redis(acl_server.url)).ok
+        client = redis.Redis.from_url(url.split("?")[0])
+        try:
+            for denied in (("FLUSHALL",), ("CONFIG", "SET", "appendonly", "no"), ("SET", "other:key", "1"),
+                           ("GET", "session:1"), ("KEYS", "*")):
+                with pytest.raises(NoPermissionError):
+                    client.execute_command(*denied)
+        finally:
+            client.close()
+        metrics = scrape(port)
+        worker.terminate()
+        assert secret not in worker.output and secret not in metrics
+        assert "worker:***@" in worker.output  # the URL is logged, redacted
+    finally:
+        worker.kill()
