@@ -89,6 +89,7 @@ class RawLoop:
         self.streams = ["bench.a", "bench.b", "bench.c"] + (["bench.d"] if terminal else [])
         self.done = 0
         self.arrived: asyncio.Queue[float] = asyncio.Queue()
+        self.running = True
 
     async def setup(self) -> None:
         for stream in self.streams:
@@ -96,7 +97,7 @@ class RawLoop:
 
     async def run(self) -> None:
         streams = {stream: ">" for stream in self.streams}
-        while True:
+        while self.running:
             reply = await self.client.xreadgroup("raw", "c1", streams, count=100, block=100)
             if not reply:
                 continue
@@ -115,6 +116,14 @@ class RawLoop:
                 pipe.xack(stream, "raw", *[entry_id for entry_id, _ in entries])
             await pipe.execute()
 
+    async def stop(self, task: asyncio.Task[None]) -> None:
+        # Let the loop leave after its current read (within its 100 ms block):
+        # cancelling a blocked redis-py read is not always honoured.
+        self.running = False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), 5)
+        await stop(task)
+
     async def publish(self, n: int) -> None:
         await self.client.xadd("bench.a", {"body": json.dumps({"type": "bench.a", "data": {**PAYLOAD, "n": n}})})
 
@@ -132,7 +141,7 @@ async def raw_throughput(url: str, events: int) -> float:
     while loop.done < events * 3:
         await asyncio.sleep(0.01)
     elapsed = time.perf_counter() - start
-    await stop(task)
+    await loop.stop(task)
     await loop.client.aclose()
     return events * 3 / elapsed
 
@@ -146,7 +155,7 @@ async def raw_latency(url: str, events: int) -> list[float]:
         start = time.perf_counter()
         await loop.publish(n)
         latencies.append(await asyncio.wait_for(loop.arrived.get(), 30) - start)
-    await stop(task)
+    await loop.stop(task)
     await loop.client.aclose()
     return latencies
 

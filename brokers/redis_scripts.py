@@ -8,34 +8,14 @@ no rollback.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
 from brokers.base import BrokerError, Delivery, Message, StateWrite
 from brokers.redis_support import check_name
 
-__all__ = ("BACKLOG", "COMMIT", "EXTEND", "FETCH", "LIST_STATE", "REPLAY", "TRIM", "commit_args", "message_args")
-
-
-def message_args(messages: Sequence[Message]) -> tuple[list[Any], float | None]:
-    """COMMIT's per-message ARGV, validated, and the soonest delay in seconds.
-
-    Raises:
-        BrokerError: an invalid topic or group name, or a body that is not bytes.
-    """
-    args: list[Any] = []
-    soonest: float | None = None
-    for m in messages:
-        check_name("topic", m.topic)
-        if m.group is not None:
-            check_name("group", m.group)
-        if not isinstance(m.body, bytes | bytearray):
-            raise BrokerError(f"message {m.id!r} body must be bytes, not {type(m.body).__name__}")
-        delay_ms = max(0, round((m.delay or 0.0) * 1000))
-        if delay_ms:
-            soonest = delay_ms / 1000 if soonest is None else min(soonest, delay_ms / 1000)
-        args += [m.topic, m.group or "", m.id, bytes(m.body), delay_ms]
-    return args, soonest
+__all__ = ("BACKLOG", "COMMIT", "EXTEND", "FETCH", "LIST_STATE", "REPLAY", "TRIM", "commit_args")
 
 
 def commit_args(
@@ -44,25 +24,55 @@ def commit_args(
     located: tuple[str, str] | None,
     dead_letter: str | None,
     state: Sequence[StateWrite],
+    messages: Sequence[Message],
     done: bool,
     dedupe_ttl: float,
-) -> list[Any]:
-    """COMMIT's ARGV up to the messages (see the layout above the script)."""
-    args: list[Any] = [prefix]
+) -> tuple[list[Any], float | None]:
+    """COMMIT's ARGV (see the layout above the script) and the soonest delay
+    of its messages, in seconds.
+
+    Every name and id goes into one JSON header and only the bodies and values
+    travel as separate arguments: packing a command costs per argument, and a
+    commit is sent for every delivery.
+
+    Raises:
+        BrokerError: an invalid topic or group name, or a body that is not bytes.
+    """
+    blobs: list[Any] = [b""]
     if delivery is None or located is None:
-        args += [0, "", "", "", "", 0, "", 0, 0, 0, "", 0, "", b""]
+        settle: Any = False
     else:
         key, entry = located
-        args += [
-            1, key, delivery.group, delivery.consumer, entry, delivery.deliveries,
-            delivery.message_id or "", int(delivery.message_id is not None), int(done),
-            max(1, round(dedupe_ttl * 1000)), dead_letter or "", int(dead_letter is not None),
-            delivery.topic, delivery.body if dead_letter is not None else b"",
+        settle = [
+            key, delivery.group, delivery.consumer, entry, delivery.deliveries,
+            delivery.message_id or "", delivery.message_id is not None, done,
+            max(1, round(dedupe_ttl * 1000)), dead_letter or "", dead_letter is not None, delivery.topic,
         ]
-    args.append(len(state))
+        if dead_letter is not None:
+            blobs.append(delivery.body)
+    writes = []
     for write in state:
-        args += [write.key, int(write.value is not None), write.value or b"", write.expected_version]
-    return args
+        writes.append([write.key, write.value is not None, write.expected_version])
+        blobs.append(write.value or b"")
+    heads = []
+    soonest: float | None = None
+    for m in messages:
+        check_name("topic", m.topic)
+        if m.group is not None:
+            check_name("group", m.group)
+        if not isinstance(m.body, bytes | bytearray):
+            raise BrokerError(f"message {m.id!r} body must be bytes, not {type(m.body).__name__}")
+        delay_ms = max(0, round(m.delay * 1000)) if m.delay else 0
+        if delay_ms:
+            soonest = delay_ms / 1000 if soonest is None else min(soonest, delay_ms / 1000)
+        heads.append([m.topic, m.group or "", m.id, delay_ms])
+        blobs.append(m.body if type(m.body) is bytes else bytes(m.body))
+    blobs[0] = _HEADER.encode([prefix, settle, writes, heads]).encode()
+    return blobs, soonest
+
+
+# ensure_ascii=False: names travel as UTF-8, exactly as redis-py would send them.
+_HEADER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 # Shared helpers, prepended to every script that needs them.
 _COMMON = r"""
@@ -217,59 +227,65 @@ end
 return {out, read_any, missing, cursors, tails, next_due}
 """
 
-# ARGV: prefix, has_delivery, stream key, group, consumer, entry id,
-# deliveries, message id, has message id, done, dedupe ttl ms, dead reason,
-# has dead letter, topic, body, state count, then per state: key, has value,
-# value, expected version; then per message: topic, group, id, body, delay ms.
+# ARGV[1]: a JSON header [prefix, settle, writes, messages]:
+#   settle: false, or [stream key, group, consumer, entry id, deliveries,
+#     message id, has message id, done, dedupe ttl ms, dead reason,
+#     has dead letter, topic];
+#   writes: [[state key, has value, expected version], ...];
+#   messages: [[topic, group, id, delay ms], ...].
+# ARGV[2...]: the bytes, in order: the dead letter's body (only with a dead
+# letter), each write's value, each message's body.
 COMMIT = _COMMON + r"""
-local prefix = ARGV[1]
-local has_delivery = ARGV[2] == '1'
-local skey, group, consumer, eid = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local deliveries = tonumber(ARGV[7])
-local mid, has_mid = ARGV[8], ARGV[9] == '1'
-local done, ttl = ARGV[10] == '1', ARGV[11]
-local reason, has_dead = ARGV[12], ARGV[13] == '1'
-local topic, body = ARGV[14], ARGV[15]
-local n_state = tonumber(ARGV[16])
-local first_message = 17 + 4 * n_state
+local h = cjson.decode(ARGV[1])
+local prefix, settle, writes, messages = h[1], h[2], h[3], h[4]
+local at = 2
+local body = ''
+if settle and settle[11] then
+  body = ARGV[at]
+  at = at + 1
+end
+local first_value = at
+local first_body = at + #writes
 
-if has_delivery and not owns(skey, group, consumer, eid, deliveries) then
-  return 'lease_lost'
+local skey, group, eid, deliveries
+if settle then
+  skey, group, eid, deliveries = settle[1], settle[2], settle[4], settle[5]
+  if not owns(skey, group, settle[3], eid, deliveries) then return 'lease_lost' end
+  if settle[7] and redis.call('EXISTS', prefix .. ':_seen:' .. group .. ':' .. settle[6]) == 1 then
+    -- A duplicate that was in flight while the original settled: ack it, nothing else.
+    redis.call('XACK', skey, group, eid)
+    return 'duplicate'
+  end
 end
-if has_delivery and has_mid and redis.call('EXISTS', prefix .. ':_seen:' .. group .. ':' .. mid) == 1 then
-  -- A duplicate that was in flight while the original settled: ack it, nothing else.
-  redis.call('XACK', skey, group, eid)
-  return 'duplicate'
-end
-for i = 17, first_message - 1, 4 do
-  local current = redis.call('HGET', prefix .. ':_state:' .. ARGV[i], 'n')
-  if (tonumber(current) or 0) ~= tonumber(ARGV[i + 3]) then return 'conflict' end
+for _, w in ipairs(writes) do
+  local current = redis.call('HGET', prefix .. ':_state:' .. w[1], 'n')
+  if (tonumber(current) or 0) ~= w[3] then return 'conflict' end
 end
 
 -- Validated: from here on every call writes.
 local now = now_ms()
-for i = first_message, #ARGV, 5 do
-  publish(prefix, now, ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], tonumber(ARGV[i + 4]))
+for i, m in ipairs(messages) do
+  publish(prefix, now, m[1], m[2], m[3], ARGV[first_body + i - 1], m[4])
 end
 local index = prefix .. ':_state_keys'
-for i = 17, first_message - 1, 4 do
-  local key = prefix .. ':_state:' .. ARGV[i]
-  if ARGV[i + 1] == '1' then
-    redis.call('HSET', key, 'v', ARGV[i + 2], 'n', tonumber(ARGV[i + 3]) + 1)
-    redis.call('ZADD', index, 0, ARGV[i])
+for i, w in ipairs(writes) do
+  local key = prefix .. ':_state:' .. w[1]
+  if w[2] then
+    redis.call('HSET', key, 'v', ARGV[first_value + i - 1], 'n', w[3] + 1)
+    redis.call('ZADD', index, 0, w[1])
   else
     redis.call('DEL', key)
-    redis.call('ZREM', index, ARGV[i])
+    redis.call('ZREM', index, w[1])
   end
 end
-if has_delivery then
-  if has_dead then
+if settle then
+  if settle[11] then
     local message_id = false
-    if has_mid then message_id = mid end
-    dead_letter(prefix, topic, group, message_id, body, reason, deliveries, now)
+    if settle[7] then message_id = settle[6] end
+    dead_letter(prefix, settle[12], group, message_id, body, settle[10], deliveries, now)
   end
-  if done and has_mid then
-    redis.call('SET', prefix .. ':_seen:' .. group .. ':' .. mid, '1', 'PX', ttl)
+  if settle[8] and settle[7] then
+    redis.call('SET', prefix .. ':_seen:' .. group .. ':' .. settle[6], '1', 'PX', settle[9])
   end
   redis.call('XACK', skey, group, eid)
 end

@@ -80,6 +80,7 @@ from brokers.base import (
 from brokers.options import BrokerOptions, parse_url, redact_url
 from brokers.redis_support import (
     Outage,
+    ScriptBatcher,
     Stream,
     check_name,
     check_server,
@@ -132,6 +133,7 @@ class RedisStreamsBroker:
         self._client: Any | None = None
         self._reader: Any | None = None
         self._scripts: dict[str, Any] = {}
+        self._commits: ScriptBatcher | None = None
         self._claim_due: dict[str, float] = {}
         self._cursors: dict[str, str] = {}
         self._rotation = 0
@@ -154,14 +156,18 @@ class RedisStreamsBroker:
         self._client, self._reader = client, reader
         self._scripts = {
             name: client.register_script(getattr(lua, name))
-            for name in ("FETCH", "COMMIT", "EXTEND", "REPLAY", "BACKLOG", "LIST_STATE", "TRIM")
+            for name in ("FETCH", "EXTEND", "REPLAY", "BACKLOG", "LIST_STATE", "TRIM")
         }
+        self._commits = ScriptBatcher(client, lua.COMMIT)
         await check_server(client, self.url, log)
 
     async def close(self) -> None:
         """Close both connection pools. Idempotent."""
         client, reader = self._client, self._reader
         self._client = self._reader = None
+        if self._commits is not None:
+            self._commits.close()
+            self._commits = None
         for each in (reader, client):
             if each is not None:
                 await each.aclose()
@@ -209,14 +215,6 @@ class RedisStreamsBroker:
 
     # -- publishing and committing -------------------------------------------
 
-    def _message_args(self, messages: Sequence[Message]) -> list[Any]:
-        args, soonest = lua.message_args(messages)
-        for m in messages:
-            self._known.setdefault(f"{self._prefix}:{m.topic}", Stream(f"{self._prefix}:{m.topic}", m.topic, "", False))
-        if soonest is not None:
-            self._delayed_due = min(self._delayed_due, time.monotonic() + soonest)
-        return args
-
     async def publish(self, messages: Sequence[Message]) -> None:
         """Publish all messages in one script (all or none)."""
         if messages:
@@ -235,9 +233,24 @@ class RedisStreamsBroker:
         if dead_letter is not None and delivery is None:
             raise BrokerError("a dead letter needs the delivery it records")
         located = None if delivery is None else self._locate(delivery)
-        args = lua.commit_args(self._prefix, delivery, located, dead_letter, state, done, self.options.dedupe_ttl)
-        args += self._message_args(publish)
-        return _STATUS[await self._run("COMMIT", args)]
+        args, soonest = lua.commit_args(
+            self._prefix, delivery, located, dead_letter, state, publish, done, self.options.dedupe_ttl
+        )
+        known = self._known
+        for m in publish:
+            key = f"{self._prefix}:{m.topic}"
+            if key not in known:
+                known[key] = Stream(key, m.topic, "", False)
+        if soonest is not None:
+            self._delayed_due = min(self._delayed_due, time.monotonic() + soonest)
+        commits = self._commits
+        if commits is None:
+            raise BrokerError(f"broker {self.url} is not connected: await connect() first")
+        try:
+            reply = await commits.call(args)
+        except rexc.RedisError as exc:
+            raise BrokerError(f"redis commit failed on {self.url}: {type(exc).__name__}: {exc}") from exc
+        return _STATUS[reply]
 
     def _locate(self, delivery: Delivery) -> tuple[str, str]:
         """The stream key and entry id behind a delivery."""

@@ -5,8 +5,10 @@ unreachable, loading or busy."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -21,6 +23,7 @@ from brokers.options import BrokerOptions
 
 __all__ = (
     "Outage",
+    "ScriptBatcher",
     "Stream",
     "check_name",
     "check_server",
@@ -39,6 +42,10 @@ _TRANSIENT = (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError, OS
 #: Seconds between repeated log lines about the same condition.
 _LOG_EVERY = 30.0
 _MAX_BACKOFF = 2.0
+#: Connections in the command pool, and seconds a caller waits for a free one
+#: (then ``ConnectionError``, which is transient: the delivery is redelivered).
+_POOL_SIZE = 32
+_POOL_WAIT = 20.0
 
 
 @attrs.frozen
@@ -93,7 +100,13 @@ async def open_clients(url: str, safe_url: str) -> tuple[Any, Any]:
         BrokerError: Redis is unreachable or refuses the credentials.
     """
     common: dict[str, Any] = {"decode_responses": False, "protocol": 2, "socket_connect_timeout": 5.0}
-    client = aioredis.from_url(url, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2), **common)
+    # A blocking pool: more concurrent callers than connections wait for one
+    # (redis-py's default pool raises MaxConnectionsError instead).
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=_POOL_SIZE, timeout=_POOL_WAIT,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2), **common,
+    )
+    client = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
     # Blocking reads have no socket timeout: each call bounds its own wait.
     reader = aioredis.from_url(url, retry=Retry(NoBackoff(), 0), socket_timeout=None, **common)
     try:
@@ -196,3 +209,87 @@ class Outage:
         self._nogroup_logged, self._nogroup_quiet = now, 0
         self._log.warning("consumer groups were missing (stream deleted, group destroyed or FLUSHALL?); "
                           "recreated on %s%s", what, more)
+
+
+class ScriptBatcher:
+    """Runs one Lua script for many concurrent callers, one round trip a batch.
+
+    Each call stays its own EVALSHA, so it is atomic and fenced on its own as
+    before; calls made while a batch is on the wire are sent together in the
+    next pipeline (non-transactional: one call failing does not affect the
+    others). A call whose caller was cancelled before it was sent is dropped,
+    so nothing runs on behalf of a caller that is gone. NOSCRIPT (an empty
+    script cache after a Redis restart) loads the script once and resends only
+    the calls it refused, which did not run.
+    """
+
+    def __init__(self, client: Any, source: str, *, max_batch: int = 500) -> None:
+        self._client = client
+        self._source = source
+        self._sha = hashlib.sha1(source.encode()).hexdigest()
+        self._max_batch = max_batch
+        self._queue: list[tuple[Sequence[Any], asyncio.Future[Any]]] = []
+        self._sender: asyncio.Task[None] | None = None
+
+    async def call(self, args: Sequence[Any]) -> Any:
+        """Run the script with ``args`` as ARGV (no keys) and return its reply.
+
+        Raises:
+            redis.exceptions.RedisError: the call (or its whole batch) failed.
+        """
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((args, future))
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send_all(), name="choreo-redis-batch")
+        return await future
+
+    async def _send_all(self) -> None:
+        try:
+            while self._queue:
+                batch = [call for call in self._queue[: self._max_batch] if not call[1].done()]
+                del self._queue[: self._max_batch]
+                if not batch:
+                    continue
+                try:
+                    replies = await self._send([args for args, _ in batch])
+                except BaseException as exc:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc if isinstance(exc, Exception) else rexc.ConnectionError(
+                                "the batch was cancelled before its reply arrived"))
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for (_, future), reply in zip(batch, replies, strict=True):
+                    if not future.done():
+                        if isinstance(reply, Exception):
+                            future.set_exception(reply)
+                        else:
+                            future.set_result(reply)
+        finally:
+            self._sender = None
+            if self._queue:  # cancelled with calls still waiting
+                for _, future in self._queue:
+                    if not future.done():
+                        future.set_exception(rexc.ConnectionError("closed before the call was sent"))
+                self._queue.clear()
+
+    async def _send(self, batch: list[Sequence[Any]]) -> list[Any]:
+        replies = await self._pipeline(batch)
+        refused = [i for i, reply in enumerate(replies) if isinstance(reply, rexc.NoScriptError)]
+        if refused:
+            await self._client.script_load(self._source)
+            for i, reply in zip(refused, await self._pipeline([batch[i] for i in refused]), strict=True):
+                replies[i] = reply
+        return replies
+
+    async def _pipeline(self, batch: list[Sequence[Any]]) -> list[Any]:
+        pipe = self._client.pipeline(transaction=False)
+        for args in batch:
+            pipe.execute_command("EVALSHA", self._sha, 0, *args)
+        return list(await pipe.execute(raise_on_error=False))
+
+    def close(self) -> None:
+        """Stop sending; calls still waiting fail with ``ConnectionError``."""
+        if self._sender is not None:
+            self._sender.cancel()

@@ -1,0 +1,98 @@
+"""Many concurrent handlers on one Redis broker: more than its connection pool.
+
+redis-py's asyncio pool raises ``MaxConnectionsError`` instead of waiting when
+every connection is busy, which turned a busy worker's commits into errors and
+redeliveries. Commits now share pipelined round trips and other calls wait for
+a free connection; a run far above the pool size loses nothing and logs no
+error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from brokers import CommitStatus, Delivery, Message, Subscription
+from brokers.redis_streams import RedisStreamsBroker
+from choreo import App, Context
+from choreo.testing import run_apps
+from tests.redis_server import RedisServer
+
+pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+
+EVENTS = 2000
+CONCURRENCY = 300  # above the command pool (32) and redis-py's default pool (100)
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    instance = RedisServer()
+    instance.start()
+    yield instance
+    instance.stop()
+
+
+async def test_concurrency_above_the_pool_size_loses_nothing(
+    server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    handled: Counter[int] = Counter()
+    arrived: Counter[int] = Counter()
+    app = App("pool")
+
+    @app.on_event("pool.start")
+    @app.emits("pool.next")
+    async def first(data: dict[str, Any], ctx: Context) -> dict[str, Any]:
+        # Every handler holds a plain command (not a commit) at the same time.
+        await ctx.get_state(f"n{data['n']}")
+        await asyncio.sleep(0.01)
+        handled[data["n"]] += 1
+        return {}
+
+    @app.on_event("pool.next")
+    async def last(data: dict[str, Any]) -> None:
+        arrived[data["n"]] += 1
+
+    caplog.set_level(logging.WARNING)
+    async with run_apps(app, broker=server.url, concurrency=CONCURRENCY) as env:
+        for start in range(0, EVENTS, 500):
+            await asyncio.gather(*(env.publish("pool.start", {"n": n}) for n in range(start, start + 500)))
+        await env.settle(timeout=60)
+    assert sorted(handled) == list(range(EVENTS)) and set(handled.values()) == {1}
+    assert sorted(arrived) == list(range(EVENTS)) and set(arrived.values()) == {1}
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
+    assert not [r for r in caplog.records if "redeliver" in r.getMessage()]
+
+
+async def test_concurrent_commits_are_each_fenced(server: RedisServer) -> None:
+    """Commits sent in one pipelined batch still settle one by one: a stale
+    delivery in the middle of the batch is refused, the others go through."""
+    sub = Subscription("pool.start", "pool.first")
+    broker = RedisStreamsBroker(server.url)
+    client = aioredis.from_url(server.url)
+    await broker.connect()
+    try:
+        await broker.subscribe([sub])
+        await broker.publish([Message(sub.topic, f"m{n}", b"{}") for n in range(400)])
+        deliveries: list[Delivery] = []
+        while len(deliveries) < 400:
+            deliveries += await broker.fetch("a", [sub], limit=400 - len(deliveries), timeout=1)
+        stale = deliveries[200]
+        # Another consumer claims one entry: the original holder's lease on it is gone.
+        await client.xclaim(f"choreo:{sub.topic}", sub.group, "b", 0, [stale.entry_id])
+        statuses = await asyncio.gather(*(broker.commit(d) for d in deliveries))
+        assert statuses[200] is CommitStatus.LEASE_LOST
+        assert Counter(statuses) == {CommitStatus.OK: 399, CommitStatus.LEASE_LOST: 1}
+        assert await client.xpending(f"choreo:{sub.topic}", sub.group) == {
+            "pending": 1, "min": stale.entry_id.encode(), "max": stale.entry_id.encode(),
+            "consumers": [{"name": b"b", "pending": 1}],
+        }
+    finally:
+        await broker.close()
+        await client.aclose()
