@@ -29,6 +29,7 @@ import random
 import re
 import sys
 import time
+from collections import Counter
 from typing import Any
 
 import attrs
@@ -40,6 +41,7 @@ from tests.redis_server import RedisServer
 from tests.worker_process import WorkerProcess
 
 JOB = re.compile(rb'"job":(\d+)')
+MASK = re.compile(r"[0-9A-Z]{26}|[0-9]+(-[0-9]+)?|\S+-[0-9]+-[0-9a-f]+")
 LEDGER_GROUP = "soak.ledger"
 
 
@@ -57,6 +59,8 @@ class Figures:
     drain_seconds: float = 0.0
     worker_log_lines: int = 0
     dead_letters: int = 0
+    #: The most frequent worker log messages (ids and numbers masked), with counts.
+    log_kinds: list[tuple[str, int]] = attrs.Factory(list)
 
     @property
     def throughput(self) -> float:
@@ -225,7 +229,10 @@ async def soak(events: int, *, seed: int, kill_every: float, freeze: float, batc
     finally:
         for worker in workers:
             worker.kill()
-        figures.worker_log_lines = sum(len(w.lines) for w in workers + retired)
+        lines = [line for w in workers + retired for line in w.lines]
+        figures.worker_log_lines = len(lines)
+        kinds = Counter(MASK.sub("#", line.split("] ", 1)[-1])[:100] for line in lines)
+        figures.log_kinds = kinds.most_common(5)
         await client.aclose()
         server.stop()
     return figures
@@ -247,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         soak(args.events, seed=args.seed, kill_every=args.kill_every, freeze=args.freeze, batch=args.batch, log=log)
     )
     print(figures.line())
+    for kind, n in figures.log_kinds:
+        print(f"  {n:>7} x {kind}")
     return 0 if figures.missing == 0 and figures.double == 0 and figures.dead_letters == 0 else 1
 
 
