@@ -327,7 +327,8 @@ def kill_chaos(server: RedisServer, fleet: Fleet, ledger: Ledger, *, batches: in
     try:
         wait_until(lambda: len(follow_ons(server)) >= len(ids), timeout=deadline, message="every follow-on")
     except AssertionError as exc:
-        raise AssertionError(f"{exc}\n{state_of(server, ledger, ids)}") from None
+        logs = "\n".join(line for w in fleet.alive() for line in complaints(w)[-5:])
+        raise AssertionError(f"{exc}\n{state_of(server, ledger, ids)}\nworker logs:\n{logs}") from None
     wait_until(lambda: drained(server), message="drained")
     check_exactly_once(server, ledger, ids)
     assert dead_letters(server) == []
