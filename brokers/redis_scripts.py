@@ -118,7 +118,8 @@ end
 # ARGV: prefix, consumer, limit, max_deliveries, move_delayed (0/1), min_idle_ms,
 # then per stream: key, topic, group, claim (0/1), XAUTOCLAIM cursor.
 # Returns {deliveries, read_any, missing, cursors, tails, next_due_ms}; each
-# delivery is {stream index, entry id, message id, body, deliveries}.
+# delivery is {stream index, entry id, message id, body, deliveries}; tails
+# (each stream's last entry id) only if every stream was read to its end.
 FETCH = _COMMON + r"""
 local prefix, consumer = ARGV[1], ARGV[2]
 local remaining = tonumber(ARGV[3])
@@ -195,9 +196,14 @@ for index, s in ipairs(streams) do
   end
 end
 
+local drained = #missing == 0
 for index, s in ipairs(streams) do
   local rounds = 0
-  while remaining > 0 and rounds < 50 do
+  while remaining > 0 do
+    if rounds == 50 then
+      drained = false
+      break
+    end
     rounds = rounds + 1
     local r = redis.pcall('XREADGROUP', 'GROUP', s.group, consumer, 'COUNT', remaining,
                           'STREAMS', s.key, '>')
@@ -215,10 +221,11 @@ for index, s in ipairs(streams) do
   end
 end
 
--- Nothing to hand out: tell the caller where each stream ends, so it can
--- block on XREAD from exactly there without missing what arrives meanwhile.
+-- Every stream read to its end (room left, nothing missing): tell the caller
+-- where each stream ends, so that its next wait can block on XREAD from
+-- exactly there without missing what arrives meanwhile.
 local tails = {}
-if #out == 0 and read_any == 0 then
+if drained and remaining > 0 and #missing == 0 then
   for index, s in ipairs(streams) do
     local last = redis.call('XREVRANGE', s.key, '+', '-', 'COUNT', 1)
     if #last > 0 then tails[index] = last[1][1] else tails[index] = '0-0' end

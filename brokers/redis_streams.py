@@ -29,15 +29,20 @@ collide with the reserved names below):
 Delivery: ``fetch`` runs one script that (on timers) moves due delayed messages
 and XAUTOCLAIMs entries idle past ``visibility_timeout``, then XREADGROUPs
 every subscription's streams, dead-letters unreadable entries and entries past
-``max_deliveries``, and acks duplicates of settled ids. Only when that finds
-nothing does it block, with one XREAD on a dedicated connection over all the
-streams, from the tails the script reported, so nothing that arrives between
-the two is missed. ``Delivery.entry_id`` is the stream entry id, prefixed
-with ``p:`` for entries of a private stream.
+``max_deliveries``, and acks duplicates of settled ids. When that reads every
+stream to its end it also reports each stream's last id; then, unless a timer
+is due, the next wait needs no script of its own: one XREAD BLOCK over all the
+streams from those tails, on a dedicated connection, pipelined with the same
+script (without the timed work), which Redis runs the moment the XREAD
+returns. Nothing that arrives in between is missed, and a delivery that
+trickles in costs one round trip. ``Delivery.entry_id`` is the stream entry
+id, prefixed with ``p:`` for entries of a private stream.
 
 Commit is one fenced script: it checks with XPENDING that the consumer still
 holds the entry with the same delivery count (XACK has no owner check; a
 reclaim bumps the count), checks every state version, and only then writes.
+Commits made while others are on the wire are sent together in one
+non-transactional pipeline (still one script execution each).
 
 Retention: streams are never trimmed with MAXLEN on XADD. With ``maxlen`` set,
 ``trim`` (run periodically from ``fetch``) removes the oldest entries down to
@@ -91,7 +96,7 @@ from brokers.redis_support import (
     redis_url,
     slot,
     text,
-    wait_for_entries,
+    wait_then_fetch,
 )
 
 __all__ = ("RedisStreamsBroker",)
@@ -134,12 +139,15 @@ class RedisStreamsBroker:
         self._reader: Any | None = None
         self._scripts: dict[str, Any] = {}
         self._commits: ScriptBatcher | None = None
+        self._fetch_sha = ""
         self._claim_due: dict[str, float] = {}
         self._cursors: dict[str, str] = {}
         self._rotation = 0
         self._delayed_due = 0.0
         self._trim_due = 0.0
         self._known: dict[str, Stream] = {}
+        #: Stream tails from the last read that drained these streams.
+        self._drained: dict[frozenset[str], dict[str, str]] = {}
         self._outage = Outage(log, self.url)
 
     # -- lifecycle -----------------------------------------------------------
@@ -159,6 +167,7 @@ class RedisStreamsBroker:
             for name in ("FETCH", "EXTEND", "REPLAY", "BACKLOG", "LIST_STATE", "TRIM")
         }
         self._commits = ScriptBatcher(client, lua.COMMIT)
+        self._fetch_sha = self._scripts["FETCH"].sha
         await check_server(client, self.url, log)
 
     async def close(self) -> None:
@@ -294,10 +303,17 @@ class RedisStreamsBroker:
         deadline = time.monotonic() + max(0.0, timeout)
         while True:
             try:
-                found, tails = await self._fetch_once(consumer, streams, limit)
-                self._outage.ended()
-                if found:
-                    return found
+                # The previous read left every stream drained and no timer is
+                # due: wait for new entries straight away (one round trip
+                # fewer per hand-out while events trickle in).
+                tails = self._drained.pop(slot_set := self._slot_set(streams), None)
+                if tails is None or self._timers_due(streams, time.monotonic()):
+                    found, tails = await self._fetch_once(consumer, streams, limit)
+                    self._outage.ended()
+                    if found:
+                        if tails is not None:
+                            self._drained[slot_set] = tails
+                        return found
                 now = time.monotonic()
                 if now >= deadline:
                     return []
@@ -306,9 +322,19 @@ class RedisStreamsBroker:
                 slots = [self._claim_due[slot(s)] for s in streams]
                 wait = min(deadline, self._delayed_due, *slots) - now
                 if wait > 0:
+                    # Block on XREAD and have the same connection read through
+                    # the groups the moment it wakes: one round trip.
                     assert self._reader is not None
-                    await wait_for_entries(self._reader, tails, wait)
+                    args, _ = self._fetch_args(consumer, streams, limit, now, False)
+                    reply = await wait_then_fetch(self._reader, tails, wait, self._fetch_sha, args)
+                    if reply is not None:
+                        found, tails = await self._fetch_reply(consumer, streams, reply, False)
+                        if tails is not None:
+                            self._drained[slot_set] = tails
+                        if found:
+                            return found
             except Exception as exc:
+                self._drained.clear()
                 if self._client is None:
                     return []  # closed while waiting
                 # A periodic trim wraps its error like any other call.
@@ -320,25 +346,50 @@ class RedisStreamsBroker:
                 await self._outage.pause(cause, deadline - time.monotonic())
                 return []
 
-    async def _fetch_once(
-        self, consumer: str, streams: list[Stream], limit: int
-    ) -> tuple[list[Delivery], dict[str, str] | None]:
-        now = time.monotonic()
-        move_delayed = now >= self._delayed_due
+    @staticmethod
+    def _slot_set(streams: Sequence[Stream]) -> frozenset[str]:
+        return frozenset(slot(s) for s in streams)
+
+    def _timers_due(self, streams: Sequence[Stream], now: float) -> bool:
+        if now >= self._delayed_due:
+            return True
+        due = self._claim_due
+        return any(now >= due.get(slot(s), now) for s in streams)
+
+    def _fetch_args(
+        self, consumer: str, streams: list[Stream], limit: int, now: float, timers: bool
+    ) -> tuple[list[Any], bool]:
+        """FETCH's ARGV, and whether it moves delayed messages; without
+        ``timers`` it only reads (no delayed moves, no reclaims)."""
+        move_delayed = timers and now >= self._delayed_due
         args: list[Any] = [
             self._prefix, consumer, limit, self.max_deliveries, int(move_delayed),
             round(self.visibility_timeout * 1000),
         ]
         for s in streams:
             key = slot(s)
-            claim = now >= self._claim_due.setdefault(key, now)
+            claim = timers and now >= self._claim_due.setdefault(key, now)
             if claim:
                 self._claim_due[key] = now + self.options.effective_claim_interval
             args += [s.key, s.topic, s.group, int(claim), self._cursors.get(key, "0-0")]
+        return args, move_delayed
+
+    async def _fetch_once(
+        self, consumer: str, streams: list[Stream], limit: int
+    ) -> tuple[list[Delivery], dict[str, str] | None]:
+        now = time.monotonic()
+        args, move_delayed = self._fetch_args(consumer, streams, limit, now, True)
         if self.options.maxlen is not None and now >= self._trim_due:
             self._trim_due = now + _TRIM_INTERVAL
             await self.trim()
-        out, read_any, missing, cursors, tails, next_due = await self._scripts["FETCH"](args=args)
+        reply = await self._scripts["FETCH"](args=args)
+        return await self._fetch_reply(consumer, streams, reply, move_delayed)
+
+    async def _fetch_reply(
+        self, consumer: str, streams: list[Stream], reply: Any, move_delayed: bool
+    ) -> tuple[list[Delivery], dict[str, str] | None]:
+        """Deliveries from a FETCH reply, and the stream tails if it drained them."""
+        out, read_any, missing, cursors, tails, next_due = reply
         for s, cursor in zip(streams, cursors, strict=True):
             self._cursors[slot(s)] = text(cursor)
         if move_delayed:
@@ -357,9 +408,12 @@ class RedisStreamsBroker:
                     message_id=text(message_id), body=bytes(body), deliveries=int(count),
                 )
             )
-        if found or read_any or missing:
-            return found, None
-        return [], {s.key: text(tail) for s, tail in zip(streams, tails, strict=True)}
+        drained = {s.key: text(tail) for s, tail in zip(streams, tails, strict=False)} if tails else None
+        if found:
+            return found, drained
+        if read_any or missing:
+            return [], None
+        return [], drained
 
     async def _recover_groups(self, streams: Sequence[Stream]) -> None:
         self.group_recoveries += 1

@@ -34,7 +34,7 @@ __all__ = (
     "redis_url",
     "slot",
     "text",
-    "wait_for_entries",
+    "wait_then_fetch",
 )
 
 _OPTION_NAMES = frozenset(field.name for field in attrs.fields(BrokerOptions))
@@ -152,17 +152,30 @@ def dead_letter_record(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLette
     )
 
 
-async def wait_for_entries(reader: Any, tails: dict[str, str], seconds: float) -> None:
-    """Block until any stream gets an entry past its tail, or ``seconds`` pass.
+async def wait_then_fetch(reader: Any, tails: dict[str, str], seconds: float, sha: str, args: list[Any]) -> Any:
+    """Block until any stream gets an entry past its tail, or ``seconds`` pass,
+    then run the FETCH script (``sha``) with ``args``; return its reply.
 
-    One XREAD over all the streams on the blocking pool; the reply only wakes
-    the caller, which then reads through its consumer groups.
+    Both go in one pipeline on the blocking pool: Redis runs the EVALSHA
+    queued behind the XREAD as soon as the XREAD returns, so the read through
+    the consumer groups costs no round trip of its own. The XREAD reply only
+    wakes it. Returns ``None`` without waiting if ``seconds`` is under a
+    millisecond, and ``None`` if the script is not loaded (NOSCRIPT: the
+    caller's next ordinary FETCH loads it).
     """
     block = int(seconds * 1000)
     if block < 1 or not tails:
-        return
+        return None
+    pipe = reader.pipeline(transaction=False)
+    pipe.xread(tails, count=1, block=block)
+    pipe.execute_command("EVALSHA", sha, 0, *args)
     # BLOCK is enforced by Redis; the outer timeout catches a dead connection.
-    await asyncio.wait_for(reader.xread(tails, count=1, block=block), seconds + 5.0)
+    _, reply = await asyncio.wait_for(pipe.execute(raise_on_error=False), seconds + 5.0)
+    if isinstance(reply, rexc.NoScriptError):
+        return None
+    if isinstance(reply, Exception):
+        raise reply
+    return reply
 
 
 class Outage:
