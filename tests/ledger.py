@@ -26,6 +26,8 @@ from typing import Any
 import attrs
 import redis
 
+from choreo.middleware import Middleware
+
 DONE = "lab.done"
 
 
@@ -120,3 +122,15 @@ def executions(path: Path, pid: int | None = None) -> Counter[str]:
         if kind == "start" and (pid is None or int(by) == pid):
             counts[job] += 1
     return counts
+
+
+class Recorder(Middleware):
+    """Counts committed effects per job in this process (``on_publish`` runs only after a commit)."""
+
+    def __init__(self, topic: str = DONE) -> None:
+        self.topic = topic
+        self.counts: Counter[str] = Counter()
+
+    def on_publish(self, event: Any) -> None:
+        if event.type == self.topic:
+            self.counts[str(event.data["job"])] += 1
