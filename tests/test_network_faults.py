@@ -18,6 +18,7 @@ import pytest
 from choreo import Event
 from choreo.testing import TestEnv, run_apps
 from tests import ledger
+from tests.apps.lab import app
 from tests.fault_proxy import FaultProxy
 from tests.redis_server import RedisServer
 from tests.worker_process import WorkerProcess
@@ -145,3 +146,25 @@ async def test_blackhole_then_heal_without_resets_recovers(server: RedisServer, 
             print(f"T7 blackhole: {len(producer.jobs)} jobs, drained {recovered:.2f}s after the heal")
     finally:
         worker.kill()
+
+
+async def test_commit_swallowed_by_a_blackhole_does_not_wedge_its_handler(
+    server: RedisServer, proxy: FaultProxy
+) -> None:
+    """T7: a commit sent into a blackhole that is healed but never reset times out on the client
+    (redis-py's 5 s socket timeout), frees the handler, and the redelivery takes effect once."""
+    url = f"redis://127.0.0.1:{proxy.port}/0?{OPTIONS}"
+    effects = ledger.Recorder()
+    async with run_apps(app, broker=url, middleware=[effects], grace=1) as env:
+        await env.publish("lab.job", {"job": "a", "seconds": 0.6})
+        await asyncio.sleep(0.3)  # the handler is running; its commit will go into the blackhole
+        proxy.blackhole = True
+        await asyncio.sleep(1.0)
+        proxy.heal()
+        healed = time.monotonic()
+        while env.runtime.in_flight or effects.counts["a"] == 0:
+            assert time.monotonic() - healed < 15, (env.runtime.in_flight, effects.counts)
+            await asyncio.sleep(0.1)
+        print(f"T7 swallowed commit: settled {time.monotonic() - healed:.1f}s after the heal")
+    assert effects.counts == {"a": 1}
+    assert ledger.effects_in_redis(server.url) == {"a": 1}
