@@ -87,9 +87,9 @@ async def test_killed_coordinator_sagas_all_finish_with_effects_once(
     try:
         async with run_apps(participants(calls), broker=url) as env:
             first = coordinator(url, str(SAGAS), crash_at, str(nth))
-            assert await wait_exit(first, 30) == -signal.SIGKILL
+            assert await wait_exit(first, 90) == -signal.SIGKILL
             survivor = coordinator(url)
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 90
             while True:
                 records = [json.loads(v.value) for v in (await env.broker.list_state("saga:")).values()]
                 if len(records) == SAGAS and all(r["state"] in ("completed", "compensated", "failed") for r in records):
