@@ -89,9 +89,17 @@ class _Topic:
 _COMPACT_EVERY = 1024
 
 
+# Names already checked (a system has few topics and groups; bounded anyway).
+_valid_names: set[str] = set()
+
+
 def _check_name(kind: str, name: str) -> None:
-    if not isinstance(name, str) or not TOPIC_PATTERN.match(name):
+    if isinstance(name, str) and name in _valid_names:
+        return
+    if not isinstance(name, str) or not TOPIC_PATTERN.fullmatch(name):
         raise BrokerError(f"invalid {kind} name {name!r}: use letters, digits and ._-: (at most 200)")
+    if len(_valid_names) < 10_000:
+        _valid_names.add(name)
 
 
 def _check_message(message: Message) -> None:
@@ -133,6 +141,7 @@ class MemoryBroker:
         self._counter = itertools.count(1)
         self._turn = 0
         self._changed = asyncio.Event()
+        self._waiting = 0  # fetches waiting on _changed
 
     async def connect(self) -> None:
         """Mark the broker usable. Idempotent; state survives close/connect."""
@@ -201,8 +210,12 @@ class MemoryBroker:
             due = self._next_due(subs)
             if due is not None:
                 wait = min(wait, _POLL_INTERVAL, max(due - self._clock(), 0.001))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), wait)
+            self._waiting += 1
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), wait)
+            finally:
+                self._waiting -= 1
 
     async def commit(
         self,
@@ -324,8 +337,9 @@ class MemoryBroker:
             raise BrokerError("memory broker is not connected (await connect() first)")
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+        if self._waiting:  # a fresh Event per change costs; only pay it when a fetch waits
+            self._changed.set()
+            self._changed = asyncio.Event()
 
     def _owned(self, delivery: Delivery) -> tuple[_Group, _Pending] | None:
         """The delivery's group and lease, if its consumer still holds it from

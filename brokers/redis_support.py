@@ -71,7 +71,7 @@ def redis_url(url: str) -> str:
 
 
 def check_name(kind: str, name: str) -> None:
-    if not isinstance(name, str) or not TOPIC_PATTERN.match(name):
+    if not isinstance(name, str) or not TOPIC_PATTERN.fullmatch(name):
         raise BrokerError(f"invalid {kind} name {name!r}: letters, digits and ._-: only (at most 200)")
 
 

@@ -20,11 +20,11 @@ from typing import Any
 import attrs
 
 from brokers import Broker, CommitStatus, Delivery, Message
+from choreo import logs
 from choreo.context import Context
 from choreo.errors import DecodeError, EmitNotDeclared, PayloadValidationError, Reject, Retry
 from choreo.events import DEFAULT_MAX_SIZE, Event, child_event, decode_event, encode_event
 from choreo.failpoints import ACTIVE, hit
-from choreo.logs import handling
 from choreo.middleware import Middleware, Outcome
 from choreo.payloads import build_payload
 from choreo.routing import Emit, Route
@@ -100,13 +100,16 @@ class Dispatcher:
             await self._dead_letter(delivery, route, None, f"undecodable message: {exc}", started)
             return
         ctx = Context(event, route.service, route.name, self.broker)
-        with handling(event, route.group):  # log records carry the event's ids
+        token = logs.enter(event, route.group)  # log records carry the event's ids
+        try:
             for _ in range(MAX_STATE_CONFLICTS):
                 status = await self._attempt(delivery, route, event, ctx, started)
                 if status is not CommitStatus.CONFLICT:
                     return
                 ctx.reset()
             log.warning("%s: state kept changing under event %s; leaving it for redelivery", route.group, event.id)
+        finally:
+            logs.leave(token)
 
     async def _attempt(
         self, delivery: Delivery, route: Route, event: Event, ctx: Context, started: float
@@ -173,7 +176,9 @@ class Dispatcher:
         elif result is None or isinstance(result, dict):
             if route.terminal:
                 return []
-            choices = [Emit(route.emits[0], result)]
+            # The common case, without building an Emit.
+            data = {**event.data, **result} if result else dict(event.data)
+            return [(child_event(event, route.emits[0], data), None)]
         else:
             raise _Permanent(
                 f"handler {route.group} returned {type(result).__name__}; "

@@ -72,15 +72,28 @@ def new_event_id() -> str:
     )
 
 
+# Names already validated: a system has few event types and meets each one
+# for every event, so the regex runs once per name (bounded, in case of a flood
+# of distinct names).
+_valid_types: set[str] = set()
+_MAX_REMEMBERED_TYPES = 10_000
+
+
 def validate_event_type(event_type: object) -> str:
     """Return ``event_type`` if it is a valid event type name.
 
     Raises:
         DecodeError: it is not a string matching ``EVENT_TYPE_PATTERN``.
     """
-    if not isinstance(event_type, str) or len(event_type) > MAX_TYPE_LENGTH or not EVENT_TYPE_PATTERN.match(event_type):
+    if not isinstance(event_type, str):
+        raise DecodeError(f"invalid event type {repr(event_type)[:80]}: it must be a string")
+    if event_type in _valid_types:
+        return event_type
+    if len(event_type) > MAX_TYPE_LENGTH or not EVENT_TYPE_PATTERN.fullmatch(event_type):
         shown = repr(event_type)[:80]
         raise DecodeError(f"invalid event type {shown}: use dotted names of letters, digits, '_' and '-'")
+    if len(_valid_types) < _MAX_REMEMBERED_TYPES:
+        _valid_types.add(event_type)
     return event_type
 
 

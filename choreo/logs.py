@@ -19,9 +19,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import IO, TYPE_CHECKING, Any
-
-import attrs
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from choreo.events import Event
@@ -43,9 +41,11 @@ LOG_FIELDS = ("correlation_id", "event_id", "saga_id", "event_type", "handler")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(correlation_id)s %(event_id)s] %(message)s"
 
 
-@attrs.frozen
-class HandlingContext:
-    """What is being handled right now in this task or thread."""
+class HandlingContext(NamedTuple):
+    """What is being handled right now in this task or thread.
+
+    A named tuple, not an attrs class: one is built for every event handled.
+    """
 
     correlation_id: str
     event_id: str
@@ -60,6 +60,16 @@ _current: contextvars.ContextVar[HandlingContext | None] = contextvars.ContextVa
 def current() -> HandlingContext | None:
     """The event being handled in this context, if any."""
     return _current.get()
+
+
+def enter(event: Event, group: str) -> contextvars.Token[HandlingContext | None]:
+    """Mark ``event`` as being handled by ``group`` until ``leave(token)``."""
+    return _current.set(HandlingContext(event.correlation_id, event.id, event.saga_id, event.type, group))
+
+
+def leave(token: contextvars.Token[HandlingContext | None]) -> None:
+    """Undo the ``enter`` that returned ``token``."""
+    _current.reset(token)
 
 
 @contextlib.contextmanager

@@ -54,7 +54,7 @@ def test_events_are_immutable() -> None:
         event.type = "other"  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("name", ["", "has space", "a..b", ".a", "a.", "x" * 201, "a/b", "ünï"])
+@pytest.mark.parametrize("name", ["", "has space", "a..b", ".a", "a.", "x" * 201, "a/b", "ünï", "order.created\n"])
 def test_invalid_event_types_are_refused(name: str) -> None:
     """Type names become stream keys, so only dotted safe names pass."""
     with pytest.raises(DecodeError, match="invalid event type"):
