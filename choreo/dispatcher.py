@@ -26,8 +26,7 @@ from choreo.errors import DecodeError, EmitNotDeclared, PayloadValidationError, 
 from choreo.events import DEFAULT_MAX_SIZE, Event, child_event, decode_event, encode_event
 from choreo.failpoints import ACTIVE, hit
 from choreo.middleware import Middleware, Outcome
-from choreo.payloads import build_payload
-from choreo.routing import Emit, Route
+from choreo.routing import Emit, Route, handler_arguments
 
 __all__ = ("Dispatcher", "backoff_delay", "error_info")
 
@@ -136,24 +135,10 @@ class Dispatcher:
         return status
 
     async def _invoke(self, route: Route, event: Event, ctx: Context) -> Any:
-        kwargs: dict[str, Any] = {}
-        for param in route.params:
-            if param.source == "data":
-                kwargs[param.name] = dict(event.data)
-            elif param.source == "event":
-                kwargs[param.name] = event
-            elif param.source == "ctx":
-                kwargs[param.name] = ctx
-            elif param.source == "saga_id":
-                kwargs[param.name] = event.saga_id
-            elif param.source == "correlation_id":
-                kwargs[param.name] = event.correlation_id
-            else:
-                assert param.model is not None
-                try:
-                    kwargs[param.name] = build_payload(param.model, event.data)
-                except PayloadValidationError as exc:
-                    raise _Permanent(f"invalid payload for {route.group}: {exc}") from None
+        try:
+            kwargs = handler_arguments(route.params, event, ctx, event.data)
+        except PayloadValidationError as exc:
+            raise _Permanent(f"invalid payload for {route.group}: {exc}") from None
         handler = route.handler
         call = handler(**kwargs) if self._is_async[route.group] else asyncio.to_thread(handler, **kwargs)
         if route.timeout is None:

@@ -11,14 +11,19 @@ import contextlib
 import inspect
 import typing
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from choreo.errors import ConfigurationError, DecodeError
 from choreo.events import validate_event_type
+from choreo.payloads import build_payload
 
-__all__ = ("INJECTABLE", "Emit", "Handler", "Param", "Route", "Router", "emits")
+if TYPE_CHECKING:
+    from choreo.context import Context
+    from choreo.events import Event
+
+__all__ = ("INJECTABLE", "Emit", "Handler", "Param", "Route", "Router", "emits", "handler_arguments")
 
 Handler = Callable[..., Any]
 
@@ -132,6 +137,33 @@ def inspect_params(handler: Handler) -> tuple[Param, ...]:
                 f"use one of {', '.join(INJECTABLE)} or annotate it with an attrs class"
             )
     return tuple(params)
+
+
+def handler_arguments(params: Sequence[Param], event: Event, ctx: Context, data: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments that call a handler with ``params`` for ``event``.
+
+    ``data`` is the payload the handler sees (the event's data, or a part of it).
+
+    Raises:
+        PayloadValidationError: an attrs-typed parameter does not fit ``data``.
+    """
+    kwargs: dict[str, Any] = {}
+    for param in params:
+        source = param.source
+        if source == "data":
+            kwargs[param.name] = dict(data)
+        elif source == "event":
+            kwargs[param.name] = event
+        elif source == "ctx":
+            kwargs[param.name] = ctx
+        elif source == "saga_id":
+            kwargs[param.name] = event.saga_id
+        elif source == "correlation_id":
+            kwargs[param.name] = event.correlation_id
+        else:
+            assert param.model is not None
+            kwargs[param.name] = build_payload(param.model, data)
+    return kwargs
 
 
 class Router:

@@ -21,8 +21,7 @@ from choreo.context import Context
 from choreo.dispatcher import error_info
 from choreo.errors import ConfigurationError, Reject
 from choreo.events import Event
-from choreo.payloads import build_payload
-from choreo.routing import Emit, Handler, Param, Route, inspect_params
+from choreo.routing import Emit, Handler, Route, handler_arguments, inspect_params
 from choreo.saga.definition import command_topic
 
 if TYPE_CHECKING:
@@ -64,25 +63,6 @@ class ReplyTopics(tuple[str, ...]):
         return isinstance(item, str) and item.startswith(REPLY_PREFIX) and len(item) > len(REPLY_PREFIX)
 
 
-def _kwargs(params: tuple[Param, ...], event: Event, ctx: Context, data: dict[str, Any]) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {}
-    for param in params:
-        if param.source == "data":
-            kwargs[param.name] = dict(data)
-        elif param.source == "event":
-            kwargs[param.name] = event
-        elif param.source == "ctx":
-            kwargs[param.name] = ctx
-        elif param.source == "saga_id":
-            kwargs[param.name] = event.saga_id
-        elif param.source == "correlation_id":
-            kwargs[param.name] = event.correlation_id
-        else:
-            assert param.model is not None
-            kwargs[param.name] = build_payload(param.model, data)
-    return kwargs
-
-
 def register_action(app: App, name: str, handler: Handler, *, service: str | None = None) -> Route:
     """Add the route that runs ``handler`` for ``saga.cmd.<service>.<name>``.
 
@@ -122,7 +102,7 @@ def register_action(app: App, name: str, handler: Handler, *, service: str | Non
             interceptor = _interceptors.get(app.runtime) if _interceptors else None
             if interceptor is not None:
                 interceptor(service, name, dict(event.data))
-            kwargs = _kwargs(params, event, ctx, event.data)
+            kwargs = handler_arguments(params, event, ctx, event.data)
             if is_async:
                 result = await handler(**kwargs)
             else:
