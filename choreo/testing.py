@@ -104,6 +104,5 @@ async def run_apps(*apps: App, broker: str | Broker = "memory://", **options: An
     """
     recorder = _Recorder()
     middleware = [recorder, *options.pop("middleware", ())]
-    options.setdefault("grace", 2.0)
     async with run(*apps, broker=broker, middleware=middleware, **options) as runtime:
         yield TestEnv(runtime, recorder)
