@@ -28,11 +28,14 @@ ROOT = Path(__file__).resolve().parent.parent
 SAGAS = 20
 
 
-def participants(calls: Counter[str]) -> App:
+def participants(calls: Counter[str], gate: asyncio.Event | None = None) -> App:
+    """The saga's participants; with ``gate``, every action waits for it first."""
     app = App("fault_participants")
 
     def action(name: str, fail: bool = False) -> None:
         async def run(data: dict[str, Any], ctx: Context) -> dict[str, Any]:
+            if gate is not None:
+                await gate.wait()
             calls[ctx.idempotency_key] += 1
             if fail and data["decline"]:
                 raise ValueError("declined")
@@ -51,13 +54,15 @@ def coordinator(url: str, *args: str) -> subprocess.Popen[str]:
         [sys.executable, "-m", "tests.apps.saga_crash", url, *args],
         cwd=ROOT,
         text=True,
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
 
 
 def stop(process: subprocess.Popen[str]) -> None:
+    if process.stdout is not None:
+        process.stdout.close()
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
@@ -85,8 +90,15 @@ async def test_killed_coordinator_sagas_all_finish_with_effects_once(
     calls: Counter[str] = Counter()
     first = survivor = None
     try:
-        async with run_apps(participants(calls), broker=url) as env:
+        # Participants hold every command until the first coordinator has started
+        # all sagas and armed its crash point, so the point is reached however
+        # the machine schedules the two processes.
+        gate = asyncio.Event()
+        async with run_apps(participants(calls, gate), broker=url) as env:
             first = coordinator(url, str(SAGAS), crash_at, str(nth))
+            assert first.stdout is not None
+            assert (await asyncio.to_thread(first.stdout.readline)).strip() == "started"
+            gate.set()
             assert await wait_exit(first, 90) == -signal.SIGKILL
             survivor = coordinator(url)
             deadline = time.monotonic() + 90
