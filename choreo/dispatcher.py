@@ -27,6 +27,7 @@ from choreo.events import DEFAULT_MAX_SIZE, Event, child_event, decode_event, en
 from choreo.failpoints import ACTIVE, hit
 from choreo.middleware import Middleware, Outcome
 from choreo.routing import Emit, Route, handler_arguments
+from choreo.threads import run_in_daemon_thread
 
 __all__ = ("Dispatcher", "backoff_delay", "error_info")
 
@@ -140,7 +141,7 @@ class Dispatcher:
         except PayloadValidationError as exc:
             raise _Permanent(f"invalid payload for {route.group}: {exc}") from None
         handler = route.handler
-        call = handler(**kwargs) if self._is_async[route.group] else asyncio.to_thread(handler, **kwargs)
+        call = handler(**kwargs) if self._is_async[route.group] else run_in_daemon_thread(handler, **kwargs)
         if route.timeout is None:
             result = await call
         else:

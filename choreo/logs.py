@@ -1,10 +1,10 @@
 """Correlated logs: every record written while an event is handled carries its ids.
 
-The dispatcher sets a context variable around each delivery
-(``handling(event, group)``); ``CorrelationFilter`` copies the ids onto every
-log record, whichever logger wrote it (the handler's own, a library's, the
-dispatcher's). Context variables follow ``await`` and ``asyncio.to_thread``, so
-sync handlers running in a worker thread are covered too.
+The dispatcher sets a context variable around each delivery (``enter`` /
+``leave``); ``CorrelationFilter`` copies the ids onto every log record,
+whichever logger wrote it (the handler's own, a library's, the dispatcher's).
+Context variables follow ``await`` and are copied into the threads that run
+sync handlers, so those are covered too.
 
 ``configure_logging(level, fmt)`` installs one stream handler with the filter
 and a text or JSON formatter; ``choreo worker --log-format json`` uses it.

@@ -132,3 +132,19 @@ def test_metrics_port_in_use_is_one_clear_line(redis_url: str) -> None:
     assert result.returncode == 2
     assert f"error: cannot serve metrics on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_sigterm_does_not_wait_for_a_sync_handler_past_the_grace_period(redis_url: str, tmp_path: Path) -> None:
+    """A sync handler still blocking its thread after the grace period neither keeps
+    the worker alive nor is acked: the worker exits 0 promptly, the delivery stays pending."""
+    ledger = tmp_path / "ledger"
+    worker = WorkerProcess("tests.apps.blocking:app", "--broker", redis_url, "--grace", "0.5").start()
+    try:
+        result = choreo("publish", "report.requested", f'{{"report_id": "R-1", "seconds": 60, "ledger": "{ledger}"}}',
+                        "--broker", redis_url)
+        assert result.returncode == 0, result.stderr
+        wait_until(lambda: "started R-1" in lines(ledger), message="handler started")
+    finally:
+        code = worker.terminate(timeout=10)
+    assert code == 0, worker.output
+    assert asyncio.run(pending(redis_url, "report.requested", "reports.build_report")) == 1

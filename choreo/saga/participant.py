@@ -9,7 +9,6 @@ the error. A failing action is a failure reply, never a dead letter.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 import time
@@ -23,6 +22,7 @@ from choreo.errors import ConfigurationError, Reject
 from choreo.events import Event
 from choreo.routing import Emit, Handler, Route, handler_arguments, inspect_params
 from choreo.saga.definition import command_topic
+from choreo.threads import run_in_daemon_thread
 
 if TYPE_CHECKING:
     from choreo.app import App
@@ -106,7 +106,7 @@ def register_action(app: App, name: str, handler: Handler, *, service: str | Non
             if is_async:
                 result = await handler(**kwargs)
             else:
-                result = await asyncio.to_thread(handler, **kwargs)
+                result = await run_in_daemon_thread(handler, **kwargs)
             if inspect.isawaitable(result):
                 result = await result
             if result is None:
