@@ -295,7 +295,7 @@ async def serve(
         try:
             loop.add_signal_handler(signum, stop.set)
             installed.append(signum)
-        except (NotImplementedError, RuntimeError):  # not the main thread
+        except RuntimeError:  # not the main thread: whoever runs us owns the signals
             pass
     try:
         async with run(*apps, broker=broker, concurrency=concurrency, grace=grace, middleware=middleware) as runtime:
