@@ -8,7 +8,8 @@ that fault Redis itself start their own ``RedisServer``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -22,6 +23,35 @@ def redis_server() -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def start_redis() -> Iterator[Callable[..., RedisServer]]:
+    """Start private redis-servers (``RedisServer`` options) that a test may kill,
+    pause or restart; every one is stopped at teardown."""
+    started: list[RedisServer] = []
+
+    def start(**options: Any) -> RedisServer:
+        instance = RedisServer(**options)
+        started.append(instance)
+        instance.start()
+        return instance
+
+    yield start
+    for instance in started:
+        instance.stop()
+
+
+@pytest.fixture
+def server(start_redis: Callable[..., RedisServer]) -> RedisServer:
+    """A private redis-server with AOF (everysec), as production should run it."""
+    return start_redis(appendonly=True)
+
+
+@pytest.fixture
+def fsync_server(start_redis: Callable[..., RedisServer]) -> RedisServer:
+    """A private redis-server with ``appendfsync always``: every acknowledged write is on disk."""
+    return start_redis(appendonly=True, appendfsync="always")
 
 
 @pytest.fixture(params=["memory", "redis"])

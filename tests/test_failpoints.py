@@ -119,13 +119,6 @@ VT = 1.0
 URL_OPTIONS = f"visibility_timeout={VT}&claim_interval=0.25&max_deliveries=10"
 
 
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    instance = RedisServer(appendonly=True)
-    instance.start()
-    yield instance
-    instance.stop()
-
 
 def worker(url: str, points: str = "") -> WorkerProcess:
     os.environ["CHOREO_FAILPOINTS"] = points

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -94,13 +94,6 @@ async def test_handler_slower_than_the_lease(
         assert ledger.executions(runs) == Counter({"slow": 2})
         assert len(lost) == 1  # the stale owner's commit, refused
 
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    instance = RedisServer(appendonly=True)
-    instance.start()
-    yield instance
-    instance.stop()
 
 
 @pytest.mark.redis

@@ -28,13 +28,6 @@ pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 OPTIONS = "visibility_timeout=1&claim_interval=0.25&max_deliveries=20"
 
 
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    instance = RedisServer(appendonly=True)
-    instance.start()
-    yield instance
-    instance.stop()
-
 
 @pytest.fixture
 def proxy(server: RedisServer) -> Iterator[FaultProxy]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import re
 import shlex
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,15 +45,6 @@ def permissions(rules: list[str]) -> list[str]:
 def test_page_documents_the_acl_of_the_redis_broker() -> None:
     assert permissions(documented_rules()) == permissions(module_rules())
 
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    instance = RedisServer(appendonly=True)
-    instance.start()
-    try:
-        yield instance
-    finally:
-        instance.stop()
 
 
 @pytest.mark.redis

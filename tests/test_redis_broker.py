@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import pytest
@@ -29,19 +29,10 @@ FAST = "visibility_timeout=0.3&max_deliveries=3"
 
 
 @pytest.fixture
-def server() -> Iterator[RedisServer]:
-    instance = RedisServer()
-    instance.start()
-    yield instance
-    instance.stop()
+def server(start_redis: Callable[..., RedisServer]) -> RedisServer:
+    """Without persistence, unlike the shared fixture: the start-up warning is under test."""
+    return start_redis()
 
-
-@pytest.fixture
-def aof_server() -> Iterator[RedisServer]:
-    instance = RedisServer(appendonly=True, appendfsync="always")
-    instance.start()
-    yield instance
-    instance.stop()
 
 
 @asynccontextmanager
@@ -120,20 +111,20 @@ async def test_flushall_recreates_groups_and_keeps_consuming(server: RedisServer
         assert broker.group_recoveries == 2
 
 
-async def test_restart_keeps_acknowledged_messages_and_scripts_reload(aof_server: RedisServer) -> None:
+async def test_restart_keeps_acknowledged_messages_and_scripts_reload(fsync_server: RedisServer) -> None:
     """After kill -9 and restart from the AOF, published messages survive and commit reloads its script."""
-    async with connected(aof_server.url) as broker:
+    async with connected(fsync_server.url) as broker:
         await broker.subscribe([G1, OUT])
         await broker.publish([msg(1)])
         (before,) = await collect(broker, "c", [G1], 1)
         assert await broker.commit(before, publish=[msg(10, topic=OUT.topic)]) is CommitStatus.OK
         await broker.publish([msg(2)])
 
-        aof_server.kill()
+        fsync_server.kill()
         assert await broker.fetch("c", [G1], limit=1, timeout=0.2) == []
         with pytest.raises(BrokerError):
             await broker.publish([msg(3)])
-        aof_server.start()
+        fsync_server.start()
 
         (after,) = await collect(broker, "c", [G1], 1, timeout=5)
         assert after.message_id == "m2"
@@ -189,10 +180,10 @@ async def test_startup_warns_when_redis_is_not_durable(server: RedisServer, capl
     assert any("appendonly no" in r.getMessage() for r in caplog.records if r.name == "brokers.redis")
 
 
-async def test_no_warning_for_durable_redis(aof_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+async def test_no_warning_for_durable_redis(fsync_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
     """With appendonly yes and noeviction, connect() is quiet."""
     with caplog.at_level(logging.WARNING, logger="brokers.redis"):
-        async with connected(aof_server.url):
+        async with connected(fsync_server.url):
             pass
     assert not [r for r in caplog.records if r.name == "brokers.redis"]
 

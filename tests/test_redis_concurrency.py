@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -29,13 +28,6 @@ pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 EVENTS = 2000
 CONCURRENCY = 300  # above the command pool (32) and redis-py's default pool (100)
 
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    instance = RedisServer()
-    instance.start()
-    yield instance
-    instance.stop()
 
 
 async def test_concurrency_above_the_pool_size_loses_nothing(

@@ -179,25 +179,6 @@ def fleet() -> Iterator[Fleet]:
         workers.kill_all()
 
 
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    instance = RedisServer(appendonly=True)
-    instance.start()
-    try:
-        yield instance
-    finally:
-        instance.stop()
-
-
-@pytest.fixture
-def fsync_server() -> Iterator[RedisServer]:
-    """AOF with ``appendfsync always``: every acknowledged write is on disk."""
-    instance = RedisServer(appendonly=True, appendfsync="always")
-    instance.start()
-    try:
-        yield instance
-    finally:
-        instance.stop()
 
 
 def url_of(server: RedisServer, query: str) -> str:

@@ -8,7 +8,6 @@ takes effect once.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 
@@ -24,13 +23,6 @@ pytestmark = pytest.mark.anyio
 
 OPTIONS = "visibility_timeout=1&claim_interval=0.25&max_deliveries=20"
 
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    instance = RedisServer(appendonly=True)
-    instance.start()
-    yield instance
-    instance.stop()
 
 
 def jobs(prefix: str, n: int, **data: object) -> list[Event]:

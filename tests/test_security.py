@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -56,16 +56,14 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def tls_server(certificates: Path) -> Iterator[tuple[RedisServer, int]]:
+def tls_server(certificates: Path, start_redis: Callable[..., RedisServer]) -> tuple[RedisServer, int]:
     tls_port = free_port()
-    instance = RedisServer(appendonly=True, extra=(
+    instance = start_redis(appendonly=True, extra=(
         "--tls-port", str(tls_port), "--tls-cert-file", str(certificates / "server.crt"),
         "--tls-key-file", str(certificates / "server.key"),
         "--tls-ca-cert-file", str(certificates / "choreo-test-ca.crt"), "--tls-auth-clients", "no",
     ))
-    instance.start()
-    yield instance, tls_port
-    instance.stop()
+    return instance, tls_port
 
 
 async def test_tls_with_the_trusted_ca_works_and_an_untrusted_one_is_refused(
@@ -110,12 +108,9 @@ def listening_addresses(pid: int, port: int) -> set[str]:
 
 
 @pytest.fixture
-def acl_server() -> Iterator[RedisServer]:
-    instance = RedisServer(appendonly=True)
-    instance.start()
-    instance.command("ACL", "SETUSER", "worker", *ACL_RULES.split())
-    yield instance
-    instance.stop()
+def acl_server(server: RedisServer) -> RedisServer:
+    server.command("ACL", "SETUSER", "worker", *ACL_RULES.split())
+    return server
 
 
 async def test_worker_acl_user_works_cannot_overreach_and_leaks_no_secret(acl_server: RedisServer) -> None:
