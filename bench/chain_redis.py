@@ -27,6 +27,8 @@ import redis.asyncio as aioredis
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from chain_memory import chain_app as memory_chain_app  # this folder, run as a script
+
 from choreo import App, Event
 from choreo.testing import run_apps
 from tests.redis_server import RedisServer
@@ -36,19 +38,8 @@ NEXT = {"bench.a": "bench.b", "bench.b": "bench.c", "bench.c": "bench.d"}
 
 
 def chain_app(arrived: asyncio.Queue[float] | None = None) -> App:
-    app = App("chain")
-
-    @app.on_event("bench.a")
-    @app.emits("bench.b")
-    async def a_to_b(data: dict[str, Any]) -> None: ...
-
-    @app.on_event("bench.b")
-    @app.emits("bench.c")
-    async def b_to_c(data: dict[str, Any]) -> None: ...
-
-    @app.on_event("bench.c")
-    @app.emits("bench.d")
-    async def c_to_d(data: dict[str, Any]) -> None: ...
+    """The chain of ``chain_memory.py``; with ``arrived``, D's arrival times go there."""
+    app = memory_chain_app()
 
     if arrived is not None:
 
