@@ -180,13 +180,8 @@ class Dispatcher:
             if choice.data is not None and not isinstance(choice.data, dict):
                 raise _Permanent(f"handler {route.group} emitted {choice.type!r} with non-object data")
             data = {**event.data, **(choice.data or {})} if choice.merge else dict(choice.data or {})
-            emitted.append((self.child(event, choice.type, data, choice.headers), choice.delay))
+            emitted.append((child_event(event, choice.type, data, choice.headers), choice.delay))
         return emitted
-
-    @staticmethod
-    def child(event: Event, event_type: str, data: dict[str, Any], headers: dict[str, str] | None = None) -> Event:
-        """An event emitted while handling ``event``: ids propagate."""
-        return child_event(event, event_type, data, headers)
 
     async def _failed(
         self, delivery: Delivery, route: Route, event: Event, exc: Exception, started: float, ctx: Context
@@ -216,7 +211,7 @@ class Dispatcher:
             "%s failed on %s %s after %d attempts, emitting %s: %s: %s",
             route.group, event.type, event.id, event.attempt, failure, type(exc).__name__, exc,
         )
-        failed = self.child(event, failure, {**event.data, "error": error_info(exc)})
+        failed = child_event(event, failure, {**event.data, "error": error_info(exc)})
         status = await self._commit(delivery, route, publish=[self.message(failed)])
         if status is CommitStatus.OK:
             self.published([failed])
