@@ -213,7 +213,8 @@ class MemoryBroker:
             self._waiting += 1
             try:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), wait)
+                    async with asyncio.timeout(wait):
+                        await changed.wait()
             finally:
                 self._waiting -= 1
 

@@ -170,7 +170,8 @@ async def wait_then_fetch(reader: Any, tails: dict[str, str], seconds: float, sh
     pipe.xread(tails, count=1, block=block)
     pipe.execute_command("EVALSHA", sha, 0, *args)
     # BLOCK is enforced by Redis; the outer timeout catches a dead connection.
-    _, reply = await asyncio.wait_for(pipe.execute(raise_on_error=False), seconds + 5.0)
+    async with asyncio.timeout(seconds + 5.0):
+        _, reply = await pipe.execute(raise_on_error=False)
     if isinstance(reply, rexc.NoScriptError):
         return None
     if isinstance(reply, Exception):

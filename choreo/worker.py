@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from brokers import Broker, BrokerError, CommitStatus, Delivery, StateWrite, Subscription
+from choreo.cancelling import cancel_and_wait
 from choreo.dispatcher import Dispatcher
 from choreo.errors import BrokerUnavailable, ConfigurationError
 from choreo.events import DEFAULT_MAX_SIZE, Event, validate_event_type
@@ -32,6 +33,9 @@ __all__ = ("DEFAULT_BROKER_URL", "Runtime", "connect_broker", "run", "serve")
 log = logging.getLogger("choreo.worker")
 
 DEFAULT_BROKER_URL = "memory://"
+
+# How long a stopping worker waits for cancelled tasks to end.
+_CANCEL_WAIT = 5.0
 
 
 def broker_url_from_env(url: str | None = None) -> str:
@@ -216,9 +220,10 @@ class Runtime:
         self._slot_freed.set()
         grace = self.grace if grace is None else grace
         if self._loops:
-            consume = self._loops[0]
-            with contextlib.suppress(asyncio.CancelledError):
-                await consume
+            # The consume loop ends on the flag, within one poll interval. It is
+            # waited for, not awaited: a cancellation of stop() itself must not
+            # be mistaken for the loop's own end and swallowed.
+            await asyncio.wait(self._loops[:1])
         pending = set(self._in_flight)
         if pending:
             log.info("draining %d in-flight handlers (grace %.1fs)", len(pending), grace)
@@ -226,13 +231,12 @@ class Runtime:
             if still:
                 log.warning("cancelling %d handlers still running after %.1fs; they will be redelivered",
                             len(still), grace)
-                for task in still:
-                    task.cancel()
-                await asyncio.wait(still, timeout=5)
-        for task in self._loops[1:]:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+                left = await cancel_and_wait(still, _CANCEL_WAIT)
+                if left:
+                    log.warning("%d handlers ignored cancellation for %.0fs; leaving them behind", len(left),
+                                _CANCEL_WAIT)
+        if await cancel_and_wait(self._loops[1:], _CANCEL_WAIT):
+            log.warning("the lease renewal loop ignored cancellation; leaving it behind")
         for app in self.apps:
             app._unbind(self)
 
@@ -308,9 +312,7 @@ async def serve(
             try:
                 await stop.wait()
             finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                await cancel_and_wait(tasks, _CANCEL_WAIT)
             log.info("stopping: draining in-flight handlers")
     finally:
         for signum in installed:

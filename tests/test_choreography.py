@@ -390,3 +390,62 @@ async def test_stop_drains_in_flight_handlers_before_returning(broker_url: str) 
         assert env.runtime.in_flight == 0
         backlog = await observer.broker.backlog(env.runtime.subscriptions)
         assert all(b.idle for b in backlog)
+
+
+class SwallowsOneCancel:
+    """A broker whose lease renewal drops the cancellation that reaches it and
+    returns normally, as ``asyncio.wait_for`` does on Python 3.11 when its inner
+    call completes in the same loop iteration (redis-py uses it for socket timeouts)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.swallowed = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def extend(self, delivery: Any) -> bool:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.swallowed += 1
+        return True
+
+
+async def test_stop_ends_even_when_a_cancellation_is_swallowed(broker_url: str) -> None:
+    """A worker past its grace period exits although a library dropped the first
+    cancel of its lease renewal; the cut-off delivery is handled by the next worker."""
+    import brokers
+    from choreo import run
+
+    url = broker_url + ("&" if "?" in broker_url else "?") + "visibility_timeout=0.6"
+    app = make_app()
+    started = asyncio.Event()
+    release = asyncio.Event()
+    done: list[str] = []
+
+    @app.on_event("stuck.requested")
+    async def stuck(event: Event) -> None:
+        started.set()
+        await release.wait()
+        done.append(event.id)
+
+    inner = brokers.from_url(url)
+    await inner.connect()
+    try:
+        broker = SwallowsOneCancel(inner)
+        async with asyncio.timeout(15) as guard:  # against a hang, not a speed check
+            async with run(app, broker=broker, grace=0.1) as runtime:  # type: ignore[arg-type]
+                event = await runtime.publish("stuck.requested", {})
+                await asyncio.wait_for(started.wait(), 5)
+                await asyncio.sleep(0.5)  # the renewal loop is now inside extend()
+        assert not guard.expired(), "stop() hung"
+        assert broker.swallowed == 1
+        assert done == []
+        release.set()
+        async with run(app, broker=inner):
+            async with asyncio.timeout(15):
+                while done != [event.id]:
+                    await asyncio.sleep(0.05)
+    finally:
+        await inner.close()

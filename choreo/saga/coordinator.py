@@ -447,7 +447,8 @@ class SagaCoordinator:
             if left is not None and left <= 0:
                 raise TimeoutError(f"saga {saga_id} has not ended after {timeout}s; it goes on")
             with contextlib.suppress(TimeoutError):
-                return await asyncio.wait_for(asyncio.shield(future), poll if left is None else min(poll, left))
+                async with asyncio.timeout(poll if left is None else min(poll, left)):
+                    return await asyncio.shield(future)
             with contextlib.suppress(SagaNotFound):
                 current = await self.get_saga_state(saga_id)
                 if current.state.terminal:
