@@ -18,6 +18,7 @@ from typing import Any
 
 from brokers.memory import MemoryBroker
 from choreo.app import App
+from choreo.cancelling import cancel_and_wait
 from choreo.events import Event
 from choreo.middleware import Middleware
 from choreo.saga.coordinator import SagaCoordinator, coordinator_of
@@ -128,9 +129,7 @@ class SagaTestHarness:
     async def close(self) -> None:
         """Stop the apps and the clock. Idempotent."""
         if self._driver is not None:
-            self._driver.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._driver
+            await cancel_and_wait([self._driver], 5.0)
             self._driver = None
         if self._runtime is not None:
             runtime, self._runtime = self._runtime, None
