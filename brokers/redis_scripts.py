@@ -15,7 +15,7 @@ from typing import Any
 from brokers.base import BrokerError, Delivery, Message, StateWrite
 from brokers.redis_support import check_name
 
-__all__ = ("BACKLOG", "COMMIT", "EXTEND", "FETCH", "LIST_STATE", "REPLAY", "TRIM", "commit_args")
+__all__ = ("BACKLOG", "COMMIT_BATCH", "EXTEND", "FETCH", "LIST_STATE", "REPLAY", "TRIM", "commit_args")
 
 
 def commit_args(
@@ -28,7 +28,8 @@ def commit_args(
     done: bool,
     dedupe_ttl: float,
 ) -> tuple[list[Any], float | None]:
-    """COMMIT's ARGV (see the layout above the script) and the soonest delay
+    """One commit's arguments for COMMIT_BATCH (see the layout above the
+    script) and the soonest delay
     of its messages, in seconds.
 
     Every name and id goes into one JSON header and only the bodies and values
@@ -234,6 +235,7 @@ end
 return {out, read_any, missing, cursors, tails, next_due}
 """
 
+# One commit's arguments (``commit_args``), seen as ``ARGV`` inside ``commit``.
 # ARGV[1]: a JSON header [prefix, settle, writes, messages]:
 #   settle: false, or [stream key, group, consumer, entry id, deliveries,
 #     message id, has message id, done, dedupe ttl ms, dead reason,
@@ -242,61 +244,89 @@ return {out, read_any, missing, cursors, tails, next_due}
 #   messages: [[topic, group, id, delay ms], ...].
 # ARGV[2...]: the bytes, in order: the dead letter's body (only with a dead
 # letter), each write's value, each message's body.
-COMMIT = _COMMON + r"""
-local h = cjson.decode(ARGV[1])
-local prefix, settle, writes, messages = h[1], h[2], h[3], h[4]
-local at = 2
-local body = ''
-if settle and settle[11] then
-  body = ARGV[at]
-  at = at + 1
-end
-local first_value = at
-local first_body = at + #writes
+_COMMIT_ONE = r"""
+local function commit(ARGV)
+  local h = cjson.decode(ARGV[1])
+  local prefix, settle, writes, messages = h[1], h[2], h[3], h[4]
+  local at = 2
+  local body = ''
+  if settle and settle[11] then
+    body = ARGV[at]
+    at = at + 1
+  end
+  local first_value = at
+  local first_body = at + #writes
 
-local skey, group, eid, deliveries
-if settle then
-  skey, group, eid, deliveries = settle[1], settle[2], settle[4], settle[5]
-  if not owns(skey, group, settle[3], eid, deliveries) then return 'lease_lost' end
-  if settle[7] and redis.call('EXISTS', prefix .. ':_seen:' .. group .. ':' .. settle[6]) == 1 then
-    -- A duplicate that was in flight while the original settled: ack it, nothing else.
+  local skey, group, eid, deliveries
+  if settle then
+    skey, group, eid, deliveries = settle[1], settle[2], settle[4], settle[5]
+    if not owns(skey, group, settle[3], eid, deliveries) then return 'lease_lost' end
+    if settle[7] and redis.call('EXISTS', prefix .. ':_seen:' .. group .. ':' .. settle[6]) == 1 then
+      -- A duplicate that was in flight while the original settled: ack it, nothing else.
+      redis.call('XACK', skey, group, eid)
+      return 'duplicate'
+    end
+  end
+  for _, w in ipairs(writes) do
+    local current = redis.call('HGET', prefix .. ':_state:' .. w[1], 'n')
+    if (tonumber(current) or 0) ~= w[3] then return 'conflict' end
+  end
+
+  -- Validated: from here on every call writes.
+  local now = now_ms()
+  for i, m in ipairs(messages) do
+    publish(prefix, now, m[1], m[2], m[3], ARGV[first_body + i - 1], m[4])
+  end
+  local index = prefix .. ':_state_keys'
+  for i, w in ipairs(writes) do
+    local key = prefix .. ':_state:' .. w[1]
+    if w[2] then
+      redis.call('HSET', key, 'v', ARGV[first_value + i - 1], 'n', w[3] + 1)
+      redis.call('ZADD', index, 0, w[1])
+    else
+      redis.call('DEL', key)
+      redis.call('ZREM', index, w[1])
+    end
+  end
+  if settle then
+    if settle[11] then
+      local message_id = false
+      if settle[7] then message_id = settle[6] end
+      dead_letter(prefix, settle[12], group, message_id, body, settle[10], deliveries, now)
+    end
+    if settle[8] and settle[7] then
+      redis.call('SET', prefix .. ':_seen:' .. group .. ':' .. settle[6], '1', 'PX', settle[9])
+    end
     redis.call('XACK', skey, group, eid)
-    return 'duplicate'
   end
+  return 'ok'
 end
-for _, w in ipairs(writes) do
-  local current = redis.call('HGET', prefix .. ':_state:' .. w[1], 'n')
-  if (tonumber(current) or 0) ~= w[3] then return 'conflict' end
-end
+"""
 
--- Validated: from here on every call writes.
-local now = now_ms()
-for i, m in ipairs(messages) do
-  publish(prefix, now, m[1], m[2], m[3], ARGV[first_body + i - 1], m[4])
-end
-local index = prefix .. ':_state_keys'
-for i, w in ipairs(writes) do
-  local key = prefix .. ':_state:' .. w[1]
-  if w[2] then
-    redis.call('HSET', key, 'v', ARGV[first_value + i - 1], 'n', w[3] + 1)
-    redis.call('ZADD', index, 0, w[1])
+# ARGV: the number of commits, then for each: its argument count and its
+# arguments (``commit_args``). Returns one reply per commit, in order: a status
+# string, or an error reply if that commit failed (the others are unaffected).
+# Each commit is fenced and validated on its own, exactly as if it were a
+# script of its own; one script for the batch saves a command, a reply and
+# their parsing per commit.
+COMMIT_BATCH = _COMMON + _COMMIT_ONE + r"""
+local replies = {}
+local at = 2
+for i = 1, tonumber(ARGV[1]) do
+  local n = tonumber(ARGV[at])
+  local argv = {}
+  for j = 1, n do argv[j] = ARGV[at + j] end
+  at = at + n + 1
+  local ok, result = pcall(commit, argv)
+  if ok then
+    replies[i] = result
+  elseif type(result) == 'table' and result.err then
+    replies[i] = result
   else
-    redis.call('DEL', key)
-    redis.call('ZREM', index, w[1])
+    replies[i] = {err = 'ERR commit failed: ' .. tostring(result)}
   end
 end
-if settle then
-  if settle[11] then
-    local message_id = false
-    if settle[7] then message_id = settle[6] end
-    dead_letter(prefix, settle[12], group, message_id, body, settle[10], deliveries, now)
-  end
-  if settle[8] and settle[7] then
-    redis.call('SET', prefix .. ':_seen:' .. group .. ':' .. settle[6], '1', 'PX', settle[9])
-  end
-  redis.call('XACK', skey, group, eid)
-end
-return 'ok'
+return replies
 """
 
 # ARGV: stream key, group, consumer, entry id, deliveries. Returns 1 or 0.

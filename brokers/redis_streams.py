@@ -166,7 +166,7 @@ class RedisStreamsBroker:
             name: client.register_script(getattr(lua, name))
             for name in ("FETCH", "EXTEND", "REPLAY", "BACKLOG", "LIST_STATE", "TRIM")
         }
-        self._commits = ScriptBatcher(client, lua.COMMIT)
+        self._commits = ScriptBatcher(client, lua.COMMIT_BATCH)
         self._fetch_sha = self._scripts["FETCH"].sha
         await check_server(client, self.url, log)
 

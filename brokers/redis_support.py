@@ -226,15 +226,15 @@ class Outage:
 
 
 class ScriptBatcher:
-    """Runs one Lua script for many concurrent callers, one round trip a batch.
+    """Runs a batch script for many concurrent callers, one round trip a batch.
 
-    Each call stays its own EVALSHA, so it is atomic and fenced on its own as
-    before; calls made while a batch is on the wire are sent together in the
-    next pipeline (non-transactional: one call failing does not affect the
-    others). A call whose caller was cancelled before it was sent is dropped,
-    so nothing runs on behalf of a caller that is gone. NOSCRIPT (an empty
-    script cache after a Redis restart) loads the script once and resends only
-    the calls it refused, which did not run.
+    The script takes the number of calls, then each call's argument count and
+    arguments, and returns one reply per call; each call is atomic and fenced
+    on its own inside it (see ``COMMIT_BATCH``). Calls made while a batch is on
+    the wire go together in the next one. A call whose caller was cancelled
+    before it was sent is dropped, so nothing runs on behalf of a caller that
+    is gone. NOSCRIPT (an empty script cache after a Redis restart) means none
+    of the batch ran: the script is loaded once and the batch resent.
     """
 
     def __init__(self, client: Any, source: str, *, max_batch: int = 500) -> None:
@@ -289,19 +289,18 @@ class ScriptBatcher:
                 self._queue.clear()
 
     async def _send(self, batch: list[Sequence[Any]]) -> list[Any]:
-        replies = await self._pipeline(batch)
-        refused = [i for i, reply in enumerate(replies) if isinstance(reply, rexc.NoScriptError)]
-        if refused:
-            await self._client.script_load(self._source)
-            for i, reply in zip(refused, await self._pipeline([batch[i] for i in refused]), strict=True):
-                replies[i] = reply
-        return replies
-
-    async def _pipeline(self, batch: list[Sequence[Any]]) -> list[Any]:
-        pipe = self._client.pipeline(transaction=False)
+        flat: list[Any] = [len(batch)]
         for args in batch:
-            pipe.execute_command("EVALSHA", self._sha, 0, *args)
-        return list(await pipe.execute(raise_on_error=False))
+            flat.append(len(args))
+            flat.extend(args)
+        try:
+            replies = await self._client.execute_command("EVALSHA", self._sha, 0, *flat)
+        except rexc.NoScriptError:
+            await self._client.script_load(self._source)
+            replies = await self._client.execute_command("EVALSHA", self._sha, 0, *flat)
+        if not isinstance(replies, list) or len(replies) != len(batch):
+            raise rexc.ResponseError(f"batch script returned {replies!r:.200} for {len(batch)} calls")
+        return replies
 
     def close(self) -> None:
         """Stop sending; calls still waiting fail with ``ConnectionError``."""

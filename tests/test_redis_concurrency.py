@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from brokers import CommitStatus, Delivery, Message, Subscription
+from brokers import BrokerError, CommitStatus, Delivery, Message, StateWrite, Subscription
 from brokers.redis_streams import RedisStreamsBroker
 from choreo import App, Context
 from choreo.testing import run_apps
@@ -85,6 +85,39 @@ async def test_concurrent_commits_are_each_fenced(server: RedisServer) -> None:
             "pending": 1, "min": stale.entry_id.encode(), "max": stale.entry_id.encode(),
             "consumers": [{"name": b"b", "pending": 1}],
         }
+    finally:
+        await broker.close()
+        await client.aclose()
+
+
+async def test_a_failing_commit_leaves_the_rest_of_its_batch_alone(server: RedisServer) -> None:
+    """A commit that Redis refuses mid-script (here: a state key that is not a
+    hash) fails for its caller only; the commits batched with it are applied."""
+    sub = Subscription("pool.start", "pool.first")
+    broker = RedisStreamsBroker(server.url)
+    client = aioredis.from_url(server.url)
+    await broker.connect()
+    try:
+        await broker.subscribe([sub])
+        await client.set("choreo:_state:broken", "not a hash")
+        await broker.publish([Message(sub.topic, f"m{n}", b"{}") for n in range(100)])
+        deliveries: list[Delivery] = []
+        while len(deliveries) < 100:
+            deliveries += await broker.fetch("a", [sub], limit=100 - len(deliveries), timeout=1)
+        broken = deliveries[50]
+
+        async def settle(delivery: Delivery) -> CommitStatus | str:
+            state = [StateWrite("broken", b"v", 0)] if delivery is broken else []
+            try:
+                return await broker.commit(delivery, state=state)
+            except BrokerError as exc:
+                return str(exc)
+
+        outcomes = await asyncio.gather(*(settle(d) for d in deliveries))
+        assert "WRONGTYPE" in str(outcomes[50])
+        assert Counter(o for i, o in enumerate(outcomes) if i != 50) == {CommitStatus.OK: 99}
+        pending = await client.xpending(f"choreo:{sub.topic}", sub.group)
+        assert pending["pending"] == 1 and pending["min"] == broken.entry_id.encode()
     finally:
         await broker.close()
         await client.aclose()
