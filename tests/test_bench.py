@@ -1,0 +1,39 @@
+"""The benchmark scripts README.md names still run and report their ratios
+(tiny sizes: this checks that they work, not how fast anything is)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def bench(script: str, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, f"bench/{script}", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_memory_chain_reports_the_ratio_to_its_baseline() -> None:
+    out = bench("chain_memory.py", "--events", "200")
+    assert "ratio choreo/baseline:" in out
+
+
+@pytest.mark.redis
+def test_redis_chain_reports_throughput_and_latency_ratios() -> None:
+    out = bench("chain_redis.py", "--events", "200", "--latency-events", "20", "--repeat", "2")
+    assert "throughput ratio choreo/raw:" in out
+    assert "latency ratio p50 choreo/raw:" in out
+    assert "per round" in out
+
+
+@pytest.mark.redis
+def test_saga_throughput_runs_on_both_brokers() -> None:
+    out = bench("saga_throughput.py", "--sagas", "20", "--concurrency", "5")
+    assert "memory" in out and "redis" in out
