@@ -1,4 +1,5 @@
-"""Lua sources of the Redis Streams adapter (see ``brokers.redis_streams``).
+"""Lua sources of the Redis Streams adapter's delivery path (see
+``brokers.redis_streams``; the operations scripts are in ``brokers.redis_admin``).
 
 Every multi-step operation is one script, so it is atomic on the server. Keys
 are computed inside the scripts from the prefix (Redis Cluster is not a goal).
@@ -15,7 +16,7 @@ from typing import Any
 from brokers.base import BrokerError, Delivery, Message, StateWrite
 from brokers.redis_support import check_name
 
-__all__ = ("BACKLOG", "COMMIT_BATCH", "EXTEND", "FETCH", "LIST_STATE", "REPLAY", "TRIM", "commit_args")
+__all__ = ("COMMIT_BATCH", "COMMON", "EXTEND", "FETCH", "commit_args")
 
 
 def commit_args(
@@ -76,7 +77,7 @@ def commit_args(
 _HEADER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 # Shared helpers, prepended to every script that needs them.
-_COMMON = r"""
+COMMON = r"""
 local function stream_key(prefix, topic, group)
   if group == nil or group == '' then return prefix .. ':' .. topic end
   return prefix .. ':_group:' .. group .. ':' .. topic
@@ -121,7 +122,7 @@ end
 # Returns {deliveries, read_any, missing, cursors, tails, next_due_ms}; each
 # delivery is {stream index, entry id, message id, body, deliveries}; tails
 # (each stream's last entry id) only if every stream was read to its end.
-FETCH = _COMMON + r"""
+FETCH = COMMON + r"""
 local prefix, consumer = ARGV[1], ARGV[2]
 local remaining = tonumber(ARGV[3])
 local max_deliveries = tonumber(ARGV[4])
@@ -309,7 +310,7 @@ end
 # Each commit is fenced and validated on its own, exactly as if it were a
 # script of its own; one script for the batch saves a command, a reply and
 # their parsing per commit.
-COMMIT_BATCH = _COMMON + _COMMIT_ONE + r"""
+COMMIT_BATCH = COMMON + _COMMIT_ONE + r"""
 local replies = {}
 local at = 2
 for i = 1, tonumber(ARGV[1]) do
@@ -330,144 +331,9 @@ return replies
 """
 
 # ARGV: stream key, group, consumer, entry id, deliveries. Returns 1 or 0.
-EXTEND = _COMMON + r"""
+EXTEND = COMMON + r"""
 if not owns(ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])) then return 0 end
 -- JUSTID resets the idle time without bumping the delivery counter.
 redis.call('XCLAIM', ARGV[1], ARGV[2], ARGV[3], 0, ARGV[4], 'JUSTID')
 return 1
-"""
-
-# ARGV: prefix, dead letter id. Returns 1, or 0 if there is no such letter.
-REPLAY = _COMMON + r"""
-local prefix, id = ARGV[1], ARGV[2]
-local dkey = prefix .. ':_dead'
-local found = redis.call('XRANGE', dkey, id, id)
-if #found == 0 then return 0 end
-local f = {}
-local flat = found[1][2]
-for i = 1, #flat, 2 do f[flat[i]] = flat[i + 1] end
-local group = f.group or ''
-local fields = {'body', f.body or ''}
-if f.message_id then
-  fields[3] = 'id'
-  fields[4] = f.message_id
-  if group ~= '' then redis.call('DEL', prefix .. ':_seen:' .. group .. ':' .. f.message_id) end
-end
-redis.call('XADD', stream_key(prefix, f.topic or '', group), '*', unpack(fields))
-redis.call('XDEL', dkey, id)
-return 1
-"""
-
-# ARGV: prefix, then per subscription: topic, group.
-# Returns {ready, pending, delayed} per subscription, flattened.
-BACKLOG = _COMMON + r"""
-local prefix = ARGV[1]
-
-local function group_info(key, group)
-  local groups = redis.pcall('XINFO', 'GROUPS', key)
-  if type(groups) ~= 'table' or groups.err then return nil end
-  for _, flat in ipairs(groups) do
-    local g = {}
-    for i = 1, #flat, 2 do g[flat[i]] = flat[i + 1] end
-    if g.name == group then return g end
-  end
-  return nil
-end
-
-local function work(key, group)
-  local g = group_info(key, group)
-  if g == nil then return 0, 0 end
-  local ready = g.lag
-  -- lag is NULL after some deletions and trims: count past the group's position
-  if type(ready) ~= 'number' then
-    ready = #redis.call('XRANGE', key, '(' .. g['last-delivered-id'], '+')
-  end
-  return ready, tonumber(g.pending)
-end
-
-local delayed = {}
-for _, member in ipairs(redis.call('ZRANGE', prefix .. ':_delayed', 0, -1)) do
-  local cut = string.find(member, '\n', 1, true)
-  if cut then
-    local ok, head = pcall(cjson.decode, string.sub(member, 1, cut - 1))
-    if ok and type(head) == 'table' then delayed[#delayed + 1] = head end
-  end
-end
-
-local out = {}
-for i = 2, #ARGV, 2 do
-  local topic, group = ARGV[i], ARGV[i + 1]
-  local r1, p1 = work(stream_key(prefix, topic, ''), group)
-  local r2, p2 = work(stream_key(prefix, topic, group), group)
-  local late = 0
-  for _, head in ipairs(delayed) do
-    if head[1] == topic and (head[2] == '' or head[2] == group) then late = late + 1 end
-  end
-  out[#out + 1] = r1 + r2
-  out[#out + 1] = p1 + p2
-  out[#out + 1] = late
-end
-return out
-"""
-
-# ARGV: prefix, prefix of state keys. Returns {key, value, version, ...}.
-LIST_STATE = r"""
-local prefix, start = ARGV[1], ARGV[2]
-local keys
-if start == '' then
-  keys = redis.call('ZRANGEBYLEX', prefix .. ':_state_keys', '-', '+')
-else
-  keys = redis.call('ZRANGEBYLEX', prefix .. ':_state_keys', '[' .. start, '(' .. start .. '\255')
-end
-local out = {}
-for _, key in ipairs(keys) do
-  local v = redis.call('HMGET', prefix .. ':_state:' .. key, 'v', 'n')
-  if v[1] then
-    out[#out + 1] = key
-    out[#out + 1] = v[1]
-    out[#out + 1] = v[2]
-  end
-end
-return out
-"""
-
-# ARGV: maxlen, then per stream: key, private (0/1). Trims each stream to
-# about maxlen entries, but never at or past the oldest entry that any group
-# still has pending or has not been delivered yet. Returns entries removed.
-TRIM = r"""
-local maxlen = tonumber(ARGV[1])
-
-local function split(id)
-  local dash = string.find(id, '-', 1, true)
-  return tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
-end
-
-local function older(a, b)
-  local am, as = split(a)
-  local bm, bs = split(b)
-  return am < bm or (am == bm and as < bs)
-end
-
-local removed = 0
-for i = 2, #ARGV, 2 do
-  local key, private = ARGV[i], ARGV[i + 1] == '1'
-  local excess = redis.call('XLEN', key) - maxlen
-  local groups = redis.pcall('XINFO', 'GROUPS', key)
-  if excess > 0 and type(groups) == 'table' and not groups.err and not (private and #groups == 0) then
-    local cut = redis.call('XRANGE', key, '-', '+', 'COUNT', math.min(excess, 10000) + 1)
-    local bound = cut[#cut][1]
-    for _, flat in ipairs(groups) do
-      local g = {}
-      for j = 1, #flat, 2 do g[flat[j]] = flat[j + 1] end
-      local floor = g['last-delivered-id']
-      if tonumber(g.pending) > 0 then
-        local summary = redis.call('XPENDING', key, g.name)
-        if older(summary[2], floor) then floor = summary[2] end
-      end
-      if older(floor, bound) then bound = floor end
-    end
-    removed = removed + redis.call('XTRIM', key, 'MINID', bound)
-  end
-end
-return removed
 """

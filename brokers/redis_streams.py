@@ -70,17 +70,15 @@ from typing import Any
 
 from redis import exceptions as rexc
 
+from brokers import redis_admin
 from brokers import redis_scripts as lua
 from brokers.base import (
     BrokerError,
     CommitStatus,
-    DeadLetterRecord,
     Delivery,
-    GroupBacklog,
     Message,
     StateWrite,
     Subscription,
-    Versioned,
 )
 from brokers.options import BrokerOptions, parse_url, redact_url
 from brokers.redis_support import (
@@ -89,8 +87,6 @@ from brokers.redis_support import (
     Stream,
     check_name,
     check_server,
-    dead_letter_record,
-    is_stream_id,
     is_transient,
     open_clients,
     redis_url,
@@ -114,7 +110,7 @@ _STATUS = {
 }
 
 
-class RedisStreamsBroker:
+class RedisStreamsBroker(redis_admin.RedisAdmin):
     """A ``Broker`` on Redis Streams consumer groups (see the module doc).
 
     Args:
@@ -162,10 +158,9 @@ class RedisStreamsBroker:
             return
         client, reader = await open_clients(self._redis_url, self.url)
         self._client, self._reader = client, reader
-        self._scripts = {
-            name: client.register_script(getattr(lua, name))
-            for name in ("FETCH", "EXTEND", "REPLAY", "BACKLOG", "LIST_STATE", "TRIM")
-        }
+        sources = {"FETCH": lua.FETCH, "EXTEND": lua.EXTEND, "REPLAY": redis_admin.REPLAY,
+                   "BACKLOG": redis_admin.BACKLOG, "LIST_STATE": redis_admin.LIST_STATE, "TRIM": redis_admin.TRIM}
+        self._scripts = {name: client.register_script(source) for name, source in sources.items()}
         self._commits = ScriptBatcher(client, lua.COMMIT_BATCH)
         self._fetch_sha = self._scripts["FETCH"].sha
         await check_server(client, self.url, log)
@@ -419,76 +414,3 @@ class RedisStreamsBroker:
         self.group_recoveries += 1
         self._outage.note_nogroup(", ".join(sorted({f"{s.key} ({s.group})" for s in streams})))
         await self._create_groups(streams)
-
-    # -- retention -----------------------------------------------------------
-
-    async def trim(self) -> int:
-        """Trim the streams this broker has used to about ``maxlen`` entries.
-
-        Never trims an entry that any group still has pending or has not been
-        delivered yet. Runs from ``fetch`` every few seconds; returns how many
-        entries were removed (0 without ``maxlen``).
-        """
-        if self.options.maxlen is None or not self._known:
-            return 0
-        args: list[Any] = [self.options.maxlen]
-        for s in self._known.values():
-            args += [s.key, int(s.private)]
-        return int(await self._run("TRIM", args))
-
-    # -- state, backlog, dead letters ----------------------------------------
-
-    async def get_state(self, key: str) -> Versioned | None:
-        try:
-            value, version = await self._redis().hmget(f"{self._prefix}:_state:{key}", ["v", "n"])
-        except rexc.RedisError as exc:
-            raise BrokerError(f"get_state failed on {self.url}: {exc}") from exc
-        if value is None:
-            return None
-        return Versioned(value=bytes(value), version=int(version))
-
-    async def list_state(self, prefix: str) -> dict[str, Versioned]:
-        flat = await self._run("LIST_STATE", [self._prefix, prefix])
-        return {
-            text(flat[i]): Versioned(value=bytes(flat[i + 1]), version=int(flat[i + 2]))
-            for i in range(0, len(flat), 3)
-        }
-
-    async def backlog(self, subscriptions: Sequence[Subscription]) -> list[GroupBacklog]:
-        args: list[Any] = [self._prefix]
-        for sub in subscriptions:
-            check_name("topic", sub.topic)
-            check_name("group", sub.group)
-            args += [sub.topic, sub.group]
-        flat = await self._run("BACKLOG", args)
-        return [
-            GroupBacklog(topic=sub.topic, group=sub.group, ready=int(flat[3 * i]),
-                         pending=int(flat[3 * i + 1]), delayed=int(flat[3 * i + 2]))
-            for i, sub in enumerate(subscriptions)
-        ]
-
-    async def dead_letters(self, limit: int = 1000) -> list[DeadLetterRecord]:
-        try:
-            entries = await self._redis().xrange(f"{self._prefix}:_dead", count=max(1, limit))
-        except rexc.RedisError as exc:
-            raise BrokerError(f"dead_letters failed on {self.url}: {exc}") from exc
-        return [dead_letter_record(entry_id, fields) for entry_id, fields in entries]
-
-    async def replay(self, dead_letter_id: str) -> bool:
-        if not is_stream_id(dead_letter_id):
-            return False
-        return bool(await self._run("REPLAY", [self._prefix, dead_letter_id]))
-
-    async def purge_dead_letters(self, ids: Sequence[str] | None = None) -> int:
-        key = f"{self._prefix}:_dead"
-        try:
-            if ids is None:
-                pipe = self._redis().pipeline(transaction=True)
-                pipe.xlen(key)
-                pipe.delete(key)
-                count, _ = await pipe.execute()
-                return int(count)
-            valid = [i for i in ids if is_stream_id(i)]
-            return int(await self._redis().xdel(key, *valid)) if valid else 0
-        except rexc.RedisError as exc:
-            raise BrokerError(f"purge_dead_letters failed on {self.url}: {exc}") from exc
