@@ -13,7 +13,6 @@ another finishes every saga from the broker.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import re
@@ -27,7 +26,6 @@ from choreo.context import Context
 from choreo.errors import ChoreoError, ConfigurationError
 from choreo.events import Event, new_event_id
 from choreo.failpoints import ACTIVE, hit
-from choreo.middleware import Middleware
 from choreo.routing import Emit, Route
 from choreo.saga.definition import (
     SagaDefinition,
@@ -40,6 +38,7 @@ from choreo.saga.definition import (
     timeout_topic,
 )
 from choreo.saga.machine import Out, SagaRun, new_record, to_result
+from choreo.saga.waiting import SagaWaiters
 
 if TYPE_CHECKING:
     from choreo.app import App
@@ -61,27 +60,6 @@ def coordinator_of(app: App) -> SagaCoordinator | None:
 
 def _encode(record: dict[str, Any]) -> bytes:
     return json.dumps(record, separators=(",", ":"), allow_nan=False).encode()
-
-
-class _Waiters(Middleware):
-    """Wakes ``start_saga(wait=True)`` callers when this process publishes the
-    saga's final lifecycle event; other processes' sagas are polled."""
-
-    def __init__(self, coordinator: SagaCoordinator) -> None:
-        self.coordinator = coordinator
-        self.futures: dict[str, list[asyncio.Future[SagaResult]]] = {}
-
-    def on_publish(self, event: Event) -> None:
-        if event.saga_id is None or event.saga_id not in self.futures:
-            return
-        name = event.data.get("saga")
-        if not isinstance(name, str) or event.type not in {lifecycle_topic(name, w) for w in _TERMINAL}:
-            return
-        record = {"saga_id": event.saga_id, "name": name, **event.data}
-        result = to_result(self.coordinator.definitions.get(name), record)
-        for future in self.futures.pop(event.saga_id, []):
-            if not future.done():
-                future.set_result(result)
 
 
 class SagaCoordinator:
@@ -128,7 +106,7 @@ class SagaCoordinator:
         self.poll_interval = poll_interval
         self.key_prefix = key_prefix
         self.definitions: dict[str, SagaDefinition] = {}
-        self._waiters = _Waiters(self)
+        self._waiters = SagaWaiters(self.definitions, self.get_saga_state)
         self._attached: weakref.WeakKeyDictionary[Runtime, asyncio.Task[None] | None] = weakref.WeakKeyDictionary()
         _coordinators[app] = self
 
@@ -234,7 +212,7 @@ class SagaCoordinator:
         record = new_record(definition, saga_id, dict(data or {}), time.time())
         lines: list[tuple[str, str]] = []
         outs = SagaRun(definition, record, time.time(), lambda i, line: lines.append((i, line)), self._detail).start()
-        future = self._waiter(saga_id) if wait else None
+        future = self._waiters.add(saga_id) if wait else None
         try:
             if ACTIVE:
                 await hit("saga.before_state_write", name)
@@ -254,9 +232,9 @@ class SagaCoordinator:
             if not wait or current.state.terminal:
                 return current
             assert future is not None
-            return await self._wait(saga_id, future, timeout)
+            return await self._waiters.wait(saga_id, future, timeout, self.poll_interval)
         finally:
-            self._forget(saga_id, future)
+            self._waiters.discard(saga_id, future)
 
     async def get_saga_state(self, saga_id: str) -> SagaResult:
         """The saga as stored now.
@@ -293,7 +271,7 @@ class SagaCoordinator:
             TimeoutError: still running after ``timeout`` seconds.
         """
         runtime = self._attach()
-        future = self._waiter(saga_id) if wait else None
+        future = self._waiters.add(saga_id) if wait else None
         try:
             for _ in range(20):
                 stored = await runtime.broker.get_state(self.key(saga_id))
@@ -319,9 +297,9 @@ class SagaCoordinator:
             if not wait:
                 return to_result(definition, record)
             assert future is not None
-            return await self._wait(saga_id, future, timeout)
+            return await self._waiters.wait(saga_id, future, timeout, self.poll_interval)
         finally:
-            self._forget(saga_id, future)
+            self._waiters.discard(saga_id, future)
 
     async def sweep(self) -> int:
         """Fire the timer of every saga whose step or deadline is overdue by
@@ -423,33 +401,3 @@ class SagaCoordinator:
                 await self.sweep()
             except Exception as exc:
                 log.warning("saga sweep failed, trying again in %ss: %s", self.sweep_interval, exc)
-
-    def _waiter(self, saga_id: str) -> asyncio.Future[SagaResult]:
-        future: asyncio.Future[SagaResult] = asyncio.get_running_loop().create_future()
-        self._waiters.futures.setdefault(saga_id, []).append(future)
-        return future
-
-    def _forget(self, saga_id: str, future: asyncio.Future[SagaResult] | None) -> None:
-        waiting = self._waiters.futures.get(saga_id)
-        if future is not None and waiting and future in waiting:
-            waiting.remove(future)
-            if not waiting:
-                del self._waiters.futures[saga_id]
-
-    async def _wait(self, saga_id: str, future: asyncio.Future[SagaResult], timeout: float | None) -> SagaResult:
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        # The in-process waiter wakes us at once; polling only covers sagas
-        # that another coordinator process ends, so it can be unhurried.
-        poll = self.poll_interval
-        while True:
-            left = None if deadline is None else deadline - loop.time()
-            if left is not None and left <= 0:
-                raise TimeoutError(f"saga {saga_id} has not ended after {timeout}s; it goes on")
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(poll if left is None else min(poll, left)):
-                    return await asyncio.shield(future)
-            with contextlib.suppress(SagaNotFound):
-                current = await self.get_saga_state(saga_id)
-                if current.state.terminal:
-                    return current
