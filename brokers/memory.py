@@ -20,13 +20,9 @@ import contextlib
 import heapq
 import itertools
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 
-import attrs
-
 from brokers.base import (
-    TOPIC_PATTERN,
     BrokerError,
     CommitStatus,
     DeadLetterRecord,
@@ -36,6 +32,15 @@ from brokers.base import (
     StateWrite,
     Subscription,
     Versioned,
+)
+from brokers.memory_records import (
+    Entry,
+    Group,
+    Pending,
+    Topic,
+    check_message,
+    check_subscriptions,
+    entry_seq,
 )
 from brokers.options import BrokerOptions
 
@@ -47,75 +52,8 @@ _POLL_INTERVAL = 0.05
 MAX_DELIVERIES_REASON = "max deliveries exceeded"
 
 
-@attrs.frozen
-class _Entry:
-    seq: int
-    message_id: str
-    body: bytes
-
-    @property
-    def entry_id(self) -> str:
-        return f"{self.seq}-0"
-
-
-@attrs.define
-class _Pending:
-    entry: _Entry
-    consumer: str
-    deliveries: int
-    deadline: float
-
-
-@attrs.define
-class _Group:
-    #: Sequence number of the last log entry handed to this group.
-    cursor: int
-    private: deque[_Entry] = attrs.Factory(deque)
-    #: Entry id -> lease, in hand-out order.
-    pending: dict[str, _Pending] = attrs.Factory(dict)
-    #: Settled message id -> expiry; insertion order is expiry order because
-    #: the TTL is fixed and the clock never goes back.
-    settled: dict[str, float] = attrs.Factory(dict)
-
-
-@attrs.define
-class _Topic:
-    log: list[_Entry] = attrs.Factory(list)
-    groups: dict[str, _Group] = attrs.Factory(dict)
-    last_seq: int = 0
-
-
 #: Appends between compactions of a topic that has no ``maxlen``.
 _COMPACT_EVERY = 1024
-
-
-# Names already checked (a system has few topics and groups; bounded anyway).
-_valid_names: set[str] = set()
-
-
-def _check_name(kind: str, name: str) -> None:
-    if isinstance(name, str) and name in _valid_names:
-        return
-    if not isinstance(name, str) or not TOPIC_PATTERN.fullmatch(name):
-        raise BrokerError(f"invalid {kind} name {name!r}: use letters, digits and ._-: (at most 200)")
-    if len(_valid_names) < 10_000:
-        _valid_names.add(name)
-
-
-def _check_message(message: Message) -> None:
-    _check_name("topic", message.topic)
-    if message.group is not None:
-        _check_name("group", message.group)
-
-
-def _check_subscriptions(subscriptions: Sequence[Subscription]) -> None:
-    for sub in subscriptions:
-        _check_name("topic", sub.topic)
-        _check_name("group", sub.group)
-
-
-def _seq(entry: _Entry) -> int:
-    return entry.seq
 
 
 class MemoryBroker:
@@ -134,7 +72,7 @@ class MemoryBroker:
         self.max_deliveries = self.options.max_deliveries
         self._clock = clock
         self._connected = False
-        self._topics: dict[str, _Topic] = {}
+        self._topics: dict[str, Topic] = {}
         self._delayed: list[tuple[float, int, Message]] = []
         self._dead: dict[str, DeadLetterRecord] = {}
         self._state: dict[str, Versioned] = {}
@@ -169,7 +107,7 @@ class MemoryBroker:
         """
         self._require_connected()
         for message in messages:
-            _check_message(message)
+            check_message(message)
         self._publish(messages, self._clock())
         self._notify()
 
@@ -180,7 +118,7 @@ class MemoryBroker:
             BrokerError: not connected, or a name is invalid.
         """
         self._require_connected()
-        _check_subscriptions(subscriptions)
+        check_subscriptions(subscriptions)
         for sub in subscriptions:
             self._group(self._topic(sub.topic), sub.group)
 
@@ -195,7 +133,7 @@ class MemoryBroker:
                 waiting when the broker closes returns ``[]``.
         """
         self._require_connected()
-        _check_subscriptions(subscriptions)
+        check_subscriptions(subscriptions)
         subs = list(dict.fromkeys(subscriptions))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout)
@@ -235,7 +173,7 @@ class MemoryBroker:
         """
         self._require_connected()
         for message in publish:
-            _check_message(message)
+            check_message(message)
         now = self._clock()
         # Validate everything first: a refused commit writes nothing.
         owned = self._owned(delivery) if delivery is not None else None
@@ -299,7 +237,8 @@ class MemoryBroker:
             group = topic.groups.get(sub.group) if topic is not None else None
             ready = pending = 0
             if topic is not None and group is not None:
-                ready = len(topic.log) - bisect.bisect_right(topic.log, group.cursor, key=_seq) + len(group.private)
+                delivered = bisect.bisect_right(topic.log, group.cursor, key=entry_seq)
+                ready = len(topic.log) - delivered + len(group.private)
                 pending = len(group.pending)
             delayed = sum(1 for _, _, m in self._delayed if m.topic == sub.topic and m.group in (None, sub.group))
             report.append(GroupBacklog(sub.topic, sub.group, ready, pending, delayed))
@@ -342,7 +281,7 @@ class MemoryBroker:
             self._changed.set()
             self._changed = asyncio.Event()
 
-    def _owned(self, delivery: Delivery) -> tuple[_Group, _Pending] | None:
+    def _owned(self, delivery: Delivery) -> tuple[Group, Pending] | None:
         """The delivery's group and lease, if its consumer still holds it from
         this hand-out (a reclaim, even by the same consumer, bumps the count)."""
         topic = self._topics.get(delivery.topic)
@@ -354,16 +293,16 @@ class MemoryBroker:
             return None
         return group, lease
 
-    def _topic(self, name: str) -> _Topic:
+    def _topic(self, name: str) -> Topic:
         topic = self._topics.get(name)
         if topic is None:
-            topic = self._topics[name] = _Topic()
+            topic = self._topics[name] = Topic()
         return topic
 
-    def _group(self, topic: _Topic, name: str) -> _Group:
+    def _group(self, topic: Topic, name: str) -> Group:
         group = topic.groups.get(name)
         if group is None:
-            group = topic.groups[name] = _Group(cursor=topic.last_seq)
+            group = topic.groups[name] = Group(cursor=topic.last_seq)
         return group
 
     def _publish(self, messages: Sequence[Message], now: float) -> None:
@@ -377,14 +316,14 @@ class MemoryBroker:
         topic = self._topic(message.topic)
         group = self._group(topic, message.group) if message.group is not None else None
         topic.last_seq += 1
-        entry = _Entry(topic.last_seq, message.id, bytes(message.body))
+        entry = Entry(topic.last_seq, message.id, bytes(message.body))
         if group is not None:
             group.private.append(entry)
         else:
             topic.log.append(entry)
             self._trim(topic)
 
-    def _trim(self, topic: _Topic) -> None:
+    def _trim(self, topic: Topic) -> None:
         # Retention drops only entries below everything still needed by some
         # group: its next undelivered entry and every entry pending with it.
         # Without maxlen, nothing keeps history in memory: every entry that all
@@ -403,7 +342,7 @@ class MemoryBroker:
             ),
             default=topic.last_seq + 1,
         )
-        cut = min(bisect.bisect_left(topic.log, floor, key=_seq), len(topic.log) - maxlen)
+        cut = min(bisect.bisect_left(topic.log, floor, key=entry_seq), len(topic.log) - maxlen)
         del topic.log[:cut]
 
     def _release_due(self, now: float) -> None:
@@ -419,18 +358,18 @@ class MemoryBroker:
                     times.extend(lease.deadline for lease in group.pending.values())
         return min(times, default=None)
 
-    def _settle(self, group: _Group, message_id: str, now: float) -> None:
+    def _settle(self, group: Group, message_id: str, now: float) -> None:
         group.settled.pop(message_id, None)
         group.settled[message_id] = now + self.options.dedupe_ttl
 
-    def _forget_expired(self, group: _Group, now: float) -> None:
+    def _forget_expired(self, group: Group, now: float) -> None:
         while group.settled:
             message_id, expiry = next(iter(group.settled.items()))
             if expiry > now:
                 return
             del group.settled[message_id]
 
-    def _add_dead_letter(self, topic: str, group: str, entry: _Entry, reason: str, deliveries: int) -> None:
+    def _add_dead_letter(self, topic: str, group: str, entry: Entry, reason: str, deliveries: int) -> None:
         dead_id = f"dl-{next(self._counter)}"
         self._dead[dead_id] = DeadLetterRecord(
             dead_id, topic, group, entry.message_id, entry.body, reason, deliveries, time.time()
@@ -480,10 +419,10 @@ class MemoryBroker:
                 continue  # a duplicate of a settled message: acked by never leasing it
             yield self._lease(consumer, sub, group, entry, 1, now)
 
-    def _next_new(self, topic: _Topic, group: _Group) -> _Entry | None:
+    def _next_new(self, topic: Topic, group: Group) -> Entry | None:
         if group.private:
             return group.private.popleft()
-        index = bisect.bisect_right(topic.log, group.cursor, key=_seq)
+        index = bisect.bisect_right(topic.log, group.cursor, key=entry_seq)
         if index == len(topic.log):
             return None
         entry = topic.log[index]
@@ -491,7 +430,7 @@ class MemoryBroker:
         return entry
 
     def _lease(
-        self, consumer: str, sub: Subscription, group: _Group, entry: _Entry, deliveries: int, now: float
+        self, consumer: str, sub: Subscription, group: Group, entry: Entry, deliveries: int, now: float
     ) -> Delivery:
-        group.pending[entry.entry_id] = _Pending(entry, consumer, deliveries, now + self.visibility_timeout)
+        group.pending[entry.entry_id] = Pending(entry, consumer, deliveries, now + self.visibility_timeout)
         return Delivery(sub.topic, sub.group, consumer, entry.entry_id, entry.message_id, entry.body, deliveries)

@@ -1,0 +1,103 @@
+"""The records the in-memory broker keeps, and its name checks.
+
+A topic is a log of entries; each consumer group has a cursor into it, a
+private queue for messages targeted at the group, its pending leases and the
+message ids it has settled (see ``brokers.memory``).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+
+import attrs
+
+from brokers.base import TOPIC_PATTERN, BrokerError, Message, Subscription
+
+__all__ = (
+    "Entry",
+    "Group",
+    "Pending",
+    "Topic",
+    "check_message",
+    "check_name",
+    "check_subscriptions",
+    "entry_seq",
+)
+
+
+@attrs.frozen
+class Entry:
+    """One message in a topic's log (or a group's private queue)."""
+
+    seq: int
+    message_id: str
+    body: bytes
+
+    @property
+    def entry_id(self) -> str:
+        return f"{self.seq}-0"
+
+
+@attrs.define
+class Pending:
+    """A lease: the entry handed to ``consumer``, until ``deadline`` (clock time)."""
+
+    entry: Entry
+    consumer: str
+    deliveries: int
+    deadline: float
+
+
+@attrs.define
+class Group:
+    """A consumer group's position in its topic and what it holds."""
+
+    #: Sequence number of the last log entry handed to this group.
+    cursor: int
+    private: deque[Entry] = attrs.Factory(deque)
+    #: Entry id -> lease, in hand-out order.
+    pending: dict[str, Pending] = attrs.Factory(dict)
+    #: Settled message id -> expiry; insertion order is expiry order because
+    #: the TTL is fixed and the clock never goes back.
+    settled: dict[str, float] = attrs.Factory(dict)
+
+
+@attrs.define
+class Topic:
+    """A topic's log (oldest first, compacted) and its groups."""
+
+    log: list[Entry] = attrs.Factory(list)
+    groups: dict[str, Group] = attrs.Factory(dict)
+    last_seq: int = 0
+
+
+# Names already checked (a system has few topics and groups; bounded anyway).
+_valid_names: set[str] = set()
+
+
+def check_name(kind: str, name: str) -> None:
+    """Refuse a topic or group name outside ``TOPIC_PATTERN`` with ``BrokerError``."""
+    if isinstance(name, str) and name in _valid_names:
+        return
+    if not isinstance(name, str) or not TOPIC_PATTERN.fullmatch(name):
+        raise BrokerError(f"invalid {kind} name {name!r}: use letters, digits and ._-: (at most 200)")
+    if len(_valid_names) < 10_000:
+        _valid_names.add(name)
+
+
+def check_message(message: Message) -> None:
+    check_name("topic", message.topic)
+    if message.group is not None:
+        check_name("group", message.group)
+
+
+def check_subscriptions(subscriptions: Sequence[Subscription]) -> None:
+    for sub in subscriptions:
+        check_name("topic", sub.topic)
+        check_name("group", sub.group)
+
+
+def entry_seq(entry: Entry) -> int:
+    """The sort key of log entries (for ``bisect``)."""
+    return entry.seq
