@@ -41,8 +41,10 @@ id, prefixed with ``p:`` for entries of a private stream.
 Commit is one fenced script: it checks with XPENDING that the consumer still
 holds the entry with the same delivery count (XACK has no owner check; a
 reclaim bumps the count), checks every state version, and only then writes.
-Commits made while others are on the wire are sent together in one
-non-transactional pipeline (still one script execution each).
+Commits made while others are on the wire are sent together as one call of
+the batch script, which checks and applies each of them on its own (one that
+is refused or fails leaves the others alone). The operations side (retention,
+state listing, backlog, dead letters) is in ``brokers.redis_admin``.
 
 Retention: streams are never trimmed with MAXLEN on XADD. With ``maxlen`` set,
 ``trim`` (run periodically from ``fetch``) removes the oldest entries down to
