@@ -52,10 +52,6 @@ _POLL_INTERVAL = 0.05
 MAX_DELIVERIES_REASON = "max deliveries exceeded"
 
 
-#: Appends between compactions of a topic that has no ``maxlen``.
-_COMPACT_EVERY = 1024
-
-
 class MemoryBroker:
     """A ``brokers.base.Broker`` that lives in this process (``memory://``).
 
@@ -321,29 +317,7 @@ class MemoryBroker:
             group.private.append(entry)
         else:
             topic.log.append(entry)
-            self._trim(topic)
-
-    def _trim(self, topic: Topic) -> None:
-        # Retention drops only entries below everything still needed by some
-        # group: its next undelivered entry and every entry pending with it.
-        # Without maxlen, nothing keeps history in memory: every entry that all
-        # groups are done with goes, checked every _COMPACT_EVERY appends.
-        maxlen = self.options.maxlen
-        if maxlen is None:
-            if topic.last_seq % _COMPACT_EVERY:
-                return
-            maxlen = 0
-        elif len(topic.log) <= maxlen:
-            return
-        floor = min(
-            (
-                min([group.cursor + 1, *(lease.entry.seq for lease in group.pending.values())])
-                for group in topic.groups.values()
-            ),
-            default=topic.last_seq + 1,
-        )
-        cut = min(bisect.bisect_left(topic.log, floor, key=entry_seq), len(topic.log) - maxlen)
-        del topic.log[:cut]
+            topic.trim(self.options.maxlen)
 
     def _release_due(self, now: float) -> None:
         while self._delayed and self._delayed[0][0] <= now:

@@ -7,6 +7,7 @@ message ids it has settled (see ``brokers.memory``).
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from collections.abc import Sequence
 
@@ -15,6 +16,7 @@ import attrs
 from brokers.base import TOPIC_PATTERN, BrokerError, Message, Subscription
 
 __all__ = (
+    "COMPACT_EVERY",
     "Entry",
     "Group",
     "Pending",
@@ -24,6 +26,10 @@ __all__ = (
     "check_subscriptions",
     "entry_seq",
 )
+
+
+#: Appends between compactions of a topic that has no ``maxlen``.
+COMPACT_EVERY = 1024
 
 
 @attrs.frozen
@@ -70,6 +76,30 @@ class Topic:
     log: list[Entry] = attrs.Factory(list)
     groups: dict[str, Group] = attrs.Factory(dict)
     last_seq: int = 0
+
+    def trim(self, maxlen: int | None) -> None:
+        """Apply retention after an append.
+
+        Retention drops only entries below everything still needed by some
+        group: its next undelivered entry and every entry pending with it.
+        Without ``maxlen`` nothing keeps history in memory: every entry that
+        all groups are done with goes, checked every ``COMPACT_EVERY`` appends.
+        """
+        if maxlen is None:
+            if self.last_seq % COMPACT_EVERY:
+                return
+            maxlen = 0
+        elif len(self.log) <= maxlen:
+            return
+        floor = min(
+            (
+                min([group.cursor + 1, *(lease.entry.seq for lease in group.pending.values())])
+                for group in self.groups.values()
+            ),
+            default=self.last_seq + 1,
+        )
+        cut = min(bisect.bisect_left(self.log, floor, key=entry_seq), len(self.log) - maxlen)
+        del self.log[:cut]
 
 
 # Names already checked (a system has few topics and groups; bounded anyway).

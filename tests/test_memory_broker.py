@@ -169,14 +169,14 @@ async def test_maxlen_trims_entries_every_group_is_done_with() -> None:
 
 async def test_without_maxlen_memory_keeps_only_what_some_group_still_needs() -> None:
     """An embedded broker running for days must not grow without bound: settled entries are compacted."""
-    from brokers.memory import _COMPACT_EVERY
+    from brokers.memory_records import COMPACT_EVERY
 
     broker = await virtual_broker(FakeClock())
-    total = _COMPACT_EVERY * 2
+    total = COMPACT_EVERY * 2
     await broker.publish([Message(SUB.topic, f"m{n}", b"x") for n in range(total)])
     assert len(broker._topics[SUB.topic].log) == total  # undelivered: all kept
     while deliveries := await broker.fetch("c", [SUB], limit=500, timeout=0):
         for delivery in deliveries:
             assert await broker.commit(delivery) is CommitStatus.OK
-    await broker.publish([Message(SUB.topic, f"n{n}", b"x") for n in range(_COMPACT_EVERY)])
-    assert len(broker._topics[SUB.topic].log) <= _COMPACT_EVERY
+    await broker.publish([Message(SUB.topic, f"n{n}", b"x") for n in range(COMPACT_EVERY)])
+    assert len(broker._topics[SUB.topic].log) <= COMPACT_EVERY
