@@ -184,7 +184,7 @@ def _saga_definitions(apps: Sequence[App]) -> dict[str, Any]:
 
 
 def _saga_result(record: dict[str, Any], definitions: dict[str, Any]) -> Any:
-    from choreo.saga.machine import to_result
+    from choreo.saga.record import to_result
 
     return to_result(definitions.get(record.get("name", "")), record)
 

@@ -169,7 +169,7 @@ async def test_sweeper_fires_the_timer_of_an_overdue_step(broker_url: str) -> No
     orders = apps[0]
     async with run_apps(*apps, broker=broker_url) as env:
         # A record waiting on a command (token 5) that was never delivered, overdue, with no timer left.
-        from choreo.saga.machine import new_record
+        from choreo.saga.record import new_record
 
         record = new_record(coordinator.definition("order_processing"), "lost", {"total": 1}, time.time() - 10)
         record.update(state="running", cursor=1, token=5, kind="action", attempt=1, due_at=time.time() - 5)

@@ -37,7 +37,8 @@ from choreo.saga.definition import (
     reply_topic,
     timeout_topic,
 )
-from choreo.saga.machine import Out, SagaRun, new_record, to_result
+from choreo.saga.machine import Out, SagaRun
+from choreo.saga.record import new_record, to_result
 from choreo.saga.waiting import SagaWaiters
 
 if TYPE_CHECKING:

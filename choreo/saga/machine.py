@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import attrs
@@ -23,23 +22,20 @@ import attrs
 from choreo.dispatcher import backoff_delay
 from choreo.saga.definition import (
     SagaDefinition,
-    SagaResult,
     SagaState,
     SagaStep,
-    StepResult,
     StepStatus,
     command_topic,
     lifecycle_topic,
     timeout_topic,
 )
+from choreo.saga.record import BACKWARD, FORWARD
 
-__all__ = ("ACTION", "COMPENSATION", "FALLBACK", "LATE", "Out", "SagaRun", "new_record", "to_result")
+__all__ = ("ACTION", "COMPENSATION", "FALLBACK", "LATE", "Out", "SagaRun")
 
 log = logging.getLogger("choreo.saga")
 
 ACTION, FALLBACK, COMPENSATION, LATE = "action", "fallback", "compensation", "late_compensation"
-FORWARD, BACKWARD = "forward", "backward"
-RECORD_VERSION = 1
 
 
 @attrs.frozen
@@ -50,60 +46,6 @@ class Out:
     data: dict[str, Any]
     delay: float | None = None
     headers: dict[str, str] | None = None
-
-
-def new_record(definition: SagaDefinition, saga_id: str, data: dict[str, Any], now: float) -> dict[str, Any]:
-    """The stored record of a saga about to start."""
-    return {
-        "v": RECORD_VERSION,
-        "saga_id": saga_id,
-        "name": definition.name,
-        "state": SagaState.PENDING.value,
-        "data": dict(data),
-        "error": None,
-        "phase": FORWARD,
-        "cursor": 0,
-        "token": 0,
-        "kind": None,
-        "attempt": 0,
-        "due_at": None,
-        "deadline_at": None if definition.deadline is None else now + definition.deadline,
-        "queue": [],
-        "created_at": now,
-        "updated_at": now,
-        "steps": [
-            {
-                "status": StepStatus.PENDING,
-                "attempts": 0,
-                "error": None,
-                "started_at": None,
-                "finished_at": None,
-                "late": None,
-            }
-            for _ in definition.steps
-        ],
-    }
-
-
-def _time(value: float | None) -> datetime | None:
-    return None if value is None else datetime.fromtimestamp(value, UTC)
-
-
-def to_result(definition: SagaDefinition | None, record: dict[str, Any]) -> SagaResult:
-    """The public view of a stored record."""
-    names = [s.name for s in definition.steps] if definition else [f"step{i + 1}" for i in range(len(record["steps"]))]
-    steps = tuple(
-        StepResult(name, s["status"], s["attempts"], s["error"], _time(s["started_at"]), _time(s["finished_at"]))
-        for name, s in zip(names, record["steps"], strict=False)
-    )
-    return SagaResult(
-        saga_id=record["saga_id"],
-        name=record["name"],
-        state=SagaState(record["state"]),
-        data=dict(record["data"]),
-        error=record["error"],
-        steps=steps,
-    )
 
 
 class SagaRun:

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from choreo.events import Event
 from choreo.middleware import Middleware
 from choreo.saga.definition import SagaDefinition, SagaNotFound, SagaResult, lifecycle_topic
-from choreo.saga.machine import to_result
+from choreo.saga.record import to_result
 
 __all__ = ("SagaWaiters",)
 
