@@ -84,6 +84,7 @@ from brokers.base import (
 )
 from brokers.options import BrokerOptions, parse_url, redact_url
 from brokers.redis_support import (
+    Line,
     Outage,
     ScriptBatcher,
     Stream,
@@ -135,6 +136,8 @@ class RedisStreamsBroker(redis_admin.RedisAdmin):
         self._prefix = options.prefix
         self._client: Any | None = None
         self._reader: Any | None = None
+        #: Connections for waiting fetches: one per concurrent ``fetch`` (usually one).
+        self._lines: list[Line] = []
         self._scripts: dict[str, Any] = {}
         self._commits: ScriptBatcher | None = None
         self._fetch_sha = ""
@@ -172,8 +175,11 @@ class RedisStreamsBroker(redis_admin.RedisAdmin):
         client, reader = self._client, self._reader
         self._client = self._reader = None
         if self._commits is not None:
-            self._commits.close()
+            await self._commits.close()
             self._commits = None
+        lines, self._lines = self._lines, []
+        for line in lines:
+            await line.close()
         for each in (reader, client):
             if each is not None:
                 await each.aclose()
@@ -321,9 +327,8 @@ class RedisStreamsBroker(redis_admin.RedisAdmin):
                 if wait > 0:
                     # Block on XREAD and have the same connection read through
                     # the groups the moment it wakes: one round trip.
-                    assert self._reader is not None
                     args, _ = self._fetch_args(consumer, streams, limit, now, False)
-                    reply = await wait_then_fetch(self._reader, tails, wait, self._fetch_sha, args)
+                    reply = await wait_then_fetch(self._free_line(), tails, wait, self._fetch_sha, args)
                     if reply is not None:
                         found, tails = await self._fetch_reply(consumer, streams, reply, False)
                         if tails is not None:
@@ -342,6 +347,15 @@ class RedisStreamsBroker(redis_admin.RedisAdmin):
                     raise
                 await self._outage.pause(cause, deadline - time.monotonic())
                 return []
+
+    def _free_line(self) -> Line:
+        for line in self._lines:
+            if not line.busy:
+                return line
+        assert self._reader is not None
+        line = Line(self._reader.connection_pool)
+        self._lines.append(line)
+        return line
 
     @staticmethod
     def _slot_set(streams: Sequence[Stream]) -> frozenset[str]:
