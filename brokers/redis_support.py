@@ -342,7 +342,7 @@ class ScriptBatcher:
         for args in batch:
             flat.append(len(args))
             flat.extend(args)
-        failures = 0
+        failures, loaded = 0, False
         while True:
             try:
                 (replies,) = await self._line.call(flat)
@@ -355,8 +355,9 @@ class ScriptBatcher:
                     raise
                 await asyncio.sleep(_BATCH_BACKOFF * 2 ** (failures - 1))
                 continue
-            if isinstance(replies, rexc.NoScriptError):
+            if isinstance(replies, rexc.NoScriptError) and not loaded:
                 await self._client.script_load(self._source)
+                loaded = True
                 continue
             if isinstance(replies, Exception):
                 raise replies
