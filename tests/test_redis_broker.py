@@ -133,6 +133,22 @@ async def test_restart_keeps_acknowledged_messages_and_scripts_reload(fsync_serv
         assert (await broker.backlog([G1]))[0].idle
 
 
+async def test_script_flush_while_waiting_and_committing_loses_nothing(server: RedisServer) -> None:
+    """An emptied script cache (SCRIPT FLUSH, failover to a fresh replica) under a waiting
+    fetch and a commit batch: both load their script again and deliver, commit and publish."""
+    async with connected(server.url) as broker, raw(server) as client:
+        await broker.subscribe([G1, OUT])
+        assert await broker.fetch("c", [G1], limit=1, timeout=0.3) == []  # drained: the next fetch waits
+        await client.script_flush()
+        await broker.publish([msg(1)])
+        await client.script_flush()
+        (delivery,) = await collect(broker, "c", [G1], 1)
+        await client.script_flush()
+        assert await broker.commit(delivery, publish=[msg(2, topic=OUT.topic)]) is CommitStatus.OK
+        assert [d.message_id for d in await collect(broker, "c", [OUT], 1)] == ["m2"]
+        assert (await broker.backlog([G1]))[0].idle
+
+
 async def test_stale_consumer_after_reclaim_publishes_nothing(server: RedisServer) -> None:
     """A delivery reclaimed by XAUTOCLAIM (even by the same consumer) is fenced: its commit writes nothing."""
     async with connected(f"{server.url}?{FAST}") as broker, raw(server) as client:
