@@ -17,7 +17,9 @@ from typing import Any
 
 __all__ = ("cancel_and_wait",)
 
-_RECANCEL_EVERY = 0.05
+#: Seconds between cancellations of a task that goes on: long enough for a
+#: handler's own clean-up on cancellation, short beside the stop timeouts.
+_RECANCEL_EVERY = 0.5
 
 
 async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], timeout: float) -> set[asyncio.Task[Any]]:
