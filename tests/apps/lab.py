@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from choreo import App
+from tests.apps import append_line
 
 app = App("lab")
 
@@ -38,20 +39,11 @@ class LabFailure(Exception):
     """A job that asked to fail."""
 
 
-def record(path: str, line: str) -> None:
-    # One write on an O_APPEND descriptor: lines from several processes never interleave.
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (line + "\n").encode())
-    finally:
-        os.close(fd)
-
-
 @app.on_event("lab.job", retries=0)
 @app.emits("lab.done")
 async def work(data: dict[str, Any]) -> dict[str, Any]:
     if data.get("ledger"):
-        record(data["ledger"], f"start {data['job']} {os.getpid()}")
+        append_line(data["ledger"], f"start {data['job']} {os.getpid()}")
     if data.get("fail") or (data.get("fail_until") and not Path(data["fail_until"]).exists()):
         raise LabFailure(f"job {data['job']} fails")
     seconds = float(data.get("seconds", 0.0))

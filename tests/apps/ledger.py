@@ -20,23 +20,16 @@ from pathlib import Path
 from typing import Any
 
 from choreo import App, Event
+from tests.apps import append_line
 
 app = App("ledger")
-
-
-def record(path: str, line: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (line + "\n").encode())
-    finally:
-        os.close(fd)
 
 
 @app.on_event("fault.job", retries=0)
 @app.emits("fault.done")
 async def work(event: Event, data: dict[str, Any]) -> dict[str, Any]:
     pid = os.getpid()
-    record(data["ledger"], f"start {event.id} {pid}")
+    append_line(data["ledger"], f"start {event.id} {pid}")
     seconds = float(data.get("seconds", 0.0))
     if seconds:
         await asyncio.sleep(seconds)
@@ -46,5 +39,5 @@ async def work(event: Event, data: dict[str, Any]) -> dict[str, Any]:
             if not Path(hold).exists():
                 break
             await asyncio.sleep(0.02)
-    record(data["ledger"], f"effect {event.id} {pid}")
+    append_line(data["ledger"], f"effect {event.id} {pid}")
     return {"by": pid}
