@@ -26,6 +26,7 @@ from brokers import (
     Subscription,
     Versioned,
 )
+from tests.deliveries import collect
 
 TOPIC = "order.created"
 G1 = Subscription(TOPIC, "inventory.reserve")
@@ -41,20 +42,6 @@ async def connected(url: str) -> AsyncIterator[Broker]:
         yield instance
     finally:
         await instance.close()
-
-
-async def collect(
-    broker: Broker, consumer: str, subs: Sequence[Subscription], count: int, *, timeout: float = 3.0
-) -> list[Delivery]:
-    """Fetch until ``count`` deliveries arrived or ``timeout`` passed."""
-    deadline = time.monotonic() + timeout
-    found: list[Delivery] = []
-    while len(found) < count:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        found += await broker.fetch(consumer, subs, limit=count - len(found), timeout=min(remaining, 0.5))
-    return found
 
 
 async def assert_nothing(broker: Broker, consumer: str, subs: Sequence[Subscription], wait: float = 0.1) -> None:

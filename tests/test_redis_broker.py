@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import NoPermissionError
 
-from brokers import BrokerError, CommitStatus, Delivery, Message, Subscription
+from brokers import BrokerError, CommitStatus, Message, Subscription
 from brokers.redis_streams import RedisStreamsBroker
+from tests.deliveries import collect
 from tests.redis_server import RedisServer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
@@ -52,16 +53,6 @@ async def raw(server: RedisServer) -> AsyncIterator[aioredis.Redis]:
         yield client
     finally:
         await client.aclose()
-
-
-async def collect(
-    broker: RedisStreamsBroker, consumer: str, subs: Sequence[Subscription], count: int, *, timeout: float = 3.0
-) -> list[Delivery]:
-    deadline = time.monotonic() + timeout
-    found: list[Delivery] = []
-    while len(found) < count and time.monotonic() < deadline:
-        found += await broker.fetch(consumer, subs, limit=count - len(found), timeout=0.2)
-    return found
 
 
 def msg(n: int, topic: str = TOPIC) -> Message:

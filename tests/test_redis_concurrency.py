@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -21,6 +23,7 @@ from brokers import BrokerError, CommitStatus, Delivery, Message, StateWrite, Su
 from brokers.redis_streams import RedisStreamsBroker
 from choreo import App, Context
 from choreo.testing import run_apps
+from tests.deliveries import collect
 from tests.redis_server import RedisServer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
@@ -62,48 +65,47 @@ async def test_concurrency_above_the_pool_size_loses_nothing(
     assert not [r for r in caplog.records if "redeliver" in r.getMessage()]
 
 
-async def test_concurrent_commits_are_each_fenced(server: RedisServer) -> None:
-    """Commits sent in one pipelined batch still settle one by one: a stale
-    delivery in the middle of the batch is refused, the others go through."""
-    sub = Subscription("pool.start", "pool.first")
+SUB = Subscription("pool.start", "pool.first")
+
+
+@asynccontextmanager
+async def handed_out(server: RedisServer, count: int) -> AsyncIterator[tuple[RedisStreamsBroker, Any, list[Delivery]]]:
+    """A broker holding ``count`` fresh deliveries of ``SUB``, and a plain client beside it."""
     broker = RedisStreamsBroker(server.url)
     client = aioredis.from_url(server.url)
     await broker.connect()
     try:
-        await broker.subscribe([sub])
-        await broker.publish([Message(sub.topic, f"m{n}", b"{}") for n in range(400)])
-        deliveries: list[Delivery] = []
-        while len(deliveries) < 400:
-            deliveries += await broker.fetch("a", [sub], limit=400 - len(deliveries), timeout=1)
-        stale = deliveries[200]
-        # Another consumer claims one entry: the original holder's lease on it is gone.
-        await client.xclaim(f"choreo:{sub.topic}", sub.group, "b", 0, [stale.entry_id])
-        statuses = await asyncio.gather(*(broker.commit(d) for d in deliveries))
-        assert statuses[200] is CommitStatus.LEASE_LOST
-        assert Counter(statuses) == {CommitStatus.OK: 399, CommitStatus.LEASE_LOST: 1}
-        assert await client.xpending(f"choreo:{sub.topic}", sub.group) == {
-            "pending": 1, "min": stale.entry_id.encode(), "max": stale.entry_id.encode(),
-            "consumers": [{"name": b"b", "pending": 1}],
-        }
+        await broker.subscribe([SUB])
+        await broker.publish([Message(SUB.topic, f"m{n}", b"{}") for n in range(count)])
+        deliveries = await collect(broker, "a", [SUB], count, timeout=10)
+        assert len(deliveries) == count
+        yield broker, client, deliveries
     finally:
         await broker.close()
         await client.aclose()
 
 
+async def test_concurrent_commits_are_each_fenced(server: RedisServer) -> None:
+    """Commits sent in one batch still settle one by one: a stale
+    delivery in the middle of the batch is refused, the others go through."""
+    async with handed_out(server, 400) as (broker, client, deliveries):
+        stale = deliveries[200]
+        # Another consumer claims one entry: the original holder's lease on it is gone.
+        await client.xclaim(f"choreo:{SUB.topic}", SUB.group, "b", 0, [stale.entry_id])
+        statuses = await asyncio.gather(*(broker.commit(d) for d in deliveries))
+        assert statuses[200] is CommitStatus.LEASE_LOST
+        assert Counter(statuses) == {CommitStatus.OK: 399, CommitStatus.LEASE_LOST: 1}
+        assert await client.xpending(f"choreo:{SUB.topic}", SUB.group) == {
+            "pending": 1, "min": stale.entry_id.encode(), "max": stale.entry_id.encode(),
+            "consumers": [{"name": b"b", "pending": 1}],
+        }
+
+
 async def test_a_failing_commit_leaves_the_rest_of_its_batch_alone(server: RedisServer) -> None:
     """A commit that Redis refuses mid-script (here: a state key that is not a
     hash) fails for its caller only; the commits batched with it are applied."""
-    sub = Subscription("pool.start", "pool.first")
-    broker = RedisStreamsBroker(server.url)
-    client = aioredis.from_url(server.url)
-    await broker.connect()
-    try:
-        await broker.subscribe([sub])
+    async with handed_out(server, 100) as (broker, client, deliveries):
         await client.set("choreo:_state:broken", "not a hash")
-        await broker.publish([Message(sub.topic, f"m{n}", b"{}") for n in range(100)])
-        deliveries: list[Delivery] = []
-        while len(deliveries) < 100:
-            deliveries += await broker.fetch("a", [sub], limit=100 - len(deliveries), timeout=1)
         broken = deliveries[50]
 
         async def settle(delivery: Delivery) -> CommitStatus | str:
@@ -116,8 +118,5 @@ async def test_a_failing_commit_leaves_the_rest_of_its_batch_alone(server: Redis
         outcomes = await asyncio.gather(*(settle(d) for d in deliveries))
         assert "WRONGTYPE" in str(outcomes[50])
         assert Counter(o for i, o in enumerate(outcomes) if i != 50) == {CommitStatus.OK: 99}
-        pending = await client.xpending(f"choreo:{sub.topic}", sub.group)
+        pending = await client.xpending(f"choreo:{SUB.topic}", SUB.group)
         assert pending["pending"] == 1 and pending["min"] == broken.entry_id.encode()
-    finally:
-        await broker.close()
-        await client.aclose()
