@@ -32,8 +32,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from chain_memory import chain_app as memory_chain_app  # this folder, run as a script
 
-from choreo import App, Event
-from choreo.testing import run_apps
+from choreo import App, Event, run
+from choreo.worker import Runtime
 from tests.redis_server import RedisServer
 
 PAYLOAD = {"order_id": "O-000000", "sku": "SKU-1", "quantity": 1, "note": "x" * 24}
@@ -53,13 +53,24 @@ def chain_app(arrived: asyncio.Queue[float] | None = None) -> App:
     return app
 
 
+async def settle(runtime: Runtime) -> None:
+    """Wait until every group is quiet (what ``TestEnv.settle`` does, without
+    the test harness's record of every published event)."""
+    while True:
+        backlog = await runtime.broker.backlog(runtime.subscriptions)
+        if runtime.in_flight == 0 and all(b.idle for b in backlog):
+            return
+        await asyncio.sleep(0.01)
+
+
 async def choreo_throughput(url: str, events: int) -> float:
-    async with run_apps(chain_app(), broker=url, concurrency=200) as env:
+    # ``run`` is what ``choreo worker`` runs: the production path.
+    async with run(chain_app(), broker=url, concurrency=200) as runtime:
         start = time.perf_counter()
         for n in range(0, events, 500):  # batches of 500, as the raw loop publishes
             batch = [Event("bench.a", {**PAYLOAD, "n": m}) for m in range(n, min(n + 500, events))]
-            await env.runtime.commit([(event, None) for event in batch])
-        await env.settle(timeout=3600)
+            await runtime.commit([(event, None) for event in batch])
+        await settle(runtime)
         elapsed = time.perf_counter() - start
     return events * 3 / elapsed
 
@@ -67,10 +78,10 @@ async def choreo_throughput(url: str, events: int) -> float:
 async def choreo_latency(url: str, events: int) -> list[float]:
     arrived: asyncio.Queue[float] = asyncio.Queue()
     latencies = []
-    async with run_apps(chain_app(arrived), broker=url) as env:
+    async with run(chain_app(arrived), broker=url) as runtime:
         for n in range(events):
             start = time.perf_counter()
-            await env.publish("bench.a", {**PAYLOAD, "n": n})
+            await runtime.publish("bench.a", {**PAYLOAD, "n": n})
             latencies.append(await asyncio.wait_for(arrived.get(), 30) - start)
     return latencies
 
