@@ -9,12 +9,12 @@ no rollback.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
 from brokers.base import BrokerError, Delivery, Message, StateWrite
 from brokers.redis_support import check_name
+from brokers.wire import dumps
 
 __all__ = ("COMMIT_BATCH", "COMMON", "EXTEND", "FETCH", "commit_args")
 
@@ -69,12 +69,9 @@ def commit_args(
             soonest = delay_ms / 1000 if soonest is None else min(soonest, delay_ms / 1000)
         heads.append([m.topic, m.group or "", m.id, delay_ms])
         blobs.append(m.body if type(m.body) is bytes else bytes(m.body))
-    blobs[0] = _HEADER.encode([prefix, settle, writes, heads]).encode()
+    # Names travel as UTF-8, exactly as redis-py would send them.
+    blobs[0] = dumps([prefix, settle, writes, heads]).encode()
     return blobs, soonest
-
-
-# ensure_ascii=False: names travel as UTF-8, exactly as redis-py would send them.
-_HEADER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 # Shared helpers, prepended to every script that needs them.
 COMMON = r"""

@@ -76,8 +76,18 @@ def redis_url(url: str) -> str:
 
 
 def check_name(kind: str, name: str) -> None:
-    if not isinstance(name, str) or not TOPIC_PATTERN.fullmatch(name):
+    if not isinstance(name, str):
+        raise BrokerError(f"invalid {kind} name {name!r}: it must be a string")
+    if name in _valid_names:  # checked for every message and fetch: the regex runs once a name
+        return
+    if not TOPIC_PATTERN.fullmatch(name):
         raise BrokerError(f"invalid {kind} name {name!r}: letters, digits and ._-: only (at most 200)")
+    if len(_valid_names) < _MAX_REMEMBERED_NAMES:
+        _valid_names.add(name)
+
+
+_valid_names: set[str] = set()
+_MAX_REMEMBERED_NAMES = 10_000
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -293,6 +303,7 @@ class ScriptBatcher:
         self._line = Line(client.connection_pool)
         self._queue: list[tuple[Sequence[Any], asyncio.Future[Any]]] = []
         self._sender: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def call(self, args: Sequence[Any]) -> Any:
         """Run the script with ``args`` as ARGV (no keys) and return its reply.
@@ -300,10 +311,15 @@ class ScriptBatcher:
         Raises:
             redis.exceptions.RedisError: the call (or its whole batch) failed.
         """
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((args, future))
+        # The loop is looked up once per batch, not per call: on Linux each
+        # lookup costs a getpid() system call, which showed in profiles.
+        loop = self._loop
         if self._sender is None:
-            self._sender = asyncio.create_task(self._send_all(), name="choreo-redis-batch")
+            loop = self._loop = asyncio.get_running_loop()
+            self._sender = loop.create_task(self._send_all(), name="choreo-redis-batch")
+        assert loop is not None
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((args, future))
         return await future
 
     async def _send_all(self) -> None:

@@ -11,12 +11,13 @@ import json
 import random
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 import attrs
 
+from brokers.wire import dumps as _json
 from choreo.errors import DecodeError
 
 __all__ = (
@@ -138,7 +139,9 @@ class Event:
 
 
 _new = object.__new__
-_set = object.__setattr__
+# Each field's slot setter, looked up once: cheaper than object.__setattr__ by name.
+(_set_type, _set_data, _set_id, _set_correlation, _set_causation, _set_saga, _set_occurred, _set_attempt,
+ _set_headers) = (getattr(Event, field.name).__set__ for field in attrs.fields(Event))
 
 
 def _trusted_event(
@@ -159,15 +162,15 @@ def _trusted_event(
     result without them.
     """
     event = _new(Event)
-    _set(event, "type", event_type)
-    _set(event, "data", data)
-    _set(event, "id", event_id)
-    _set(event, "correlation_id", correlation_id)
-    _set(event, "causation_id", causation_id)
-    _set(event, "saga_id", saga_id)
-    _set(event, "occurred_at", occurred_at)
-    _set(event, "attempt", attempt)
-    _set(event, "headers", headers)
+    _set_type(event, event_type)
+    _set_data(event, data)
+    _set_id(event, event_id)
+    _set_correlation(event, correlation_id)
+    _set_causation(event, causation_id)
+    _set_saga(event, saga_id)
+    _set_occurred(event, occurred_at)
+    _set_attempt(event, attempt)
+    _set_headers(event, headers)
     return event
 
 
@@ -194,22 +197,20 @@ def encode_event(event: Event, *, max_size: int = DEFAULT_MAX_SIZE) -> bytes:
         DecodeError: the data is not JSON (NaN, Infinity, sets, objects...) or
             the result exceeds ``max_size`` bytes.
     """
-    validate_event_type(event.type)
-    wire = {
-        "v": WIRE_VERSION,
-        "type": event.type,
-        "id": event.id,
-        "data": event.data,
-        "correlation_id": event.correlation_id,
-        "causation_id": event.causation_id,
-        "saga_id": event.saga_id,
-        "occurred_at": event.occurred_at.isoformat(),
-        "attempt": event.attempt,
-        "headers": event.headers,
-    }
+    # The envelope is put together around the encoded data: its fields are a
+    # validated type name, strings, a time and an int, and building a dict
+    # for the encoder to take apart again costs more than the JSON itself.
+    event_type = validate_event_type(event.type)
+    attempt = event.attempt
     try:
-        body = _ENCODER.encode(wire).encode()
-    except (TypeError, ValueError) as exc:
+        body = (
+            f'{{"v":{WIRE_VERSION},"type":"{event_type}","id":{_json(event.id)},"data":{_json(event.data)},'
+            f'"correlation_id":{_json(event.correlation_id)},"causation_id":{_json(event.causation_id)},'
+            f'"saga_id":{_json(event.saga_id)},"occurred_at":"{event.occurred_at.isoformat()}",'
+            f'"attempt":{attempt if type(attempt) is int else _json(attempt)},'
+            f'"headers":{_json(event.headers) if event.headers else "{}"}}}'
+        ).encode()
+    except (TypeError, ValueError, RecursionError) as exc:  # UnicodeEncodeError (lone surrogates) included
         raise DecodeError(f"event {event.type!r} data is not valid JSON: {exc}") from None
     if len(body) > max_size:
         raise DecodeError(f"event {event.type!r} is {len(body)} bytes, over the {max_size}-byte limit")
@@ -231,9 +232,9 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-# Built once: json.dumps/json.loads with options build a new coder on every call.
-_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+# Built once: json.loads with options builds a new decoder on every call.
 _DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
+_scan: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignore[attr-defined]
 
 
 def _check_depth(value: Any, limit: int) -> None:
@@ -256,7 +257,15 @@ def _loads(raw: bytes, max_size: int, max_depth: int) -> Any:
     except UnicodeDecodeError as exc:
         raise DecodeError(f"message is not UTF-8: {exc.reason} at byte {exc.start}") from None
     try:
-        value = _DECODER.decode(text)
+        # The scanner straight away; JSONDecoder.decode adds two regex matches
+        # for surrounding whitespace and is left to bodies that have any (and
+        # to malformed ones, for its error message).
+        try:
+            value, end = _scan(text, 0)
+        except StopIteration:
+            end = -1
+        if end != len(text):
+            value = _DECODER.decode(text)
     except RecursionError:
         raise DecodeError(f"JSON nesting deeper than {max_depth} levels") from None
     except DecodeError:

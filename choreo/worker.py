@@ -90,7 +90,9 @@ class Runtime:
         self.subscriptions = tuple(Subscription(route.event, route.group) for route in self.routes)
         self.dispatcher = Dispatcher(self.routes, broker, middleware=self.middleware, max_size=max_size)
         self._limits = {r.group: asyncio.Semaphore(r.concurrency) for r in self.routes if r.concurrency}
-        self._in_flight: dict[asyncio.Task[None], tuple[Delivery, float]] = {}
+        #: Handlers running now: task, delivery and start time, by a serial number.
+        self._in_flight: dict[int, tuple[asyncio.Task[None], Delivery, float]] = {}
+        self._serial = 0
         self._slot_freed = asyncio.Event()
         self._stopping = False
         self._loops: list[asyncio.Task[None]] = []
@@ -158,6 +160,9 @@ class Runtime:
         return status
 
     async def _consume(self) -> None:
+        # loop.create_task, not asyncio.create_task: the latter looks the loop
+        # up per call, and on Linux each lookup is a getpid() system call.
+        loop = asyncio.get_running_loop()
         while not self._stopping:
             free = self.concurrency - len(self._in_flight)
             if free <= 0:
@@ -176,11 +181,13 @@ class Runtime:
                 continue
             now = time.monotonic()
             for delivery in deliveries:
-                task = asyncio.create_task(self._handle(delivery))
-                self._in_flight[task] = (delivery, now)
-                task.add_done_callback(self._done)
+                self._serial += 1
+                key = self._serial
+                self._in_flight[key] = (loop.create_task(self._handle(delivery, key)), delivery, now)
 
-    async def _handle(self, delivery: Delivery) -> None:
+    async def _handle(self, delivery: Delivery, key: int) -> None:
+        # The handler clears its own slot on the way out: a done callback
+        # would cost one more trip through the event loop per delivery.
         limit = self._limits.get(delivery.group)
         try:
             if limit is None:
@@ -192,10 +199,9 @@ class Runtime:
             raise
         except Exception:
             log.exception("unexpected error on %s of %s; it will be redelivered", delivery.entry_id, delivery.topic)
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._in_flight.pop(task, None)
-        self._slot_freed.set()
+        finally:
+            self._in_flight.pop(key, None)
+            self._slot_freed.set()
 
     async def _renew_leases(self) -> None:
         # Handlers slower than a third of the lease get it renewed, so no other
@@ -204,7 +210,7 @@ class Runtime:
         while True:
             await asyncio.sleep(period)
             now = time.monotonic()
-            for delivery, started in list(self._in_flight.values()):
+            for _, delivery, started in list(self._in_flight.values()):
                 if now - started >= period:
                     try:
                         await self.broker.extend(delivery)
@@ -224,7 +230,7 @@ class Runtime:
             # waited for, not awaited: a cancellation of stop() itself must not
             # be mistaken for the loop's own end and swallowed.
             await asyncio.wait(self._loops[:1])
-        pending = set(self._in_flight)
+        pending = {task for task, _, _ in self._in_flight.values()}
         if pending:
             log.info("draining %d in-flight handlers (grace %.1fs)", len(pending), grace)
             _, still = await asyncio.wait(pending, timeout=grace)
@@ -235,6 +241,10 @@ class Runtime:
                 if left:
                     log.warning("%d handlers ignored cancellation for %.0fs; leaving them behind", len(left),
                                 _CANCEL_WAIT)
+            # A handler cancelled before its first step never ran its own clean-up.
+            for key, (task, _, _) in list(self._in_flight.items()):
+                if task.done():
+                    del self._in_flight[key]
         if await cancel_and_wait(self._loops[1:], _CANCEL_WAIT):
             log.warning("the lease renewal loop ignored cancellation; leaving it behind")
         for app in self.apps:
