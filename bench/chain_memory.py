@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import time
 from typing import Any
 
 from choreo import App
+from choreo.supervisor import WORKER_GC_THRESHOLD, tune_collector
 from choreo.testing import run_apps
 
 
@@ -94,10 +96,13 @@ async def run_baseline(events: int) -> float:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=100_000, help="root events (each makes three hops)")
+    parser.add_argument("--gc-threshold", type=int, default=WORKER_GC_THRESHOLD,
+                        help="collector threshold, as choreo worker sets it (0: Python's default), for both sides")
     args = parser.parse_args()
+    tune_collector(args.gc_threshold)
     baseline = await run_baseline(args.events)
     choreo_rate = await run_choreo(args.events)
-    print(f"chains: {args.events:,} (3 hops each)")
+    print(f"chains: {args.events:,} (3 hops each); gc threshold {gc.get_threshold()[0]}")
     print(f"baseline asyncio.Queue + json: {baseline:,.0f} events/s")
     print(f"choreo run_apps on memory://:  {choreo_rate:,.0f} events/s")
     print(f"ratio choreo/baseline: {choreo_rate / baseline:.2f} (target >= 0.30)")

@@ -4,7 +4,9 @@ raw redis-py loop doing the minimum, measured in the same run.
     python bench/chain_redis.py [--events 50000] [--latency-events 1000] [--repeat 3]
 
 Starts its own redis-server on a free port (no persistence, so disk speed does
-not enter). The raw loop: XREADGROUP COUNT 100 over the streams, then one
+not enter). The process sets up Python's garbage collector as ``choreo
+worker`` does (``--gc-threshold``, 0 for Python's default), for both loops.
+The raw loop: XREADGROUP COUNT 100 over the streams, then one
 pipeline of XADD per entry plus one XACK per stream and batch, JSON decode and
 encode per hop. Throughput counts handled events (three per chain); latency is
 one chain at a time, publish of A to arrival of D, on an idle system. With
@@ -18,6 +20,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
+import gc
 import json
 import os
 import statistics
@@ -33,9 +37,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from chain_memory import chain_app as memory_chain_app  # this folder, run as a script
 
 from choreo import App, Event, run
+from choreo.supervisor import WORKER_GC_THRESHOLD, tune_collector
 from choreo.worker import Runtime
 from tests.redis_server import RedisServer
 
+#: choreo's handlers in flight (``choreo worker --concurrency``).
+CONCURRENCY = 500
 PAYLOAD = {"order_id": "O-000000", "sku": "SKU-1", "quantity": 1, "note": "x" * 24}
 NEXT = {"bench.a": "bench.b", "bench.b": "bench.c", "bench.c": "bench.d"}
 
@@ -63,9 +70,9 @@ async def settle(runtime: Runtime) -> None:
         await asyncio.sleep(0.01)
 
 
-async def choreo_throughput(url: str, events: int) -> float:
+async def choreo_throughput(url: str, events: int, concurrency: int = CONCURRENCY) -> float:
     # ``run`` is what ``choreo worker`` runs: the production path.
-    async with run(chain_app(), broker=url, concurrency=200) as runtime:
+    async with run(chain_app(), broker=url, concurrency=concurrency) as runtime:
         start = time.perf_counter()
         for n in range(0, events, 500):  # batches of 500, as the raw loop publishes
             batch = [Event("bench.a", {**PAYLOAD, "n": m}) for m in range(n, min(n + 500, events))]
@@ -181,7 +188,11 @@ async def main() -> None:
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--latency-events", type=int, default=1_000)
     parser.add_argument("--repeat", type=int, default=1, help="rounds, raw and choreo interleaved; medians reported")
+    parser.add_argument("--concurrency", type=int, default=CONCURRENCY, help="choreo's handlers in flight")
+    parser.add_argument("--gc-threshold", type=int, default=WORKER_GC_THRESHOLD,
+                        help="collector threshold, as choreo worker sets it (0: Python's default), for both sides")
     args = parser.parse_args()
+    tune_collector(args.gc_threshold)
     server = RedisServer()
     server.start()
     rates: dict[str, list[float]] = {"raw": [], "choreo": []}
@@ -192,7 +203,8 @@ async def main() -> None:
         url = f"redis://127.0.0.1:{server.port}/"
         for _ in range(args.repeat):
             for name, throughput, latency in (
-                ("raw", raw_throughput, raw_latency), ("choreo", choreo_throughput, choreo_latency)
+                ("raw", raw_throughput, raw_latency),
+                ("choreo", functools.partial(choreo_throughput, concurrency=args.concurrency), choreo_latency),
             ):
                 rates[name].append(await throughput(url + str(next(db) % 16), args.events))
                 sample = await latency(url + str(next(db) % 16), args.latency_events)
@@ -204,7 +216,7 @@ async def main() -> None:
         server.stop()
     raw_rate, choreo_rate = statistics.median(rates["raw"]), statistics.median(rates["choreo"])
     print(f"redis-py {redis.__version__}; {args.events:,} chains of 3 hops; ~{len(json.dumps(PAYLOAD))}-byte payloads;"
-          f" {args.repeat} round(s), medians")
+          f" {args.repeat} round(s), medians; concurrency {args.concurrency}; gc threshold {gc.get_threshold()[0]}")
     print(f"raw loop:  {raw_rate:,.0f} events/s")
     print(f"choreo:    {choreo_rate:,.0f} events/s")
     print(f"throughput ratio choreo/raw: {choreo_rate / raw_rate:.2f} (target >= 0.60)")

@@ -24,6 +24,7 @@ from typing import Any
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from choreo import App, SagaCoordinator, SagaState, SagaStep, run
+from choreo.supervisor import WORKER_GC_THRESHOLD, tune_collector
 
 STEPS = 5
 
@@ -83,7 +84,10 @@ def main() -> None:
     parser.add_argument("--sagas", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=200)
     parser.add_argument("--broker", choices=("memory", "redis", "both"), default="both")
+    parser.add_argument("--gc-threshold", type=int, default=WORKER_GC_THRESHOLD,
+                        help="collector threshold, as choreo worker sets it (0: Python's default), for both sides")
     args = parser.parse_args()
+    tune_collector(args.gc_threshold)
     logging.basicConfig(level=logging.WARNING)
     kinds = ["memory", "redis"] if args.broker == "both" else [args.broker]
     for kind in kinds:

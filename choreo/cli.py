@@ -29,6 +29,7 @@ from choreo.cli_support import (
     render_table,
 )
 from choreo.errors import ChoreoError
+from choreo.supervisor import WORKER_GC_THRESHOLD
 
 app = typer.Typer(
     name="choreo",
@@ -59,6 +60,9 @@ def worker(
     health_interval: Annotated[
         float, typer.Option(help="Seconds between consumer backlog readings for the metrics.")
     ] = 5.0,
+    gc_threshold: Annotated[
+        int, typer.Option(help="First threshold of Python's garbage collector; 0 leaves Python's default (700).")
+    ] = WORKER_GC_THRESHOLD,
 ) -> None:
     """Run apps until SIGINT/SIGTERM, then drain in-flight handlers and exit 0."""
     from choreo.logs import configure_logging
@@ -72,7 +76,7 @@ def worker(
     options = WorkerOptions(
         targets=tuple(targets), broker=broker, concurrency=concurrency, grace=grace, metrics_port=metrics_port,
         metrics_host=metrics_host, log_level=log_level.value, log_format=log_format.value,
-        health_interval=health_interval,
+        health_interval=health_interval, gc_threshold=gc_threshold,
     )
     with errors():
         if workers == 1:

@@ -148,3 +148,26 @@ def test_sigterm_does_not_wait_for_a_sync_handler_past_the_grace_period(redis_ur
         code = worker.terminate(timeout=10)
     assert code == 0, worker.output
     assert asyncio.run(pending(redis_url, "report.requested", "reports.build_report")) == 1
+
+
+@pytest.mark.parametrize(("threshold", "expected"), [(20_000, 20_000), (0, 700)])
+def test_worker_sets_up_the_garbage_collector_as_documented(threshold: int, expected: int) -> None:
+    """`choreo worker --gc-threshold N` raises the collector's first threshold
+    and freezes what was loaded; 0 leaves Python's defaults alone."""
+    import subprocess
+    import sys
+
+    script = (
+        "import gc; from choreo.supervisor import tune_collector; "
+        f"tune_collector({threshold}); print(gc.get_threshold()[0], gc.get_freeze_count() > 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str(expected), str(threshold > 0)]
+
+
+def test_worker_children_get_the_collector_setting() -> None:
+    """With --workers N, every child process runs with the parent's --gc-threshold."""
+    from choreo.supervisor import WorkerOptions
+
+    argv = WorkerOptions(targets=("shop:app",), gc_threshold=1234).child_argv()
+    assert argv[argv.index("--gc-threshold") + 1] == "1234"
