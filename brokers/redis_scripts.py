@@ -14,7 +14,7 @@ from typing import Any
 
 from brokers.base import BrokerError, Delivery, Message, StateWrite
 from brokers.redis_support import check_name
-from brokers.wire import dumps
+from brokers.wire import dumps, quote, quote_name
 
 __all__ = ("COMMIT_BATCH", "COMMON", "EXTEND", "FETCH", "commit_args")
 
@@ -42,14 +42,18 @@ def commit_args(
     """
     blobs: list[Any] = [b""]
     if delivery is None or located is None:
-        settle: Any = False
+        settle = "false"
     else:
         key, entry = located
-        settle = [
-            key, delivery.group, delivery.consumer, entry, delivery.deliveries,
-            delivery.message_id or "", delivery.message_id is not None, done,
-            max(1, round(dedupe_ttl * 1000)), dead_letter or "", dead_letter is not None, delivery.topic,
-        ]
+        mid = delivery.message_id
+        # The header is written out, not built and then encoded: it is made for
+        # every commit. Layout: see above COMMIT_BATCH.
+        settle = (
+            f"[{quote_name(key)},{quote_name(delivery.group)},{quote_name(delivery.consumer)},{quote(entry)},"
+            f"{int(delivery.deliveries)},{quote(mid or '')},{_BOOL[mid is not None]},{_BOOL[bool(done)]},"
+            f"{max(1, round(dedupe_ttl * 1000))},{quote(dead_letter or '')},{_BOOL[dead_letter is not None]},"
+            f"{quote_name(delivery.topic)}]"
+        )
         if dead_letter is not None:
             blobs.append(delivery.body)
     writes = []
@@ -67,11 +71,14 @@ def commit_args(
         delay_ms = max(0, round(m.delay * 1000)) if m.delay else 0
         if delay_ms:
             soonest = delay_ms / 1000 if soonest is None else min(soonest, delay_ms / 1000)
-        heads.append([m.topic, m.group or "", m.id, delay_ms])
+        heads.append(f"[{quote_name(m.topic)},{quote_name(m.group or '')},{quote(m.id)},{delay_ms}]")
         blobs.append(m.body if type(m.body) is bytes else bytes(m.body))
     # Names travel as UTF-8, exactly as redis-py would send them.
-    blobs[0] = dumps([prefix, settle, writes, heads]).encode()
+    blobs[0] = f"[{quote_name(prefix)},{settle},{dumps(writes) if writes else '[]'},[{','.join(heads)}]]".encode()
     return blobs, soonest
+
+
+_BOOL = ("false", "true")
 
 # Shared helpers, prepended to every script that needs them.
 COMMON = r"""

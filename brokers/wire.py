@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ("dumps",)
+__all__ = ("dumps", "quote", "quote_name")
 
 
 def _not_json(value: object) -> Any:
@@ -44,3 +44,25 @@ else:  # pragma: no cover - CPython always has the C encoder
     def dumps(value: Any) -> str:
         """Compact JSON for ``value`` (see above)."""
         return _ENCODER.encode(value)
+
+
+_encode_string: Callable[[str], str] = json.encoder.encode_basestring
+
+
+def quote(value: str) -> str:
+    """``value`` as a JSON string (``dumps`` for anything that is not a str)."""
+    return _encode_string(value) if type(value) is str else dumps(value)
+
+
+_quoted_names: dict[str, str] = {}
+_MAX_QUOTED_NAMES = 10_000
+
+
+def quote_name(name: str) -> str:
+    """``quote`` for names met on every call (topics, groups, keys): remembered."""
+    quoted = _quoted_names.get(name)
+    if quoted is None:
+        quoted = quote(name)
+        if len(_quoted_names) < _MAX_QUOTED_NAMES:
+            _quoted_names[name] = quoted
+    return quoted

@@ -18,6 +18,7 @@ from typing import Any
 import attrs
 
 from brokers.wire import dumps as _json
+from brokers.wire import quote as _quote
 from choreo.errors import DecodeError
 
 __all__ = (
@@ -204,9 +205,9 @@ def encode_event(event: Event, *, max_size: int = DEFAULT_MAX_SIZE) -> bytes:
     attempt = event.attempt
     try:
         body = (
-            f'{{"v":{WIRE_VERSION},"type":"{event_type}","id":{_json(event.id)},"data":{_json(event.data)},'
-            f'"correlation_id":{_json(event.correlation_id)},"causation_id":{_json(event.causation_id)},'
-            f'"saga_id":{_json(event.saga_id)},"occurred_at":"{event.occurred_at.isoformat()}",'
+            f'{{"v":{WIRE_VERSION},"type":"{event_type}","id":{_quote(event.id)},"data":{_json(event.data)},'
+            f'"correlation_id":{_quote(event.correlation_id)},"causation_id":{_optional(event.causation_id)},'
+            f'"saga_id":{_optional(event.saga_id)},"occurred_at":"{event.occurred_at.isoformat()}",'
             f'"attempt":{attempt if type(attempt) is int else _json(attempt)},'
             f'"headers":{_json(event.headers) if event.headers else "{}"}}}'
         ).encode()
@@ -215,6 +216,10 @@ def encode_event(event: Event, *, max_size: int = DEFAULT_MAX_SIZE) -> bytes:
     if len(body) > max_size:
         raise DecodeError(f"event {event.type!r} is {len(body)} bytes, over the {max_size}-byte limit")
     return body
+
+
+def _optional(value: str | None) -> str:
+    return "null" if value is None else _quote(value)
 
 
 def _reject_constant(name: str) -> float:
