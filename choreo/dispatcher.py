@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 
-from brokers import Broker, CommitStatus, Delivery, Message
+from brokers import Broker, CommitStatus, Delivery, Message, StateWrite
 from choreo import logs
 from choreo.context import Context
 from choreo.errors import DecodeError, EmitNotDeclared, PayloadValidationError, Reject, Retry
@@ -122,7 +122,7 @@ class Dispatcher:
                 result = await result  # a sync function that returned a coroutine
             emitted = self._emitted(route, event, result)
             try:
-                messages = [self.message(e, delay=delay) for e, delay in emitted]
+                messages = [self.message(e, delay=delay) for e, delay in emitted] if emitted else []
             except DecodeError as exc:
                 raise _Permanent(f"handler {route.group} emitted an event that cannot be encoded: {exc}") from None
         except _Permanent as exc:
@@ -132,7 +132,7 @@ class Dispatcher:
         except Exception as exc:
             return await self._failed(delivery, route, event, exc, started, ctx)
         status = await self._commit(delivery, route, publish=messages, state=ctx.state_writes)
-        if status is CommitStatus.OK:
+        if status is CommitStatus.OK and self.middleware:
             self.published([e for e, _ in emitted])
             self._handled(route, event, Outcome.SUCCESS, started)
         return status
@@ -160,17 +160,17 @@ class Dispatcher:
 
     def _emitted(self, route: Route, event: Event, result: Any) -> list[tuple[Event, float | None]]:
         """The events a handler's return value emits, with their delays."""
-        if isinstance(result, Emit):
-            choices = [result]
-        elif isinstance(result, list | tuple) and all(isinstance(r, Emit) for r in result):
-            # An empty list is an explicit choice to emit nothing.
-            choices = list(result)
-        elif result is None or isinstance(result, dict):
+        if result is None or isinstance(result, dict):
             if route.terminal:
                 return []
             # The common case, without building an Emit.
             data = {**event.data, **result} if result else dict(event.data)
             return [(child_event(event, route.emits[0], data), None)]
+        if isinstance(result, Emit):
+            choices = [result]
+        elif isinstance(result, list | tuple) and all(isinstance(r, Emit) for r in result):
+            # An empty list is an explicit choice to emit nothing.
+            choices = list(result)
         else:
             raise _Permanent(
                 f"handler {route.group} returned {type(result).__name__}; "
@@ -243,11 +243,22 @@ class Dispatcher:
             self._handled(route, event, Outcome.DEAD_LETTERED, started)
         return status
 
-    async def _commit(self, delivery: Delivery, route: Route, **effects: Any) -> CommitStatus | None:
+    async def _commit(
+        self,
+        delivery: Delivery,
+        route: Route,
+        *,
+        publish: Sequence[Message] = (),
+        dead_letter: str | None = None,
+        state: Sequence[StateWrite] = (),
+        done: bool = True,
+    ) -> CommitStatus | None:
         if ACTIVE:
             await hit("dispatcher.before_commit", route.group)
         try:
-            status = await self.broker.commit(delivery, **effects)
+            status = await self.broker.commit(
+                delivery, publish=publish, dead_letter=dead_letter, state=state, done=done
+            )
         except Exception as exc:
             # Nothing is lost: the delivery stays pending and comes back after its lease.
             log.error("%s: commit of %s failed, it will be redelivered: %s", route.group, delivery.entry_id, exc)
