@@ -52,6 +52,8 @@ __all__ = (
     "Subscription",
     "Versioned",
     "TOPIC_PATTERN",
+    "new_delivery",
+    "new_message",
 )
 
 #: Topic and group names: letters, digits and ``._-:``; nothing that could
@@ -116,6 +118,43 @@ class Delivery:
     message_id: str | None
     body: bytes
     deliveries: int
+
+
+_new = object.__new__
+# Slot setters, looked up once. Message and Delivery have no converters or
+# validators, so setting the slots directly makes exactly what __init__ makes,
+# for less than half the cost of its setattr by name: both are built for every
+# event on the delivery path.
+_message_slots = tuple(getattr(Message, field.name).__set__ for field in attrs.fields(Message))
+_delivery_slots = tuple(getattr(Delivery, field.name).__set__ for field in attrs.fields(Delivery))
+
+
+def new_message(topic: str, id: str, body: bytes, delay: float | None = None, group: str | None = None) -> Message:
+    """``Message(topic, id, body, delay, group)``, built faster."""
+    message = _new(Message)
+    set_topic, set_id, set_body, set_delay, set_group = _message_slots
+    set_topic(message, topic)
+    set_id(message, id)
+    set_body(message, body)
+    set_delay(message, delay)
+    set_group(message, group)
+    return message
+
+
+def new_delivery(
+    topic: str, group: str, consumer: str, entry_id: str, message_id: str | None, body: bytes, deliveries: int
+) -> Delivery:
+    """``Delivery(...)`` with the fields in order, built faster."""
+    delivery = _new(Delivery)
+    set_topic, set_group, set_consumer, set_entry, set_message, set_body, set_deliveries = _delivery_slots
+    set_topic(delivery, topic)
+    set_group(delivery, group)
+    set_consumer(delivery, consumer)
+    set_entry(delivery, entry_id)
+    set_message(delivery, message_id)
+    set_body(delivery, body)
+    set_deliveries(delivery, deliveries)
+    return delivery
 
 
 @attrs.frozen

@@ -81,6 +81,7 @@ from brokers.base import (
     Message,
     StateWrite,
     Subscription,
+    new_delivery,
 )
 from brokers.options import BrokerOptions, parse_url, redact_url
 from brokers.redis_support import (
@@ -147,6 +148,7 @@ class RedisStreamsBroker(redis_admin.RedisAdmin):
         self._delayed_due = 0.0
         self._trim_due = 0.0
         self._known: dict[str, Stream] = {}
+        self._published_topics: set[str] = set()
         #: Stream tails from the last read that drained these streams.
         self._drained: dict[frozenset[str], dict[str, str]] = {}
         self._outage = Outage(log, self.url)
@@ -248,11 +250,11 @@ class RedisStreamsBroker(redis_admin.RedisAdmin):
         args, soonest = lua.commit_args(
             self._prefix, delivery, located, dead_letter, state, publish, done, self.options.dedupe_ttl
         )
-        known = self._known
         for m in publish:
-            key = f"{self._prefix}:{m.topic}"
-            if key not in known:
-                known[key] = Stream(key, m.topic, "", False)
+            if m.topic not in self._published_topics:  # a set lookup per message, the key built once
+                self._published_topics.add(m.topic)
+                key = f"{self._prefix}:{m.topic}"
+                self._known.setdefault(key, Stream(key, m.topic, "", False))
         if soonest is not None:
             self._delayed_due = min(self._delayed_due, time.monotonic() + soonest)
         commits = self._commits
@@ -413,10 +415,9 @@ class RedisStreamsBroker(redis_admin.RedisAdmin):
             s = streams[index - 1]
             entry_id = text(entry)
             found.append(
-                Delivery(
-                    topic=s.topic, group=s.group, consumer=consumer,
-                    entry_id=_PRIVATE + entry_id if s.private else entry_id,
-                    message_id=text(message_id), body=bytes(body), deliveries=int(count),
+                new_delivery(
+                    s.topic, s.group, consumer, _PRIVATE + entry_id if s.private else entry_id,
+                    text(message_id), bytes(body), int(count),
                 )
             )
         drained = {s.key: text(tail) for s, tail in zip(streams, tails, strict=False)} if tails else None

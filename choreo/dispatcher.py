@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 
 from brokers import Broker, CommitStatus, Delivery, Message, StateWrite
+from brokers.base import new_message
 from choreo import logs
 from choreo.context import Context
 from choreo.errors import DecodeError, EmitNotDeclared, PayloadValidationError, Reject, Retry
@@ -78,9 +79,7 @@ class Dispatcher:
         self.max_size = max_size
 
     def message(self, event: Event, *, delay: float | None = None, group: str | None = None) -> Message:
-        return Message(
-            topic=event.type, id=event.id, body=encode_event(event, max_size=self.max_size), delay=delay, group=group
-        )
+        return new_message(event.type, event.id, encode_event(event, max_size=self.max_size), delay, group)
 
     def published(self, events: Sequence[Event]) -> None:
         for hook in self.middleware:

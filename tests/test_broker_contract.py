@@ -429,3 +429,14 @@ async def test_maxlen_never_trims_undelivered(broker_url: str) -> None:
                 assert await broker.commit(delivery) is CommitStatus.OK
         late = await collect(broker, "slow", [G2], 10)
         assert [d.message_id for d in late] == [f"m{n}" for n in range(10)]
+
+
+def test_fast_constructors_build_what_the_classes_build() -> None:
+    """The delivery path's builders make values equal to the attrs constructors' (same fields, same order)."""
+    from brokers.base import Delivery, Message, new_delivery, new_message
+
+    full = Message(topic="t.a", id="id-1", body=b"{}", delay=1.5, group="g")
+    assert new_message("t.a", "id-1", b"{}", 1.5, "g") == full
+    assert new_message("t.a", "id-1", b"{}") == Message(topic="t.a", id="id-1", body=b"{}")
+    delivery = Delivery(topic="t.a", group="g", consumer="c", entry_id="1-0", message_id="m", body=b"x", deliveries=2)
+    assert new_delivery("t.a", "g", "c", "1-0", "m", b"x", 2) == delivery
