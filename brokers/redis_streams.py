@@ -94,6 +94,7 @@ from brokers.redis_support import (
     is_transient,
     open_clients,
     redis_url,
+    run_script,
     slot,
     text,
     wait_then_fetch,
@@ -395,8 +396,13 @@ class RedisStreamsBroker(redis_admin.RedisAdmin):
         if self.options.maxlen is not None and now >= self._trim_due:
             self._trim_due = now + _TRIM_INTERVAL
             await self.trim()
-        reply = await self._scripts["FETCH"](args=args)
+        # On a line of its own, like the waiting fetch: redis-py's command
+        # path costs more than the round trip (see ``Line``).
+        reply = await run_script(self._free_line(), self._fetch_sha, args, self._load_fetch)
         return await self._fetch_reply(consumer, streams, reply, move_delayed)
+
+    async def _load_fetch(self) -> None:
+        await self._redis().script_load(lua.FETCH)
 
     async def _fetch_reply(
         self, consumer: str, streams: list[Stream], reply: Any, move_delayed: bool

@@ -8,7 +8,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -35,6 +35,7 @@ __all__ = (
     "open_clients",
     "pack_call",
     "redis_url",
+    "run_script",
     "slot",
     "text",
     "wait_then_fetch",
@@ -216,6 +217,24 @@ class Line:
 
     async def close(self) -> None:
         await self._connection.disconnect()
+
+
+async def run_script(line: Line, sha: str, args: Sequence[Any], load: Callable[[], Awaitable[Any]]) -> Any:
+    """EVALSHA ``sha`` (no keys) with ``args`` on ``line`` and return the reply;
+    on NOSCRIPT (an emptied script cache) ``load`` the script and send again.
+
+    Raises:
+        redis.exceptions.RedisError: an error reply, or the connection failed.
+    """
+    for attempt in range(2):
+        (reply,) = await line.call(("EVALSHA", sha, 0, *args))
+        if isinstance(reply, rexc.NoScriptError) and attempt == 0:
+            await load()
+            continue
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def wait_then_fetch(line: Line, tails: dict[str, str], seconds: float, sha: str, args: list[Any]) -> Any:
