@@ -103,12 +103,16 @@ class Dispatcher:
         ctx = Context(event, route.service, route.name, self.broker)
         token = logs.enter(event, route.group)  # log records carry the event's ids
         try:
-            for _ in range(MAX_STATE_CONFLICTS):
-                status = await self._attempt(delivery, route, event, ctx, started)
-                if status is not CommitStatus.CONFLICT:
+            status = await self._attempt(delivery, route, event, ctx, started)
+            runs = 1
+            while status is CommitStatus.CONFLICT:
+                if runs == MAX_STATE_CONFLICTS:
+                    log.warning("%s: state kept changing under event %s; leaving it for redelivery", route.group,
+                                event.id)
                     return
                 ctx.reset()
-            log.warning("%s: state kept changing under event %s; leaving it for redelivery", route.group, event.id)
+                status = await self._attempt(delivery, route, event, ctx, started)
+                runs += 1
         finally:
             logs.leave(token)
 

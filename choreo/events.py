@@ -196,7 +196,9 @@ def encode_event(event: Event, *, max_size: int = DEFAULT_MAX_SIZE) -> bytes:
     # The envelope is put together around the encoded data: its fields are a
     # validated type name, strings, a time and an int, and building a dict
     # for the encoder to take apart again costs more than the JSON itself.
-    event_type = validate_event_type(event.type)
+    event_type = event.type
+    if event_type not in _valid_types:
+        validate_event_type(event_type)
     attempt = event.attempt
     try:
         body = (

@@ -54,20 +54,27 @@ class HandlingContext(NamedTuple):
     handler: str  # the consumer group, ``service.handler``
 
 
-_current: contextvars.ContextVar[HandlingContext | None] = contextvars.ContextVar("choreo_handling", default=None)
+# The event and group, as given: the HandlingContext is built only when a log
+# record asks for it, not for every event handled.
+_Marked = tuple["Event", str] | HandlingContext
+_current: contextvars.ContextVar[_Marked | None] = contextvars.ContextVar("choreo_handling", default=None)
 
 
 def current() -> HandlingContext | None:
     """The event being handled in this context, if any."""
-    return _current.get()
+    marked = _current.get()
+    if marked is None or isinstance(marked, HandlingContext):
+        return marked
+    event, group = marked
+    return HandlingContext(event.correlation_id, event.id, event.saga_id, event.type, group)
 
 
-def enter(event: Event, group: str) -> contextvars.Token[HandlingContext | None]:
+def enter(event: Event, group: str) -> contextvars.Token[_Marked | None]:
     """Mark ``event`` as being handled by ``group`` until ``leave(token)``."""
-    return _current.set(HandlingContext(event.correlation_id, event.id, event.saga_id, event.type, group))
+    return _current.set((event, group))
 
 
-def leave(token: contextvars.Token[HandlingContext | None]) -> None:
+def leave(token: contextvars.Token[_Marked | None]) -> None:
     """Undo the ``enter`` that returned ``token``."""
     _current.reset(token)
 
@@ -90,7 +97,7 @@ class CorrelationFilter(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        context = _current.get()
+        context = current()
         for name in LOG_FIELDS:
             if getattr(record, name, None) is None:
                 setattr(record, name, getattr(context, name) if context is not None else None)
