@@ -48,11 +48,12 @@ def commit_args(
         mid = delivery.message_id
         # The header is written out, not built and then encoded: it is made for
         # every commit. Layout: see above COMMIT_BATCH.
+        # Entry ids are Redis stream ids (digits and a dash): nothing to escape.
+        dead = '"",false' if dead_letter is None else f"{quote(dead_letter)},true"
         settle = (
-            f"[{quote_name(key)},{quote_name(delivery.group)},{quote_name(delivery.consumer)},{quote(entry)},"
+            f'[{quote_name(key)},{quote_name(delivery.group)},{quote_name(delivery.consumer)},"{entry}",'
             f"{int(delivery.deliveries)},{quote(mid or '')},{_BOOL[mid is not None]},{_BOOL[bool(done)]},"
-            f"{max(1, round(dedupe_ttl * 1000))},{quote(dead_letter or '')},{_BOOL[dead_letter is not None]},"
-            f"{quote_name(delivery.topic)}]"
+            f"{max(1, round(dedupe_ttl * 1000))},{dead},{quote_name(delivery.topic)}]"
         )
         if dead_letter is not None:
             blobs.append(delivery.body)

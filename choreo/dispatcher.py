@@ -101,7 +101,7 @@ class Dispatcher:
             await self._dead_letter(delivery, route, None, f"undecodable message: {exc}", started)
             return
         ctx = Context(event, route.service, route.name, self.broker)
-        token = logs.enter(event, route.group)  # log records carry the event's ids
+        token = logs.enter(event, delivery.group)  # log records carry the event's ids (group: the route's)
         try:
             status = await self._attempt(delivery, route, event, ctx, started)
             runs = 1
@@ -120,7 +120,7 @@ class Dispatcher:
         self, delivery: Delivery, route: Route, event: Event, ctx: Context, started: float
     ) -> CommitStatus | None:
         try:
-            result = await self._call(route, event, ctx)
+            result = await self._call(route, event, ctx, self._is_async[delivery.group])
             if result is not None and type(result) is not dict and inspect.isawaitable(result):
                 result = await result  # a sync function that returned a coroutine
             emitted = self._emitted(route, event, result)
@@ -140,7 +140,7 @@ class Dispatcher:
             self._handled(route, event, Outcome.SUCCESS, started)
         return status
 
-    def _call(self, route: Route, event: Event, ctx: Context) -> Awaitable[Any]:
+    def _call(self, route: Route, event: Event, ctx: Context, is_async: bool) -> Awaitable[Any]:
         """The handler's call, ready to await (a coroutine of its own only
         when a timeout has to be kept: one frame less per event otherwise)."""
         try:
@@ -148,7 +148,7 @@ class Dispatcher:
         except PayloadValidationError as exc:
             raise _Permanent(f"invalid payload for {route.group}: {exc}") from None
         handler = route.handler
-        call = handler(**kwargs) if self._is_async[route.group] else run_in_daemon_thread(handler, **kwargs)
+        call = handler(**kwargs) if is_async else run_in_daemon_thread(handler, **kwargs)
         if route.timeout is None:
             return call
         return self._timed(route, route.timeout, call)
