@@ -325,11 +325,21 @@ def bulk(value: bytes | str | int | float) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
+_SMALL_COUNTS = tuple(bulk(n) for n in range(64))
+
+
 def pack_call(args: Sequence[Any]) -> tuple[int, bytes]:
     """One call of a batch script in RESP: its argument count, then its
     arguments; and how many bulk strings that makes. Packing a commit here
     costs a fraction of redis-py's general command packer."""
-    return len(args) + 1, b"".join([bulk(len(args)), *[bulk(arg) for arg in args]])
+    count = len(args)
+    parts = [_SMALL_COUNTS[count] if count < len(_SMALL_COUNTS) else bulk(count)]
+    for arg in args:
+        if type(arg) is bytes:  # the usual case: header and bodies, joined once without a copy of their own
+            parts += (b"$%d\r\n" % len(arg), arg, b"\r\n")
+        else:
+            parts.append(bulk(arg))
+    return len(args) + 1, b"".join(parts)
 
 
 class ScriptBatcher:
