@@ -27,11 +27,11 @@ def commit_args(
     state: Sequence[StateWrite],
     messages: Sequence[Message],
     done: bool,
-    dedupe_ttl: float,
+    dedupe_ms: int,
 ) -> tuple[list[Any], float | None]:
     """One commit's arguments for COMMIT_BATCH (see the layout above the
-    script) and the soonest delay
-    of its messages, in seconds.
+    script) and the soonest delay of its messages, in seconds. ``dedupe_ms``:
+    how long the dedupe record is kept, in milliseconds (at least 1).
 
     Every name and id goes into one JSON header and only the bodies and values
     travel as separate arguments: packing a command costs per argument, and a
@@ -53,7 +53,7 @@ def commit_args(
         settle = (
             f'[{quote_name(key)},{quote_name(delivery.group)},{quote_name(delivery.consumer)},"{entry}",'
             f"{int(delivery.deliveries)},{quote(mid or '')},{_BOOL[mid is not None]},{_BOOL[bool(done)]},"
-            f"{max(1, round(dedupe_ttl * 1000))},{dead},{quote_name(delivery.topic)}]"
+            f"{dedupe_ms},{dead},{quote_name(delivery.topic)}]"
         )
         if dead_letter is not None:
             blobs.append(delivery.body)
@@ -67,7 +67,7 @@ def commit_args(
         check_name("topic", m.topic)
         if m.group is not None:
             check_name("group", m.group)
-        if not isinstance(m.body, bytes | bytearray):
+        if type(m.body) is not bytes and not isinstance(m.body, bytes | bytearray):
             raise BrokerError(f"message {m.id!r} body must be bytes, not {type(m.body).__name__}")
         delay_ms = max(0, round(m.delay * 1000)) if m.delay else 0
         if delay_ms:

@@ -136,6 +136,7 @@ class RedisStreamsBroker(redis_admin.RedisAdmin):
         self.group_recoveries = 0
         self._redis_url = redis_url(url)
         self._prefix = options.prefix
+        self._dedupe_ms = max(1, round(options.dedupe_ttl * 1000))
         self._client: Any | None = None
         self._reader: Any | None = None
         #: Connections for waiting fetches: one per concurrent ``fetch`` (usually one).
@@ -249,7 +250,7 @@ class RedisStreamsBroker(redis_admin.RedisAdmin):
             raise BrokerError("a dead letter needs the delivery it records")
         located = None if delivery is None else self._locate(delivery)
         args, soonest = lua.commit_args(
-            self._prefix, delivery, located, dead_letter, state, publish, done, self.options.dedupe_ttl
+            self._prefix, delivery, located, dead_letter, state, publish, done, self._dedupe_ms
         )
         for m in publish:
             if m.topic not in self._published_topics:  # a set lookup per message, the key built once
@@ -418,12 +419,13 @@ class RedisStreamsBroker(redis_admin.RedisAdmin):
             await self._recover_groups([streams[i - 1] for i in missing])
         found = []
         for index, entry, message_id, body, count in out:
+            # RESP bulk strings and an integer: bytes and int already.
             s = streams[index - 1]
-            entry_id = text(entry)
+            entry_id = entry.decode()
             found.append(
                 new_delivery(
                     s.topic, s.group, consumer, _PRIVATE + entry_id if s.private else entry_id,
-                    text(message_id), bytes(body), int(count),
+                    message_id.decode("utf-8", "replace"), body, count,
                 )
             )
         drained = {s.key: text(tail) for s, tail in zip(streams, tails, strict=False)} if tails else None
