@@ -183,25 +183,24 @@ class Runtime:
             for delivery in deliveries:
                 self._serial += 1
                 key = self._serial
-                self._in_flight[key] = (loop.create_task(self._handle(delivery, key)), delivery, now)
+                limit = self._limits.get(delivery.group)
+                if limit is None:
+                    handling = self.dispatcher.handle(delivery, self._release, key)
+                else:
+                    handling = self._limited(delivery, limit, key)
+                self._in_flight[key] = (loop.create_task(handling), delivery, now)
 
-    async def _handle(self, delivery: Delivery, key: int) -> None:
-        # The handler clears its own slot on the way out: a done callback
-        # would cost one more trip through the event loop per delivery.
-        limit = self._limits.get(delivery.group)
+    async def _limited(self, delivery: Delivery, limit: asyncio.Semaphore, key: int) -> None:
         try:
-            if limit is None:
+            async with limit:
                 await self.dispatcher.handle(delivery)
-            else:
-                async with limit:
-                    await self.dispatcher.handle(delivery)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("unexpected error on %s of %s; it will be redelivered", delivery.entry_id, delivery.topic)
         finally:
-            self._in_flight.pop(key, None)
-            self._slot_freed.set()
+            self._release(key)
+
+    def _release(self, key: int) -> None:
+        """A handler is done (settled, failed or cancelled): free its slot."""
+        self._in_flight.pop(key, None)
+        self._slot_freed.set()
 
     async def _renew_leases(self) -> None:
         # Handlers slower than a third of the lease get it renewed, so no other
