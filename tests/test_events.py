@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
@@ -31,6 +31,23 @@ def test_wire_format_is_plain_json_with_named_fields() -> None:
     wire = json.loads(encode_event(event))
     assert wire["type"] == "order.created" and wire["data"] == {"a": 1} and wire["id"] == event.id
     assert wire["occurred_at"] == "2026-01-02T00:00:00+00:00"
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
+        datetime(2026, 1, 2, 3, 4, 5, 7, tzinfo=UTC),  # the same second again
+        datetime(2026, 1, 2, 3, 4, 6, tzinfo=UTC),  # no microseconds
+        datetime(2026, 1, 2, 3, 4, 5, 999_999, tzinfo=timezone(timedelta(hours=-5))),
+    ],
+)
+def test_occurred_at_is_written_in_iso_8601_and_read_back(moment: datetime) -> None:
+    """The time on the wire is ISO 8601 as Python writes it, offsets kept, and decodes to the same instant."""
+    event = Event("order.created", occurred_at=moment)
+    body = encode_event(event)
+    assert json.loads(body)["occurred_at"] == moment.isoformat()
+    assert decode_event(body).occurred_at == moment
 
 
 def test_ids_are_unique_and_time_sortable() -> None:
