@@ -84,20 +84,17 @@ from brokers.base import (
     new_delivery,
 )
 from brokers.options import BrokerOptions, parse_url, redact_url
+from brokers.redis_lines import Line, ScriptBatcher, run_script, wait_then_fetch
 from brokers.redis_support import (
-    Line,
     Outage,
-    ScriptBatcher,
     Stream,
     check_name,
     check_server,
     is_transient,
     open_clients,
     redis_url,
-    run_script,
     slot,
     text,
-    wait_then_fetch,
 )
 
 __all__ = ("RedisStreamsBroker",)
