@@ -11,7 +11,8 @@ reads and commits overlap less and it measured about 10% slower).
 The raw loop: XREADGROUP COUNT 100 over the streams, then one
 pipeline of XADD per entry plus one XACK per stream and batch, JSON decode and
 encode per hop. Throughput counts handled events (three per chain); latency is
-one chain at a time, publish of A to arrival of D, on an idle system. With
+one chain at a time, publish of A to arrival of D, on an idle system. Memory
+is how far the process's resident set rose during each throughput run. With
 ``--repeat``, rounds alternate raw and choreo and the medians are compared:
 on a shared machine single runs of the latency ratio were seen to spread
 from 1.5 to 2.4.
@@ -180,6 +181,40 @@ async def stop(task: asyncio.Task[None]) -> None:
         await task
 
 
+class PeakRss:
+    """How far this process's resident memory rose above its level at the
+    start of the block (``grown``, MiB), sampled every 10 ms (Linux)."""
+
+    STATM = "/proc/self/statm"
+
+    def __init__(self) -> None:
+        self.grown = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def available(cls) -> bool:
+        return os.path.exists(cls.STATM)
+
+    @classmethod
+    def now(cls) -> float:
+        with open(cls.STATM) as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    async def __aenter__(self) -> PeakRss:
+        if self.available():
+            self._task = asyncio.create_task(self._sample(self.now()))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            await stop(self._task)
+
+    async def _sample(self, start: float) -> None:
+        while True:
+            self.grown = max(self.grown, self.now() - start)
+            await asyncio.sleep(0.01)
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -200,6 +235,7 @@ async def main() -> None:
     rates: dict[str, list[float]] = {"raw": [], "choreo": []}
     p50s: dict[str, list[float]] = {"raw": [], "choreo": []}
     lat: dict[str, list[float]] = {"raw": [], "choreo": []}
+    grown: dict[str, list[float]] = {"raw": [], "choreo": []}
     try:
         db = iter(range(16))
         url = f"redis://127.0.0.1:{server.port}/"
@@ -208,7 +244,9 @@ async def main() -> None:
                 ("raw", raw_throughput, raw_latency),
                 ("choreo", functools.partial(choreo_throughput, concurrency=args.concurrency), choreo_latency),
             ):
-                rates[name].append(await throughput(url + str(next(db) % 16), args.events))
+                async with PeakRss() as rss:
+                    rates[name].append(await throughput(url + str(next(db) % 16), args.events))
+                grown[name].append(rss.grown)
                 sample = await latency(url + str(next(db) % 16), args.latency_events)
                 p50s[name].append(percentile(sample, 0.5))
                 lat[name] += sample
@@ -229,6 +267,9 @@ async def main() -> None:
         )
     ratio = statistics.median(p50s["choreo"]) / statistics.median(p50s["raw"])
     print(f"latency ratio p50 choreo/raw: {ratio:.2f} (target <= 2)")
+    if PeakRss.available():
+        print("resident memory added at the peak of a throughput run: "
+              f"raw {statistics.median(grown['raw']):.1f} MiB, choreo {statistics.median(grown['choreo']):.1f} MiB")
     if args.repeat > 1:
         rounds = zip(rates["raw"], rates["choreo"], p50s["raw"], p50s["choreo"], strict=True)
         print("per round (throughput ratio, latency ratio):",
