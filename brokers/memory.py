@@ -32,6 +32,7 @@ from brokers.base import (
     StateWrite,
     Subscription,
     Versioned,
+    new_delivery,
 )
 from brokers.memory_records import (
     Entry,
@@ -406,5 +407,6 @@ class MemoryBroker:
     def _lease(
         self, consumer: str, sub: Subscription, group: Group, entry: Entry, deliveries: int, now: float
     ) -> Delivery:
-        group.pending[entry.entry_id] = Pending(entry, consumer, deliveries, now + self.visibility_timeout)
-        return Delivery(sub.topic, sub.group, consumer, entry.entry_id, entry.message_id, entry.body, deliveries)
+        entry_id = entry.entry_id
+        group.pending[entry_id] = Pending(entry, consumer, deliveries, now + self.visibility_timeout)
+        return new_delivery(sub.topic, sub.group, consumer, entry_id, entry.message_id, entry.body, deliveries)
