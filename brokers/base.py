@@ -52,6 +52,7 @@ __all__ = (
     "Subscription",
     "Versioned",
     "TOPIC_PATTERN",
+    "check_name",
     "new_delivery",
     "new_message",
 )
@@ -59,6 +60,22 @@ __all__ = (
 #: Topic and group names: letters, digits and ``._-:``; nothing that could
 #: become a hostile key, path or import. Adapters reject anything else.
 TOPIC_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,199}$")
+_valid_names: set[str] = set()
+_MAX_REMEMBERED_NAMES = 10_000
+
+
+def check_name(kind: str, name: str) -> None:
+    """Refuse a topic or group name outside ``TOPIC_PATTERN`` with ``BrokerError``.
+
+    Adapters check names for every message and fetch, so each valid name is
+    remembered and the regex runs once per name (bounded).
+    """
+    if isinstance(name, str) and name in _valid_names:
+        return
+    if not isinstance(name, str) or not TOPIC_PATTERN.fullmatch(name):
+        raise BrokerError(f"invalid {kind} name {name!r}: use letters, digits and ._-: (at most 200)")
+    if len(_valid_names) < _MAX_REMEMBERED_NAMES:
+        _valid_names.add(name)
 
 
 class BrokerError(Exception):

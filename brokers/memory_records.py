@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import attrs
 
-from brokers.base import TOPIC_PATTERN, BrokerError, Message, Subscription
+from brokers.base import Message, Subscription, check_name
 
 __all__ = (
     "COMPACT_EVERY",
@@ -103,19 +103,6 @@ class Topic:
 
 
 # Names already checked (a system has few topics and groups; bounded anyway).
-_valid_names: set[str] = set()
-
-
-def check_name(kind: str, name: str) -> None:
-    """Refuse a topic or group name outside ``TOPIC_PATTERN`` with ``BrokerError``."""
-    if isinstance(name, str) and name in _valid_names:
-        return
-    if not isinstance(name, str) or not TOPIC_PATTERN.fullmatch(name):
-        raise BrokerError(f"invalid {kind} name {name!r}: use letters, digits and ._-: (at most 200)")
-    if len(_valid_names) < 10_000:
-        _valid_names.add(name)
-
-
 def check_message(message: Message) -> None:
     check_name("topic", message.topic)
     if message.group is not None:

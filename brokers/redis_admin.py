@@ -11,10 +11,10 @@ from typing import Any, Protocol
 
 from redis import exceptions as rexc
 
-from brokers.base import BrokerError, DeadLetterRecord, GroupBacklog, Subscription, Versioned
+from brokers.base import BrokerError, DeadLetterRecord, GroupBacklog, Subscription, Versioned, check_name
 from brokers.options import BrokerOptions
 from brokers.redis_scripts import COMMON
-from brokers.redis_support import Stream, check_name, dead_letter_record, is_stream_id, text
+from brokers.redis_support import Stream, dead_letter_record, is_stream_id, text
 
 __all__ = ("BACKLOG", "LIST_STATE", "REPLAY", "TRIM", "RedisAdmin")
 

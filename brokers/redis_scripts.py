@@ -12,8 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from brokers.base import BrokerError, Delivery, Message, StateWrite
-from brokers.redis_support import check_name
+from brokers.base import BrokerError, Delivery, Message, StateWrite, check_name
 from brokers.wire import dumps, quote, quote_name
 
 __all__ = ("COMMIT_BATCH", "COMMON", "EXTEND", "FETCH", "commit_args")

@@ -81,6 +81,7 @@ from brokers.base import (
     Message,
     StateWrite,
     Subscription,
+    check_name,
     new_delivery,
 )
 from brokers.options import BrokerOptions, parse_url, redact_url
@@ -88,7 +89,6 @@ from brokers.redis_lines import Line, ScriptBatcher, run_script, wait_then_fetch
 from brokers.redis_support import (
     Outage,
     Stream,
-    check_name,
     check_server,
     is_transient,
     open_clients,

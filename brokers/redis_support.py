@@ -16,13 +16,12 @@ from redis import exceptions as rexc
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
-from brokers.base import TOPIC_PATTERN, BrokerError, DeadLetterRecord
+from brokers.base import BrokerError, DeadLetterRecord
 from brokers.options import BrokerOptions
 
 __all__ = (
     "Outage",
     "Stream",
-    "check_name",
     "check_server",
     "dead_letter_record",
     "is_stream_id",
@@ -64,21 +63,6 @@ def redis_url(url: str) -> str:
     parts = urlsplit(url)
     query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in _OPTION_NAMES]
     return urlunsplit(parts._replace(query=urlencode(query)))
-
-
-def check_name(kind: str, name: str) -> None:
-    if not isinstance(name, str):
-        raise BrokerError(f"invalid {kind} name {name!r}: it must be a string")
-    if name in _valid_names:  # checked for every message and fetch: the regex runs once a name
-        return
-    if not TOPIC_PATTERN.fullmatch(name):
-        raise BrokerError(f"invalid {kind} name {name!r}: letters, digits and ._-: only (at most 200)")
-    if len(_valid_names) < _MAX_REMEMBERED_NAMES:
-        _valid_names.add(name)
-
-
-_valid_names: set[str] = set()
-_MAX_REMEMBERED_NAMES = 10_000
 
 
 def is_transient(exc: BaseException) -> bool:
