@@ -19,7 +19,6 @@ def _not_json(value: object) -> Any:
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
-_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_not_json)
 _c_make_encoder: Callable[..., Callable[[Any, int], Sequence[str]]] | None = getattr(
     json.encoder, "c_make_encoder", None
 )
@@ -40,6 +39,7 @@ if _c_make_encoder is not None:
         return "".join(_encode(value, 0))
 
 else:  # pragma: no cover - CPython always has the C encoder
+    _ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_not_json)
 
     def dumps(value: Any) -> str:
         """Compact JSON for ``value`` (see above)."""
