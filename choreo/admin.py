@@ -15,9 +15,12 @@ from brokers import Broker, BrokerError
 from choreo.dead_letters import DeadLetter
 from choreo.errors import BrokerUnavailable, ChoreoError, DecodeError
 from choreo.events import Event
+from choreo.saga import store
+from choreo.saga.store import KEY_PREFIX as SAGA_KEY_PREFIX
 
 if TYPE_CHECKING:
     from choreo.app import App
+    from choreo.saga.definition import SagaDefinition, SagaResult
 
 __all__ = (
     "connected",
@@ -168,14 +171,11 @@ async def purge_dead_letters(broker: Broker, ids: Sequence[str] | None = None) -
 
 # -- sagas ---------------------------------------------------------------------------
 
-#: Where the saga store keeps its records (``SagaCoordinator(key_prefix=...)``).
-SAGA_KEY_PREFIX = "saga:"
 
-
-def _saga_definitions(apps: Sequence[App]) -> dict[str, Any]:
+def _saga_definitions(apps: Sequence[App]) -> dict[str, SagaDefinition]:
     from choreo.saga.coordinator import coordinator_of
 
-    definitions: dict[str, Any] = {}
+    definitions: dict[str, SagaDefinition] = {}
     for app in apps:
         coordinator = coordinator_of(app)
         if coordinator is not None:
@@ -183,53 +183,32 @@ def _saga_definitions(apps: Sequence[App]) -> dict[str, Any]:
     return definitions
 
 
-def _saga_result(record: dict[str, Any], definitions: dict[str, Any]) -> Any:
-    from choreo.saga.record import to_result
-
-    return to_result(definitions.get(record.get("name", "")), record)
-
-
 async def list_sagas(
     broker: Broker, state: str | None = None, *, apps: Sequence[App] = (), prefix: str = SAGA_KEY_PREFIX
-) -> list[Any]:
+) -> list[SagaResult]:
     """Stored sagas, oldest first, only those in ``state`` if given. Reads the
     broker's state store directly: no coordinator needs to be running.
 
     Raises:
         ConfigurationError: an unknown state name.
     """
-    from choreo.errors import ConfigurationError
-    from choreo.saga import SagaState
-
-    try:
-        wanted = None if state is None else SagaState(state.lower())
-    except ValueError:
-        names = ", ".join(s.value for s in SagaState)
-        raise ConfigurationError(f"unknown saga state {state!r}: use one of {names}") from None
-    definitions = _saga_definitions(apps)
-    records = [json.loads(item.value) for item in (await broker.list_state(prefix)).values()]
-    records = [r for r in records if wanted is None or r.get("state") == wanted.value]
-    records.sort(key=lambda r: (r.get("created_at", 0), r.get("saga_id", "")))
-    return [_saga_result(r, definitions) for r in records]
+    return await store.list_sagas(broker, state, prefix=prefix, definitions=_saga_definitions(apps))
 
 
-async def saga_status(broker: Broker, saga_id: str, *, apps: Sequence[App] = (), prefix: str = SAGA_KEY_PREFIX) -> Any:
-    """One saga as stored, with its steps.
+async def saga_status(
+    broker: Broker, saga_id: str, *, apps: Sequence[App] = (), prefix: str = SAGA_KEY_PREFIX
+) -> SagaResult:
+    """One saga as stored, with its steps (named as the record names them).
 
     Raises:
         SagaNotFound: there is no such saga.
     """
-    from choreo.saga import SagaNotFound
-
-    stored = await broker.get_state(prefix + saga_id)
-    if stored is None:
-        raise SagaNotFound(f"no saga {saga_id!r}")
-    return _saga_result(json.loads(stored.value), _saga_definitions(apps))
+    return await store.read_saga(broker, saga_id, prefix=prefix, definitions=_saga_definitions(apps))
 
 
 async def resume_saga(
     broker: str | None, saga_id: str, apps: Sequence[App], *, wait: bool = False, timeout: float | None = None
-) -> Any:
+) -> SagaResult:
     """Resume a saga with the coordinator found among ``apps`` (it holds the
     saga's definition); with ``wait``, run the apps until the saga ends.
 

@@ -19,17 +19,14 @@ terminal by nature.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 
 import attrs
 
 from choreo.graph import EventGraph
+from choreo.saga.topics import is_lifecycle
 
 __all__ = ("CheckReport", "Finding", "check")
-
-_LIFECYCLE = re.compile(r"^saga\.(?!cmd\.|reply\.).+\.(started|completed|compensated|failed)$")
-
 
 @attrs.frozen
 class Finding:
@@ -149,7 +146,7 @@ def check(
 
     infer_terminals = not terminals and not strict
     for event in graph.events:
-        if graph.consumers(event) or not graph.producers(event) or event in terminals or _LIFECYCLE.match(event):
+        if graph.consumers(event) or not graph.producers(event) or event in terminals or is_lifecycle(event):
             continue
         producers = ", ".join(edge.group for edge in graph.producers(event))
         if event in failures:

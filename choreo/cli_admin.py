@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from choreo.cli_support import BrokerOption, errors, fail, load_targets, render_table
+
+if TYPE_CHECKING:
+    from choreo.saga import SagaResult, StepResult
 
 dlq_app = typer.Typer(help="Inspect, replay and purge dead letters.", no_args_is_help=True)
 saga_app = typer.Typer(help="Inspect and resume sagas.", no_args_is_help=True)
@@ -18,14 +21,16 @@ saga_app = typer.Typer(help="Inspect and resume sagas.", no_args_is_help=True)
 # -- sagas -------------------------------------------------------------------------
 
 
-def _duration(step: Any) -> str:
+def _duration(step: StepResult) -> str:
     if step.started_at is None or step.finished_at is None:
         return "-"
     return f"{(step.finished_at - step.started_at).total_seconds():.3f}s"
 
 
-def _saga_row(result: Any) -> dict[str, str]:
-    done = sum(1 for s in result.steps if s.status == "succeeded")
+def _saga_row(result: SagaResult) -> dict[str, str]:
+    from choreo.saga import StepStatus
+
+    done = sum(1 for s in result.steps if s.status == StepStatus.SUCCEEDED)
     error = result.error or {}
     return {"saga_id": result.saga_id, "name": result.name, "state": result.state.value,
             "steps": f"{done}/{len(result.steps)}", "error": str(error.get("message", "")) or "-"}
@@ -41,7 +46,7 @@ def saga_list(
     """List stored sagas, oldest first (``--state failed``: those a person must look at)."""
     from choreo import admin
 
-    async def go() -> list[Any]:
+    async def go() -> list[SagaResult]:
         async with admin.connected(broker) as instance:
             return await admin.list_sagas(instance, state, apps=apps)
 
@@ -61,13 +66,15 @@ def saga_list(
 @saga_app.command("status")
 def saga_status(
     saga_id: Annotated[str, typer.Argument(metavar="ID")],
-    targets: Annotated[list[str] | None, typer.Argument(help="Apps with the saga definitions (step names).")] = None,
+    targets: Annotated[
+        list[str] | None, typer.Argument(help="Apps with the saga definitions (optional; older records need them).")
+    ] = None,
     broker: BrokerOption = None,
 ) -> None:
     """Show one saga: state, error, and each step's status, attempts and timings."""
     from choreo import admin
 
-    async def go() -> Any:
+    async def go() -> SagaResult:
         async with admin.connected(broker) as instance:
             return await admin.saga_status(instance, saga_id, apps=apps)
 

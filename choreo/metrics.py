@@ -13,8 +13,9 @@ Names (public contract, see docs/metrics.md):
 * ``choreo_events_handled_total{service,handler,event,outcome}``
 * ``choreo_handler_duration_seconds{service,handler,event}``
 * ``choreo_dead_lettered_total{service,handler,event}``
-* ``choreo_saga_{started,completed,compensated,failed}_total{saga}``
-* ``choreo_saga_step_duration_seconds{saga,step}``
+* ``choreo_saga_{started,completed,compensated,failed}_total{saga}`` and
+  ``choreo_saga_step_duration_seconds{saga,step}``, registered here by the
+  saga package's own middleware (``choreo.saga.metrics.SagaMetrics``)
 * ``choreo_stream_pending{stream,group}``, ``choreo_stream_lag{stream,group}``,
   ``choreo_stream_delayed{stream,group}``, ``choreo_dead_letters``,
   ``choreo_consumer_groups_recreated_total``
@@ -25,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -48,12 +48,6 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 #: Handler latency buckets, seconds: from a cache hit to a slow remote call.
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-#: Saga steps include retries and backoff, so they run longer.
-STEP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
-
-#: ``saga.<name>.<phase>``; ``saga.cmd.*`` and ``saga.reply.*`` are not lifecycle events.
-_LIFECYCLE = re.compile(r"^saga\.(?!cmd\.|reply\.)(?P<saga>.+)\.(?P<phase>started|completed|compensated|failed)$")
-_REPLY = re.compile(r"^saga\.reply\.(?P<saga>.+)$")
 
 
 def _multiprocess() -> bool:
@@ -96,15 +90,6 @@ class Metrics(Middleware):
             "choreo_dead_lettered_total", "Deliveries dead-lettered by a handler's group.",
             ["service", "handler", "event"], registry=r,
         )
-        self.saga = {
-            phase: Counter(f"choreo_saga_{phase}_total", f"Sagas {phase}.", ["saga"], registry=r)
-            for phase in ("started", "completed", "compensated", "failed")
-        }
-        self.step_duration = Histogram(
-            "choreo_saga_step_duration_seconds",
-            "Seconds a saga step took, from its first command to its final reply (retries included).",
-            ["saga", "step"], buckets=STEP_BUCKETS, registry=r,
-        )
         # Health gauges: one process polls, so the most recent value is the truth.
         mode: Any = "mostrecent"
         self.pending = Gauge(
@@ -130,27 +115,46 @@ class Metrics(Middleware):
             registry=r,
         )
         self._recreated_seen = 0
+        self._families: dict[str, Counter | Histogram] = {}
+
+    # -- metrics of plug-ins ---------------------------------------------------
+
+    def counter(self, name: str, documentation: str, labels: Sequence[str]) -> Counter:
+        """The counter ``name`` in this registry, registered on first use.
+
+        Plug-ins (the saga package's ``SagaMetrics``) take their metrics
+        from here, so they share the registry and several observers of one
+        ``Metrics`` share one counter.
+
+        Raises:
+            ValueError: ``name`` is registered already as something else.
+        """
+        family = self._families.get(name)
+        if family is None:
+            family = self._families[name] = Counter(name, documentation, list(labels), registry=self.registry)
+        if not isinstance(family, Counter):
+            raise ValueError(f"{name} is registered already, not as a counter")
+        return family
+
+    def histogram(self, name: str, documentation: str, labels: Sequence[str], buckets: Sequence[float]) -> Histogram:
+        """The histogram ``name`` in this registry, registered on first use (see ``counter``).
+
+        Raises:
+            ValueError: ``name`` is registered already as something else.
+        """
+        family = self._families.get(name)
+        if family is None:
+            family = self._families[name] = Histogram(
+                name, documentation, list(labels), buckets=list(buckets), registry=self.registry
+            )
+        if not isinstance(family, Histogram):
+            raise ValueError(f"{name} is registered already, not as a histogram")
+        return family
 
     # -- middleware hooks ----------------------------------------------------
 
     def on_publish(self, event: Event) -> None:
         self.published.labels(event.type).inc()
-        lifecycle = _LIFECYCLE.match(event.type)
-        if lifecycle is not None:
-            saga = event.data.get("saga")
-            name = saga if isinstance(saga, str) and saga else lifecycle["saga"]
-            self.saga[lifecycle["phase"]].labels(name).inc()
-            return
-        reply = _REPLY.match(event.type)
-        if reply is not None:
-            self._observe_step(reply["saga"], event.data)
-
-    def _observe_step(self, saga: str, data: dict[str, Any]) -> None:
-        # A reply that closes a step may carry how long the step took.
-        step, duration = data.get("step"), data.get("duration")
-        valid = isinstance(duration, int | float) and not isinstance(duration, bool) and duration >= 0
-        if isinstance(step, str) and valid:
-            self.step_duration.labels(saga, step).observe(float(duration))  # type: ignore[arg-type]
 
     def on_handled(self, route: Route, event: Event | None, outcome: str, duration: float) -> None:
         self.handled.labels(route.service, route.name, route.event, outcome).inc()

@@ -118,6 +118,7 @@ def run_worker(options: WorkerOptions) -> None:
     """
     from choreo.loader import load_apps
     from choreo.metrics import MULTIPROC_ENV, Metrics
+    from choreo.saga.metrics import SagaMetrics
     from choreo.worker import serve
 
     apps = load_apps(list(options.targets))
@@ -138,7 +139,7 @@ def run_worker(options: WorkerOptions) -> None:
                 broker=options.broker,
                 concurrency=options.concurrency,
                 grace=options.grace,
-                middleware=[metrics] if metrics is not None else [],
+                middleware=[metrics, SagaMetrics(metrics)] if metrics is not None else [],
                 background=[watch_health] if metrics is not None else [],
             )
         )

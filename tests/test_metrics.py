@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from choreo import App, Emit, Event
 from choreo.metrics import Metrics, start_metrics_server
+from choreo.saga.metrics import SagaMetrics
 from choreo.testing import run_apps
 from tests.worker_process import sample
 
@@ -67,12 +68,13 @@ def test_each_instance_has_its_own_registry_unless_one_is_given() -> None:
 
 def test_saga_counters_come_from_lifecycle_events_and_step_durations_from_replies() -> None:
     metrics = Metrics()
-    metrics.on_publish(Event("saga.order_processing.started", {"saga": "order_processing"}))
-    metrics.on_publish(Event("saga.order_processing.completed", {"saga": "order_processing"}))
-    metrics.on_publish(Event("saga.trip.compensated", {"saga": "trip"}))
-    metrics.on_publish(Event("saga.trip.failed", {}))  # the name from the type
-    metrics.on_publish(Event("saga.cmd.payment_service.failed", {}))  # a command, not a lifecycle event
-    metrics.on_publish(Event("saga.reply.trip", {"step": "pay", "duration": 0.25}))
+    saga = SagaMetrics(metrics)
+    saga.on_publish(Event("saga.order_processing.started", {"saga": "order_processing"}))
+    saga.on_publish(Event("saga.order_processing.completed", {"saga": "order_processing"}))
+    saga.on_publish(Event("saga.trip.compensated", {"saga": "trip"}))
+    saga.on_publish(Event("saga.trip.failed", {}))  # the name from the type
+    saga.on_publish(Event("saga.cmd.payment_service.failed", {}))  # a command, not a lifecycle event
+    saga.on_publish(Event("saga.reply.trip", {"step": "pay", "duration": 0.25}))
     out = text(metrics)
     assert sample(out, "choreo_saga_started_total", saga="order_processing") == 1
     assert sample(out, "choreo_saga_completed_total", saga="order_processing") == 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import Any
@@ -13,7 +12,7 @@ import pytest
 from brokers import StateWrite
 from choreo import App, Context, SagaCoordinator, SagaState, SagaStep
 from choreo.events import Event
-from choreo.saga import SagaNotFound
+from choreo.saga import SagaNotFound, StepStatus
 from choreo.testing import run_apps
 
 
@@ -169,13 +168,14 @@ async def test_sweeper_fires_the_timer_of_an_overdue_step(broker_url: str) -> No
     orders = apps[0]
     async with run_apps(*apps, broker=broker_url) as env:
         # A record waiting on a command (token 5) that was never delivered, overdue, with no timer left.
-        from choreo.saga.record import new_record
+        from choreo.saga.record import Kind, new_record
 
         record = new_record(coordinator.definition("order_processing"), "lost", {"total": 1}, time.time() - 10)
-        record.update(state="running", cursor=1, token=5, kind="action", attempt=1, due_at=time.time() - 5)
-        record["steps"][0].update(status="succeeded", attempts=1)
-        record["steps"][1].update(status="running", attempts=1)
-        await orders.runtime.commit([], state=[StateWrite("saga:lost", json.dumps(record).encode(), 0)])
+        record.state, record.cursor, record.token, record.kind = SagaState.RUNNING, 1, 5, Kind.ACTION
+        record.attempt, record.due_at = 1, time.time() - 5
+        record.steps[0].status, record.steps[0].attempts = StepStatus.SUCCEEDED, 1
+        record.steps[1].status, record.steps[1].attempts = StepStatus.RUNNING, 1
+        await orders.runtime.commit([], state=[StateWrite("saga:lost", record.to_json(), 0)])
         assert await coordinator.sweep() == 1
         deadline = time.monotonic() + 10
         while (await coordinator.get_saga_state("lost")).state is SagaState.RUNNING:

@@ -27,18 +27,12 @@ from choreo.errors import ChoreoError, ConfigurationError
 from choreo.events import Event, new_event_id
 from choreo.failpoints import ACTIVE, hit
 from choreo.routing import Emit, Route
-from choreo.saga.definition import (
-    SagaDefinition,
-    SagaNotFound,
-    SagaResult,
-    SagaState,
-    SagaStep,
-    lifecycle_topic,
-    reply_topic,
-    timeout_topic,
-)
+from choreo.saga.definition import TERMINAL_STATES, SagaDefinition, SagaNotFound, SagaResult, SagaState, SagaStep
 from choreo.saga.machine import Out, SagaRun
-from choreo.saga.record import new_record, to_result
+from choreo.saga.metrics import SagaMetrics
+from choreo.saga.record import SagaRecord, new_record, to_result
+from choreo.saga.store import list_records, list_sagas, read_saga
+from choreo.saga.topics import lifecycle_topic, reply_topic, timeout_topic
 from choreo.saga.waiting import SagaWaiters
 
 if TYPE_CHECKING:
@@ -50,17 +44,12 @@ __all__ = ("SagaCoordinator", "coordinator_of")
 log = logging.getLogger("choreo.saga")
 
 _SAGA_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-_TERMINAL = ("completed", "compensated", "failed")
 _coordinators: weakref.WeakKeyDictionary[App, SagaCoordinator] = weakref.WeakKeyDictionary()
 
 
 def coordinator_of(app: App) -> SagaCoordinator | None:
     """The coordinator attached to ``app``, if any."""
     return _coordinators.get(app)
-
-
-def _encode(record: dict[str, Any]) -> bytes:
-    return json.dumps(record, separators=(",", ":"), allow_nan=False).encode()
 
 
 class SagaCoordinator:
@@ -107,7 +96,7 @@ class SagaCoordinator:
         self.poll_interval = poll_interval
         self.key_prefix = key_prefix
         self.definitions: dict[str, SagaDefinition] = {}
-        self._waiters = SagaWaiters(self.definitions, self.get_saga_state)
+        self._waiters = SagaWaiters(self.get_saga_state)
         self._attached: weakref.WeakKeyDictionary[Runtime, asyncio.Task[None] | None] = weakref.WeakKeyDictionary()
         _coordinators[app] = self
 
@@ -135,7 +124,7 @@ class SagaCoordinator:
         emits = (
             *definition.commands(),
             timeout_topic(name),
-            *(lifecycle_topic(name, what) for what in _TERMINAL),
+            *(lifecycle_topic(name, state.value) for state in TERMINAL_STATES),
         )
 
         async def on_reply(event: Event, ctx: Context) -> list[Emit]:
@@ -219,7 +208,7 @@ class SagaCoordinator:
                 await hit("saga.before_state_write", name)
             status = await runtime.commit(
                 self._events(outs, saga_id, correlation_id=saga_id),
-                state=[StateWrite(self.key(saga_id), _encode(record), 0)],
+                state=[StateWrite(self.key(saga_id), record.to_json(), 0)],
             )
             if ACTIVE:
                 await hit("saga.after_state_write", name)
@@ -244,23 +233,18 @@ class SagaCoordinator:
             SagaNotFound: no such saga (or it ended with ``persistence=False``).
             ChoreoError: the app is not running.
         """
-        stored = await self.app.runtime.broker.get_state(self.key(saga_id))
-        if stored is None:
-            raise SagaNotFound(f"no saga {saga_id!r}")
-        record = json.loads(stored.value)
-        return to_result(self.definitions.get(record["name"]), record)
+        broker = self.app.runtime.broker
+        return await read_saga(broker, saga_id, prefix=self.key_prefix, definitions=self.definitions)
 
     async def list_sagas(self, state: SagaState | str | None = None) -> list[SagaResult]:
         """Stored sagas (of every coordinator sharing the key prefix), oldest
-        first; only those in ``state`` if given (e.g. ``"failed"``, for a person)."""
-        wanted = None if state is None else SagaState(state)
-        found = []
-        for item in (await self.app.runtime.broker.list_state(self.key_prefix)).values():
-            record = json.loads(item.value)
-            if wanted is None or record["state"] == wanted.value:
-                found.append(record)
-        found.sort(key=lambda r: (r.get("created_at", 0), r["saga_id"]))
-        return [to_result(self.definitions.get(r["name"]), r) for r in found]
+        first; only those in ``state`` if given (e.g. ``"failed"``, for a person).
+
+        Raises:
+            ConfigurationError: an unknown state name (a ``ValueError`` too).
+        """
+        broker = self.app.runtime.broker
+        return await list_sagas(broker, state, prefix=self.key_prefix, definitions=self.definitions)
 
     async def resume_saga(self, saga_id: str, *, wait: bool = True, timeout: float | None = None) -> SagaResult:
         """Continue a saga from its stored state: resend the command it waits
@@ -278,8 +262,8 @@ class SagaCoordinator:
                 stored = await runtime.broker.get_state(self.key(saga_id))
                 if stored is None:
                     raise SagaNotFound(f"no saga {saga_id!r}")
-                record = json.loads(stored.value)
-                definition = self.definition(record["name"])
+                record = SagaRecord.from_json(stored.value)
+                definition = self.definition(record.name)
                 outs = SagaRun(definition, record, time.time(), self._trace, self._detail).resume()
                 if not outs:
                     return to_result(definition, record)
@@ -287,7 +271,7 @@ class SagaCoordinator:
                     await hit("saga.before_state_write", definition.name)
                 status = await runtime.commit(
                     self._events(outs, saga_id, correlation_id=saga_id),
-                    state=[StateWrite(self.key(saga_id), _encode(record), stored.version)],
+                    state=[StateWrite(self.key(saga_id), record.to_json(), stored.version)],
                 )
                 if ACTIVE:
                     await hit("saga.after_state_write", definition.name)
@@ -310,21 +294,20 @@ class SagaCoordinator:
         grace = self.sweep_interval or 0.0
         now = time.time()
         fired = 0
-        for item in (await runtime.broker.list_state(self.key_prefix)).values():
-            record = json.loads(item.value)
-            if record.get("name") not in self.definitions or SagaState(record["state"]).terminal:
+        for record in await list_records(runtime.broker, self.key_prefix):
+            if record.name not in self.definitions or record.state.terminal:
                 continue
             kind = None
-            if record.get("deadline_at") is not None and now > record["deadline_at"] + grace:
+            if record.deadline_at is not None and now > record.deadline_at + grace:
                 kind = "deadline"
-            elif record.get("due_at") is not None and now > record["due_at"] + grace:
+            elif record.due_at is not None and now > record.due_at + grace:
                 kind = "sweep"
             if kind is None:
                 continue
-            log.warning("[SAGA-%s] overdue (%s); firing its timer", record["saga_id"], kind)
-            data = {"saga": record["name"], "kind": kind, "token": record["token"], "step": None}
+            log.warning("[SAGA-%s] overdue (%s); firing its timer", record.saga_id, kind)
+            data = {"saga": record.name, "kind": kind, "token": record.token, "step": None}
             await runtime.publish(
-                timeout_topic(record["name"]), data, saga_id=record["saga_id"], correlation_id=record["saga_id"]
+                timeout_topic(record.name), data, saga_id=record.saga_id, correlation_id=record.saga_id
             )
             fired += 1
         return fired
@@ -343,16 +326,17 @@ class SagaCoordinator:
         if stored is None:
             log.warning("[SAGA-%s] ignoring %s for an unknown saga", event.saga_id, event.type)
             return []
-        before = json.dumps(stored.data, sort_keys=True)
-        record = json.loads(before)
+        # Decoded once (by ctx.get_state) and encoded once (by ctx.set_state);
+        # the machine says whether anything changed, so a stale reply writes nothing.
+        record = SagaRecord.from_dict(stored.data)
         run = SagaRun(definition, record, time.time(), self._trace, self._detail)
         outs = step(run)
-        if json.dumps(record, sort_keys=True) == before and not outs:
+        if not run.changed and not outs:
             return []
         if self.debug:
-            log.info("[SAGA-%s]   data: %s", event.saga_id, json.dumps(record["data"], default=str)[:2000])
+            log.info("[SAGA-%s]   data: %s", event.saga_id, json.dumps(record.data, default=str)[:2000])
         keep = self.persistence or not run.state.terminal
-        ctx.set_state(key, record if keep else None, expected_version=stored.version)
+        ctx.set_state(key, record.to_dict() if keep else None, expected_version=stored.version)
         return [Emit(o.type, o.data, delay=o.delay, merge=False, headers=o.headers) for o in outs]
 
     def _events(self, outs: Sequence[Out], saga_id: str, correlation_id: str) -> list[tuple[Event, float | None]]:
@@ -383,6 +367,8 @@ class SagaCoordinator:
         runtime = self.app.runtime
         if runtime not in self._attached:
             runtime.add_middleware(self._waiters)
+            for metrics in SagaMetrics.missing(runtime.middleware):
+                runtime.add_middleware(metrics)
             task = None
             if self.sweep_interval is not None:
                 task = asyncio.get_running_loop().create_task(self._sweeper(runtime), name="choreo-saga-sweeper")

@@ -8,7 +8,6 @@ rather than in the middle of a transaction.
 
 from __future__ import annotations
 
-import enum
 import re
 from collections.abc import Sequence
 from datetime import datetime
@@ -17,6 +16,8 @@ from typing import Any
 import attrs
 
 from choreo.errors import ChoreoError, ConfigurationError
+from choreo.saga.states import TERMINAL_STATES, SagaState, StepStatus
+from choreo.saga.topics import RESERVED_SAGA_NAMES, command_topic, lifecycle_topic, reply_topic, timeout_topic
 
 __all__ = (
     "SagaDefinition",
@@ -26,6 +27,7 @@ __all__ = (
     "SagaStep",
     "StepResult",
     "StepStatus",
+    "TERMINAL_STATES",
     "command_topic",
     "lifecycle_topic",
     "reply_topic",
@@ -34,60 +36,10 @@ __all__ = (
 
 #: Names of sagas, steps, services and actions: they become event type segments.
 _NAME = re.compile(r"^[A-Za-z0-9_\-]{1,100}$")
-#: Saga names that would collide with the coordinator's own event families.
-_RESERVED = frozenset({"cmd", "reply", "timeout"})
-
-
-def command_topic(service: str, action: str) -> str:
-    """The event a participant's action consumes: ``saga.cmd.<service>.<action>``."""
-    return f"saga.cmd.{service}.{action}"
-
-
-def reply_topic(saga: str) -> str:
-    """The event participants answer a saga's commands with."""
-    return f"saga.reply.{saga}"
-
-
-def timeout_topic(saga: str) -> str:
-    """The delayed event that fires when a step (or the saga) runs out of time."""
-    return f"saga.timeout.{saga}"
-
-
-def lifecycle_topic(saga: str, what: str) -> str:
-    """``saga.<name>.started|completed|compensated|failed``, for any service to handle."""
-    return f"saga.{saga}.{what}"
 
 
 class SagaNotFound(ChoreoError, LookupError):
     """No saga with this id is stored."""
-
-
-class SagaState(enum.Enum):
-    """Where a saga is in its life; the last three are terminal."""
-
-    PENDING = "pending"
-    RUNNING = "running"
-    COMPLETED = "completed"
-    COMPENSATING = "compensating"
-    COMPENSATED = "compensated"
-    FAILED = "failed"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (SagaState.COMPLETED, SagaState.COMPENSATED, SagaState.FAILED)
-
-
-class StepStatus:
-    """The ``status`` values of a ``StepResult``."""
-
-    PENDING = "pending"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    COMPENSATING = "compensating"
-    COMPENSATED = "compensated"
-    SKIPPED = "skipped"
-    COMPENSATION_FAILED = "compensation_failed"
 
 
 def _check_name(what: str, value: object) -> None:
@@ -211,7 +163,7 @@ class SagaDefinition:
         if options:
             raise ConfigurationError(f"saga {name!r}: unknown options {', '.join(sorted(options))}")
         _check_name("saga name", name)
-        if name in _RESERVED:
+        if name in RESERVED_SAGA_NAMES:
             raise ConfigurationError(f"saga name {name!r} is reserved (it would clash with saga.{name}.* events)")
         steps = tuple(steps)
         if not steps:

@@ -20,22 +20,13 @@ from typing import Any
 import attrs
 
 from choreo.dispatcher import backoff_delay
-from choreo.saga.definition import (
-    SagaDefinition,
-    SagaState,
-    SagaStep,
-    StepStatus,
-    command_topic,
-    lifecycle_topic,
-    timeout_topic,
-)
-from choreo.saga.record import BACKWARD, FORWARD
+from choreo.saga.definition import SagaDefinition, SagaState, StepStatus
+from choreo.saga.record import Kind, Phase, SagaRecord
+from choreo.saga.topics import command_topic, lifecycle_topic, reply_topic, timeout_topic
 
-__all__ = ("ACTION", "COMPENSATION", "FALLBACK", "LATE", "Out", "SagaRun")
+__all__ = ("Out", "SagaRun")
 
 log = logging.getLogger("choreo.saga")
-
-ACTION, FALLBACK, COMPENSATION, LATE = "action", "fallback", "compensation", "late_compensation"
 
 
 @attrs.frozen
@@ -49,28 +40,34 @@ class Out:
 
 
 class SagaRun:
-    """One transition of one saga's record (mutated in place).
+    """One transition of one saga's record (changed in place).
 
     Args:
         definition: The saga's definition.
-        record: The stored record (a fresh copy; it is changed).
+        record: The stored record, decoded for this transition (it is changed).
         now: Wall-clock time of this transition.
         trace: Receives the user-facing trace lines.
         detail: Receives per-event detail lines (``debug``/``trace_enabled``).
+
+    Attributes:
+        changed: Whether the transition changed the record (so it must be
+            written back); a stale reply or timer changes nothing.
     """
 
     def __init__(
         self,
         definition: SagaDefinition,
-        record: dict[str, Any],
+        record: SagaRecord,
         now: float,
         trace: Callable[[str, str], None],
         detail: Callable[[str, str], None] | None = None,
     ) -> None:
+        record.name_steps(definition)
         self.definition = definition
         self.record = record
         self.now = now
         self.out: list[Out] = []
+        self.changed = False
         self._trace = trace
         self._detail = detail
 
@@ -78,20 +75,20 @@ class SagaRun:
 
     @property
     def saga_id(self) -> str:
-        return str(self.record["saga_id"])
+        return self.record.saga_id
 
     @property
     def state(self) -> SagaState:
-        return SagaState(self.record["state"])
+        return self.record.state
 
     def start(self) -> list[Out]:
         self.trace(f"Starting saga: {self.definition.name}")
-        self.record["state"] = SagaState.RUNNING.value
+        self.record.state = SagaState.RUNNING
         self._lifecycle("started")
-        if self.record["deadline_at"] is not None:
-            delay = max(self.record["deadline_at"] - self.now, 0.0)
+        if self.record.deadline_at is not None:
+            delay = max(self.record.deadline_at - self.now, 0.0)
             self.out.append(Out(timeout_topic(self.definition.name), self._timer_data("deadline", -1), delay or None))
-        self._dispatch(0, ACTION, 1)
+        self._dispatch(0, Kind.ACTION, 1)
         return self._finish()
 
     def on_reply(self, reply: dict[str, Any]) -> list[Out]:
@@ -101,10 +98,10 @@ class SagaRun:
         if index is None:
             log.warning("[SAGA-%s] ignoring a reply for unknown step %r", self.saga_id, reply.get("step"))
             return []
-        if kind == LATE:
+        if kind == Kind.LATE:
             return self._late_compensated(index, reply)
-        if self.state.terminal or reply.get("token") != self.record["token"] or index != self.record["cursor"]:
-            if reply.get("outcome") == "succeeded" and kind in (ACTION, FALLBACK):
+        if self.state.terminal or reply.get("token") != self.record.token or index != self.record.cursor:
+            if reply.get("outcome") == "succeeded" and kind in (Kind.ACTION, Kind.FALLBACK):
                 return self._late_success(index, reply)
             log.info("[SAGA-%s] ignoring a stale or duplicate reply from step %s", self.saga_id, reply.get("step"))
             return []
@@ -113,7 +110,7 @@ class SagaRun:
         )
         result = reply.get("result")
         if isinstance(result, dict):
-            self.record["data"].update(result)
+            self.record.data.update(result)
         if reply.get("outcome") == "succeeded":
             self._succeeded(index, reply)
         else:
@@ -125,20 +122,20 @@ class SagaRun:
         if self.state.terminal:
             return []
         if timer.get("kind") == "deadline":
-            if self.record["phase"] != FORWARD:
+            if self.record.phase is not Phase.FORWARD:
                 return []
-            index = self.record["cursor"]
+            index = self.record.cursor
             message = f"saga deadline of {self.definition.deadline}s exceeded"
             self.trace(
                 f"Step {index + 1}/{len(self.definition.steps)}: {self.definition.steps[index].name} - TIMED OUT"
             )
             self._step_failed(index, {"type": "TimeoutError", "message": message})
             return self._finish()
-        if timer.get("token") != self.record["token"]:
+        if timer.get("token") != self.record.token:
             return []
-        index = self.record["cursor"]
+        index = self.record.cursor
         step = self.definition.steps[index]
-        what = step.compensation if self.record["kind"] == COMPENSATION else step.name
+        what = step.compensation if self.record.kind is Kind.COMPENSATION else step.name
         self.trace(f"Step {index + 1}/{len(self.definition.steps)}: {what} - TIMED OUT")
         self._failed(index, {"type": "TimeoutError", "message": f"no reply within {step.timeout}s"})
         return self._finish()
@@ -146,58 +143,56 @@ class SagaRun:
     def resume(self) -> list[Out]:
         """Continue from the stored state: resend the awaited command, or retry
         the compensations that failed."""
-        steps = self.record["steps"]
+        steps = self.record.steps
         if self.state is SagaState.FAILED:
-            failed = [i for i in reversed(range(len(steps))) if steps[i]["status"] == StepStatus.COMPENSATION_FAILED]
+            failed = [i for i in reversed(range(len(steps))) if steps[i].status is StepStatus.COMPENSATION_FAILED]
             if not failed:
                 return []
             self.trace(f"Resuming saga: {self.definition.name} ({len(failed)} compensations to retry)")
-            self.record["state"] = SagaState.COMPENSATING.value
-            self.record["phase"] = BACKWARD
-            self.record["queue"] = failed
+            self.record.state = SagaState.COMPENSATING
+            self.record.phase = Phase.BACKWARD
+            self.record.queue = failed
             self._next_compensation()
             return self._finish()
         if self.state.terminal:
             return []
         self.trace(f"Resuming saga: {self.definition.name}")
-        self._dispatch(
-            self.record["cursor"], self.record["kind"] or ACTION, max(self.record["attempt"], 1), count=False
-        )
+        self._dispatch(self.record.cursor, self.record.kind or Kind.ACTION, max(self.record.attempt, 1), count=False)
         return self._finish()
 
     # -- transitions ---------------------------------------------------------------
 
     def _succeeded(self, index: int, reply: dict[str, Any]) -> None:
-        step, state = self.definition.steps[index], self.record["steps"][index]
+        step, state = self.definition.steps[index], self.record.steps[index]
         total = len(self.definition.steps)
-        state["finished_at"] = self.now
-        if self.record["kind"] == COMPENSATION:
-            state["status"] = StepStatus.COMPENSATED
+        state.finished_at = self.now
+        if self.record.kind is Kind.COMPENSATION:
+            state.status = StepStatus.COMPENSATED
             self._next_compensation()
             return
-        state["status"] = StepStatus.SUCCEEDED
-        state["error"] = None
-        suffix = " (fallback)" if self.record["kind"] == FALLBACK else ""
+        state.status = StepStatus.SUCCEEDED
+        state.error = None
+        suffix = " (fallback)" if self.record.kind is Kind.FALLBACK else ""
         self.trace(f"Step {index + 1}/{total}: {step.name} - COMPLETED{suffix}")
         if index + 1 < total:
-            self._dispatch(index + 1, ACTION, 1)
+            self._dispatch(index + 1, Kind.ACTION, 1)
             return
         self._end(SagaState.COMPLETED, "Saga completed successfully")
 
     def _failed(self, index: int, error: dict[str, Any]) -> None:
-        step, state = self.definition.steps[index], self.record["steps"][index]
-        kind, attempt = self.record["kind"], self.record["attempt"]
+        step, state = self.definition.steps[index], self.record.steps[index]
+        kind, attempt = self.record.kind or Kind.ACTION, self.record.attempt
         total = len(self.definition.steps)
-        state["error"] = error
+        state.error = error
         if attempt < step.attempts:
             delay = backoff_delay(step.retry_delay, attempt) if step.retry_delay else None
-            what = step.compensation if kind == COMPENSATION else step.name
+            what = step.compensation if kind is Kind.COMPENSATION else step.name
             self.trace(f"Step {index + 1}/{total}: {what} - RETRYING (attempt {attempt + 1}/{step.attempts})")
             self._dispatch(index, kind, attempt + 1, delay=delay)
             return
-        if kind == COMPENSATION:
-            state["status"] = StepStatus.COMPENSATION_FAILED
-            state["finished_at"] = self.now
+        if kind is Kind.COMPENSATION:
+            state.status = StepStatus.COMPENSATION_FAILED
+            state.finished_at = self.now
             log.error(
                 "[SAGA-%s] Compensation failed: %s after %d attempts: %s; resume the saga once the cause is fixed",
                 self.saga_id,
@@ -207,42 +202,42 @@ class SagaRun:
             )
             self._next_compensation()
             return
-        if kind == ACTION and step.fallback is not None:
+        if kind is Kind.ACTION and step.fallback is not None:
             self.trace(f"Step {index + 1}/{total}: {step.name} - FALLBACK: {step.fallback}")
-            self._dispatch(index, FALLBACK, 1)
+            self._dispatch(index, Kind.FALLBACK, 1)
             return
         self.trace(f"Step {index + 1}/{total}: {step.name} - FAILED")
         self._step_failed(index, error)
 
     def _step_failed(self, index: int, error: dict[str, Any]) -> None:
-        state = self.record["steps"][index]
-        state["status"] = StepStatus.FAILED
-        state["error"] = error
-        state["finished_at"] = self.now
-        self.record["error"] = {"step": self.definition.steps[index].name, **error}
-        self.record["state"] = SagaState.COMPENSATING.value
-        self.record["phase"] = BACKWARD
-        steps = self.record["steps"]
-        self.record["queue"] = [i for i in reversed(range(index)) if steps[i]["status"] == StepStatus.SUCCEEDED]
+        state = self.record.steps[index]
+        state.status = StepStatus.FAILED
+        state.error = error
+        state.finished_at = self.now
+        self.record.error = {"step": self.definition.steps[index].name, **error}
+        self.record.state = SagaState.COMPENSATING
+        self.record.phase = Phase.BACKWARD
+        steps = self.record.steps
+        self.record.queue = [i for i in reversed(range(index)) if steps[i].status is StepStatus.SUCCEEDED]
         self._next_compensation()
 
     def _next_compensation(self) -> None:
-        queue: list[int] = self.record["queue"]
+        queue = self.record.queue
         while queue:
             index = queue.pop(0)
-            step, state = self.definition.steps[index], self.record["steps"][index]
+            step, state = self.definition.steps[index], self.record.steps[index]
             if not step.compensatable or step.compensation is None:
-                state["status"] = StepStatus.SKIPPED
+                state.status = StepStatus.SKIPPED
                 self.trace(f"Skipping compensation: {step.name} (not compensatable)")
                 continue
-            state["status"] = StepStatus.COMPENSATING
+            state.status = StepStatus.COMPENSATING
             self.trace(f"Compensating: {step.compensation}")
-            self._dispatch(index, COMPENSATION, 1)
+            self._dispatch(index, Kind.COMPENSATION, 1)
             return
         failed = [
             s.name
-            for s, st in zip(self.definition.steps, self.record["steps"], strict=True)
-            if st["status"] == StepStatus.COMPENSATION_FAILED
+            for s, st in zip(self.definition.steps, self.record.steps, strict=True)
+            if st.status is StepStatus.COMPENSATION_FAILED
         ]
         if failed:
             self._end(SagaState.FAILED, f"Saga failed: compensation failed for {', '.join(failed)}")
@@ -251,23 +246,24 @@ class SagaRun:
 
     def _late_success(self, index: int, reply: dict[str, Any]) -> list[Out]:
         """A step given up on (timed out) completed after all: undo it, once."""
-        step, state = self.definition.steps[index], self.record["steps"][index]
-        if state["status"] != StepStatus.FAILED or step.compensation is None or state["late"] is not None:
+        step, state = self.definition.steps[index], self.record.steps[index]
+        if state.status is not StepStatus.FAILED or step.compensation is None or state.late is not None:
             log.info("[SAGA-%s] ignoring a stale or duplicate reply from step %s", self.saga_id, step.name)
             return []
-        state["late"] = "compensating"
+        state.late = StepStatus.COMPENSATING
         log.warning("[SAGA-%s] step %s completed after it was given up on; compensating it", self.saga_id, step.name)
         result = reply.get("result")
-        data = {**self.record["data"], **(result if isinstance(result, dict) else {})}
-        self.out.append(self._command(index, LATE, 1, None, data=data))
+        data = {**self.record.data, **(result if isinstance(result, dict) else {})}
+        self.out.append(self._command(index, Kind.LATE, 1, None, data=data))
         return self._finish()
 
     def _late_compensated(self, index: int, reply: dict[str, Any]) -> list[Out]:
-        state = self.record["steps"][index]
-        if state["late"] != "compensating":
+        state = self.record.steps[index]
+        if state.late is not StepStatus.COMPENSATING:
             return []
-        state["late"] = "compensated" if reply.get("outcome") == "succeeded" else "compensation_failed"
-        if state["late"] != "compensated":
+        succeeded = reply.get("outcome") == "succeeded"
+        state.late = StepStatus.COMPENSATED if succeeded else StepStatus.COMPENSATION_FAILED
+        if not succeeded:
             log.error(
                 "[SAGA-%s] compensation of the late step %s failed: %s",
                 self.saga_id,
@@ -277,74 +273,76 @@ class SagaRun:
         return self._finish()
 
     def _end(self, state: SagaState, line: str) -> None:
-        self.record["state"] = state.value
-        self.record["phase"] = "done"
-        self.record["due_at"] = None
-        self.record["kind"] = None
+        self.record.state = state
+        self.record.phase = Phase.DONE
+        self.record.due_at = None
+        self.record.kind = None
         self.trace(line)
         self._lifecycle(state.value)
 
     # -- outputs -------------------------------------------------------------------
 
-    def _dispatch(self, index: int, kind: str, attempt: int, delay: float | None = None, count: bool = True) -> None:
-        step, state = self.definition.steps[index], self.record["steps"][index]
-        self.record["token"] += 1
-        self.record.update(cursor=index, kind=kind, attempt=attempt)
-        if kind in (ACTION, FALLBACK):
-            state["status"] = StepStatus.RUNNING
+    def _dispatch(self, index: int, kind: Kind, attempt: int, delay: float | None = None, count: bool = True) -> None:
+        step, state, record = self.definition.steps[index], self.record.steps[index], self.record
+        record.token += 1
+        record.cursor, record.kind, record.attempt = index, kind, attempt
+        if kind is Kind.ACTION or kind is Kind.FALLBACK:
+            state.status = StepStatus.RUNNING
             if count:
-                state["attempts"] += 1
-            if state["started_at"] is None:
-                state["started_at"] = self.now
+                state.attempts += 1
+            if state.started_at is None:
+                state.started_at = self.now
         self.out.append(self._command(index, kind, attempt, delay))
-        self.record["due_at"] = None
+        record.due_at = None
         if step.timeout is not None:
             after = (delay or 0.0) + step.timeout
-            self.record["due_at"] = self.now + after
+            record.due_at = self.now + after
             self.out.append(Out(timeout_topic(self.definition.name), self._timer_data("step", index), after))
 
     def _command(
-        self, index: int, kind: str, attempt: int, delay: float | None, data: dict[str, Any] | None = None
+        self, index: int, kind: Kind, attempt: int, delay: float | None, data: dict[str, Any] | None = None
     ) -> Out:
         step = self.definition.steps[index]
         action = {
-            ACTION: step.action,
-            FALLBACK: step.fallback,
-            COMPENSATION: step.compensation,
-            LATE: step.compensation,
+            Kind.ACTION: step.action,
+            Kind.FALLBACK: step.fallback,
+            Kind.COMPENSATION: step.compensation,
+            Kind.LATE: step.compensation,
         }[kind]
         assert action is not None
         headers = {
             "idempotency_key": f"{self.saga_id}:{step.name}:{action}",
             "saga": self.definition.name,
             "saga_step": step.name,
-            "saga_kind": kind,
-            "saga_token": str(self.record["token"] if kind != LATE else -1),
+            "saga_kind": kind.value,
+            "saga_token": str(self.record.token if kind is not Kind.LATE else -1),
             "saga_attempt": str(attempt),
-            "reply_to": f"saga.reply.{self.definition.name}",
+            "reply_to": reply_topic(self.definition.name),
         }
         self.detail(
             f"command {command_topic(step.service, action)} ({kind}, attempt {attempt}, token {headers['saga_token']})"
         )
-        return Out(command_topic(step.service, action), dict(data or self.record["data"]), delay, headers)
+        return Out(command_topic(step.service, action), dict(data or self.record.data), delay, headers)
 
     def _timer_data(self, kind: str, index: int) -> dict[str, Any]:
         step = self.definition.steps[index].name if index >= 0 else None
-        return {"saga": self.definition.name, "kind": kind, "token": self.record["token"], "step": step}
+        return {"saga": self.definition.name, "kind": kind, "token": self.record.token, "step": step}
 
     def _lifecycle(self, what: str) -> None:
-        data: dict[str, Any] = {"saga": self.definition.name, "saga_id": self.saga_id, "state": self.record["state"]}
+        record = self.record
+        data: dict[str, Any] = {"saga": self.definition.name, "saga_id": self.saga_id, "state": record.state.value}
         if what != "started":
             data.update(
-                data=self.record["data"],
-                error=self.record["error"],
-                steps=self.record["steps"],
-                duration=max(self.now - self.record["created_at"], 0.0),
+                data=dict(record.data),
+                error=record.error,
+                steps=[step.to_dict() for step in record.steps],
+                duration=max(self.now - record.created_at, 0.0),
             )
         self.out.append(Out(lifecycle_topic(self.definition.name, what), data))
 
     def _finish(self) -> list[Out]:
-        self.record["updated_at"] = self.now
+        self.record.updated_at = self.now
+        self.changed = True
         return self.out
 
     def trace(self, line: str) -> None:
@@ -354,7 +352,3 @@ class SagaRun:
         if self._detail is not None:
             self._detail(self.saga_id, line)
 
-
-def step_of(definition: SagaDefinition, name: str) -> SagaStep | None:
-    index = definition.index(name)
-    return None if index is None else definition.steps[index]

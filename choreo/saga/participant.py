@@ -21,7 +21,7 @@ from choreo.dispatcher import error_info
 from choreo.errors import ConfigurationError, Reject
 from choreo.events import Event
 from choreo.routing import Emit, Handler, Route, handler_arguments, inspect_params
-from choreo.saga.definition import command_topic
+from choreo.saga.topics import REPLY_PREFIX, command_topic, is_reply
 from choreo.threads import run_in_daemon_thread
 
 if TYPE_CHECKING:
@@ -31,8 +31,6 @@ if TYPE_CHECKING:
 __all__ = ("REPLY_PREFIX", "Interceptor", "ReplyTopics", "register_action", "set_interceptor")
 
 log = logging.getLogger("choreo.saga")
-
-REPLY_PREFIX = "saga.reply."
 
 #: Called before an action runs with (service, action, data); may raise to
 #: make the call fail. ``SagaTestHarness`` uses it to record calls and inject failures.
@@ -57,10 +55,10 @@ class ReplyTopics(tuple[str, ...]):
     """
 
     def __new__(cls) -> ReplyTopics:
-        return super().__new__(cls, ("saga.reply",))
+        return super().__new__(cls, (REPLY_PREFIX.rstrip("."),))
 
     def __contains__(self, item: object) -> bool:
-        return isinstance(item, str) and item.startswith(REPLY_PREFIX) and len(item) > len(REPLY_PREFIX)
+        return isinstance(item, str) and is_reply(item)
 
 
 def register_action(app: App, name: str, handler: Handler, *, service: str | None = None) -> Route:

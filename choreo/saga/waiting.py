@@ -10,32 +10,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 
 from choreo.events import Event
 from choreo.middleware import Middleware
-from choreo.saga.definition import SagaDefinition, SagaNotFound, SagaResult, lifecycle_topic
-from choreo.saga.record import to_result
+from choreo.saga.definition import SagaNotFound, SagaResult
+from choreo.saga.record import result_of_lifecycle
+from choreo.saga.topics import STARTED, parse_lifecycle
 
 __all__ = ("SagaWaiters",)
-
-_TERMINAL = ("completed", "compensated", "failed")
 
 
 class SagaWaiters(Middleware):
     """The callers waiting for sagas of one coordinator to end.
 
     Args:
-        definitions: The coordinator's sagas by name (read when one ends).
         read: Reads a saga's stored state (``SagaCoordinator.get_saga_state``).
     """
 
     def __init__(
         self,
-        definitions: Mapping[str, SagaDefinition],
         read: Callable[[str], Awaitable[SagaResult]],
     ) -> None:
-        self._definitions = definitions
         self._read = read
         #: Saga id -> the futures of its waiters in this process.
         self.futures: dict[str, list[asyncio.Future[SagaResult]]] = {}
@@ -43,11 +39,10 @@ class SagaWaiters(Middleware):
     def on_publish(self, event: Event) -> None:
         if event.saga_id is None or event.saga_id not in self.futures:
             return
-        name = event.data.get("saga")
-        if not isinstance(name, str) or event.type not in {lifecycle_topic(name, w) for w in _TERMINAL}:
+        lifecycle = parse_lifecycle(event.type)
+        if lifecycle is None or lifecycle[1] == STARTED or event.data.get("saga") != lifecycle[0]:
             return
-        record = {"saga_id": event.saga_id, "name": name, **event.data}
-        result = to_result(self._definitions.get(name), record)
+        result = result_of_lifecycle(event.saga_id, event.data)
         for future in self.futures.pop(event.saga_id, []):
             if not future.done():
                 future.set_result(result)

@@ -1,0 +1,89 @@
+"""The saga event families: every saga topic name is built and read here.
+
+* ``saga.cmd.<service>.<action>``: a command to a participant's action.
+* ``saga.reply.<saga>``: a participant's answer to a saga's command.
+* ``saga.timeout.<saga>``: a delayed timer (a step's timeout, the deadline).
+* ``saga.<saga>.started|completed|compensated|failed``: lifecycle events,
+  for any service to handle.
+
+Saga, service and action names are letters, digits, ``_`` and ``-`` (see
+``SagaStep``), and ``cmd``, ``reply`` and ``timeout`` are not saga names, so
+the families never overlap and a topic parses one way only.
+"""
+
+from __future__ import annotations
+
+from choreo.saga.states import TERMINAL_STATES
+
+__all__ = (
+    "LIFECYCLE_PHASES",
+    "REPLY_PREFIX",
+    "RESERVED_SAGA_NAMES",
+    "STARTED",
+    "command_topic",
+    "is_lifecycle",
+    "is_reply",
+    "lifecycle_topic",
+    "parse_lifecycle",
+    "parse_reply",
+    "reply_topic",
+    "timeout_topic",
+)
+
+PREFIX = "saga."
+COMMAND_PREFIX = "saga.cmd."
+REPLY_PREFIX = "saga.reply."
+TIMEOUT_PREFIX = "saga.timeout."
+
+#: The last segment of a lifecycle event: ``started``, then the terminal state it ended in.
+STARTED = "started"
+LIFECYCLE_PHASES = (STARTED, *(state.value for state in TERMINAL_STATES))
+#: Saga names that would collide with the coordinator's own event families.
+RESERVED_SAGA_NAMES = frozenset({"cmd", "reply", "timeout"})
+
+
+def command_topic(service: str, action: str) -> str:
+    """The event a participant's action consumes: ``saga.cmd.<service>.<action>``."""
+    return f"{COMMAND_PREFIX}{service}.{action}"
+
+
+def reply_topic(saga: str) -> str:
+    """The event participants answer a saga's commands with: ``saga.reply.<saga>``."""
+    return f"{REPLY_PREFIX}{saga}"
+
+
+def timeout_topic(saga: str) -> str:
+    """The delayed event that fires when a step (or the saga) runs out of time."""
+    return f"{TIMEOUT_PREFIX}{saga}"
+
+
+def lifecycle_topic(saga: str, phase: str) -> str:
+    """``saga.<saga>.<phase>``, ``phase`` one of ``LIFECYCLE_PHASES``."""
+    return f"{PREFIX}{saga}.{phase}"
+
+
+def parse_lifecycle(topic: str) -> tuple[str, str] | None:
+    """``(saga, phase)`` of a lifecycle event's topic; ``None`` for any other topic."""
+    if not topic.startswith(PREFIX):
+        return None
+    saga, dot, phase = topic[len(PREFIX):].rpartition(".")
+    if not dot or not saga or phase not in LIFECYCLE_PHASES or "." in saga or saga in RESERVED_SAGA_NAMES:
+        return None
+    return saga, phase
+
+
+def is_lifecycle(topic: str) -> bool:
+    """Whether ``topic`` is a saga lifecycle event (``saga.<saga>.<phase>``)."""
+    return parse_lifecycle(topic) is not None
+
+
+def parse_reply(topic: str) -> str | None:
+    """The saga a reply topic answers; ``None`` for any other topic."""
+    if not topic.startswith(REPLY_PREFIX) or len(topic) == len(REPLY_PREFIX):
+        return None
+    return topic[len(REPLY_PREFIX):]
+
+
+def is_reply(topic: str) -> bool:
+    """Whether ``topic`` is a reply topic of some saga (``saga.reply.<saga>``)."""
+    return parse_reply(topic) is not None
