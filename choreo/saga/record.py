@@ -7,11 +7,14 @@ steps without names) still loads, and is written back as the current schema
 by the next transition.
 
 The records are mutable on purpose. A transition decodes a fresh record,
-changes a few fields in place and encodes it once; measured on a three-step
-saga (CPython 3.11), that costs about 1.5 us per reply, where rebuilding the
-record with ``attrs.evolve`` (a new steps list and step for every change)
-costs about 6 us. Nothing else holds a decoded record, so nothing can see
-it change.
+changes a few fields in place and encodes it once. Measured on a three-step
+saga (CPython 3.11), a typical reply (one step done, the next commanded)
+changes the record in place in about 0.5 us; the same change made with
+``attrs.evolve`` (a new record and new steps) takes about 8 us, more than
+decoding the record (5 us). Nothing else holds a decoded record, so nothing
+can see it change. Decoding and encoding a record this way takes about 7 us,
+where the earlier copy and compare (two sorted JSON dumps and a load) took
+about 24 us.
 """
 
 from __future__ import annotations
