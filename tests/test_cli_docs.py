@@ -11,6 +11,7 @@ from pathlib import Path
 from choreo.demo import build_order_apps
 from choreo.graph import EventGraph, to_mermaid
 from choreo.metrics import Metrics
+from choreo.saga.metrics import SagaMetrics
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -31,9 +32,16 @@ def test_cli_reference_covers_every_command_of_the_design() -> None:
         assert f"`{option}`" in text
 
 
+def all_metrics() -> Metrics:
+    """The core metrics with the saga package's registered in the same registry."""
+    metrics = Metrics()
+    SagaMetrics(metrics)
+    return metrics
+
+
 def test_metrics_reference_names_every_metric_registered() -> None:
     text = (DOCS / "metrics.md").read_text()
-    names = {metric.name for metric in Metrics().registry.collect()}
+    names = {metric.name for metric in all_metrics().registry.collect()}
     for name in names:
         shown = name + "_total" if f"`{name}_total`" in text else name
         assert f"`{shown}`" in text, name
@@ -41,7 +49,7 @@ def test_metrics_reference_names_every_metric_registered() -> None:
 
 def test_grafana_dashboard_queries_only_metrics_that_exist() -> None:
     dashboard = json.loads((DOCS / "grafana-dashboard.json").read_text())
-    known = {metric.name for metric in Metrics().registry.collect()}
+    known = {metric.name for metric in all_metrics().registry.collect()}
     used = set()
     for panel in dashboard["panels"]:
         for target in panel["targets"]:
