@@ -138,8 +138,9 @@ class Delivery:
 
 
 _new = object.__new__
-# Message and Delivery have no converters, validators or defaults to skip, so
-# setting their slots makes exactly what __init__ makes (``slot_setters``).
+# Message and Delivery have no converters or validators to skip (and the
+# builders keep Message's defaults), so setting their slots makes exactly what
+# __init__ makes (``slot_setters``).
 _message_slots = slot_setters(Message)
 _delivery_slots = slot_setters(Delivery)
 
