@@ -40,6 +40,8 @@ from typing import Protocol, runtime_checkable
 
 import attrs
 
+from brokers.speedups import remember, slot_setters
+
 __all__ = (
     "Broker",
     "BrokerError",
@@ -60,22 +62,20 @@ __all__ = (
 #: Topic and group names: letters, digits and ``._-:``; nothing that could
 #: become a hostile key, path or import. Adapters reject anything else.
 TOPIC_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,199}$")
-_valid_names: set[str] = set()
-_MAX_REMEMBERED_NAMES = 10_000
+_valid_names: dict[str, str] = {}
 
 
 def check_name(kind: str, name: str) -> None:
     """Refuse a topic or group name outside ``TOPIC_PATTERN`` with ``BrokerError``.
 
     Adapters check names for every message and fetch, so each valid name is
-    remembered and the regex runs once per name (bounded).
+    remembered and the regex runs once per name (``brokers.speedups.remember``).
     """
     if isinstance(name, str) and name in _valid_names:
         return
     if not isinstance(name, str) or not TOPIC_PATTERN.fullmatch(name):
         raise BrokerError(f"invalid {kind} name {name!r}: use letters, digits and ._-: (at most 200)")
-    if len(_valid_names) < _MAX_REMEMBERED_NAMES:
-        _valid_names.add(name)
+    remember(_valid_names, name, name)
 
 
 class BrokerError(Exception):
@@ -138,12 +138,11 @@ class Delivery:
 
 
 _new = object.__new__
-# Slot setters, looked up once. Message and Delivery have no converters or
-# validators, so setting the slots directly makes exactly what __init__ makes,
-# for less than half the cost of its setattr by name: both are built for every
-# event on the delivery path.
-_message_slots = tuple(getattr(Message, field.name).__set__ for field in attrs.fields(Message))
-_delivery_slots = tuple(getattr(Delivery, field.name).__set__ for field in attrs.fields(Delivery))
+# Message and Delivery have no converters or validators to skip (and the
+# builders keep Message's defaults), so setting their slots makes exactly what
+# __init__ makes (``slot_setters``).
+_message_slots = slot_setters(Message)
+_delivery_slots = slot_setters(Delivery)
 
 
 def new_message(topic: str, id: str, body: bytes, delay: float | None = None, group: str | None = None) -> Message:

@@ -12,6 +12,8 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from brokers.speedups import remember
+
 __all__ = ("dumps", "quote", "quote_name")
 
 
@@ -55,14 +57,11 @@ def quote(value: str) -> str:
 
 
 _quoted_names: dict[str, str] = {}
-_MAX_QUOTED_NAMES = 10_000
 
 
 def quote_name(name: str) -> str:
     """``quote`` for names met on every call (topics, groups, keys): remembered."""
     quoted = _quoted_names.get(name)
     if quoted is None:
-        quoted = quote(name)
-        if len(_quoted_names) < _MAX_QUOTED_NAMES:
-            _quoted_names[name] = quoted
+        quoted = remember(_quoted_names, name, quote(name))
     return quoted

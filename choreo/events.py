@@ -1,30 +1,39 @@
-"""Events and their JSON wire format.
+"""Events: immutable facts that tie into business transactions.
 
-An event is an immutable fact: a type such as ``"order.created"``, a JSON object
-of data, and the ids that tie it into a business transaction. On the wire it is
-a JSON object (never pickle), size-capped before parsing and validated after.
+An event is a type such as ``"order.created"``, a JSON object of data, and the
+ids that tie it into a business transaction. Its JSON wire format is in
+``choreo.codec``; the names of that format used with events are importable
+from here too (``encode_event``, ``decode_event``, ``new_event_id``...).
 """
 
 from __future__ import annotations
 
-import json
-import random
-import re
-import time
-from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 import attrs
 
-from brokers.wire import dumps as _json
-from brokers.wire import quote as _quote
-from choreo.errors import DecodeError
+from brokers.speedups import slot_setters
+from choreo.codec import (
+    DEFAULT_MAX_DEPTH,
+    DEFAULT_MAX_SIZE,
+    EVENT_TYPE_PATTERN,
+    MAX_TYPE_LENGTH,
+    WIRE_VERSION,
+    encode_event,
+    event_decoder,
+    new_event_id,
+    utcnow,
+    validate_event_type,
+)
 
 __all__ = (
     "DEFAULT_MAX_DEPTH",
     "DEFAULT_MAX_SIZE",
     "EVENT_TYPE_PATTERN",
+    "MAX_TYPE_LENGTH",
+    "WIRE_VERSION",
     "Event",
     "decode_event",
     "encode_event",
@@ -32,70 +41,6 @@ __all__ = (
     "new_event_id",
     "validate_event_type",
 )
-
-#: Dotted names of letters, digits, ``_`` and ``-``: ``order.created``,
-#: ``saga.cmd.payment_service.charge_card``. They become stream keys, so
-#: nothing else is allowed.
-EVENT_TYPE_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
-MAX_TYPE_LENGTH = 200
-DEFAULT_MAX_SIZE = 1024 * 1024
-DEFAULT_MAX_DEPTH = 32
-WIRE_VERSION = 1
-
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-# Two base32 characters per 10 bits: eight lookups make the 80 random bits.
-_PAIRS = tuple(a + b for a in _CROCKFORD for b in _CROCKFORD)
-_last_millis = -1
-_time_part = ""
-# Uniqueness, not secrecy: the Mersenne generator is several times cheaper than
-# os.urandom, and Python reseeds it in forked children.
-_random_bits = random.getrandbits
-
-
-def new_event_id() -> str:
-    """A unique, time-sortable id (ULID layout: 48-bit milliseconds, 80 random bits)."""
-    global _last_millis, _time_part
-    millis = time.time_ns() // 1_000_000
-    if millis != _last_millis:
-        _time_part = "".join(_CROCKFORD[(millis >> shift) & 31] for shift in range(45, -5, -5))
-        _last_millis = millis
-    # Two 40-bit draws: shifts on small ints are cheaper than on one 80-bit int.
-    high, low = _random_bits(40), _random_bits(40)
-    pairs = _PAIRS
-    return (
-        f"{_time_part}{pairs[high >> 30]}{pairs[(high >> 20) & 1023]}{pairs[(high >> 10) & 1023]}"
-        f"{pairs[high & 1023]}{pairs[low >> 30]}{pairs[(low >> 20) & 1023]}{pairs[(low >> 10) & 1023]}"
-        f"{pairs[low & 1023]}"
-    )
-
-
-# Names already validated: a system has few event types and meets each one
-# for every event, so the regex runs once per name (bounded, in case of a flood
-# of distinct names).
-_valid_types: set[str] = set()
-_MAX_REMEMBERED_TYPES = 10_000
-
-
-def validate_event_type(event_type: object) -> str:
-    """Return ``event_type`` if it is a valid event type name.
-
-    Raises:
-        DecodeError: it is not a string matching ``EVENT_TYPE_PATTERN``.
-    """
-    if not isinstance(event_type, str):
-        raise DecodeError(f"invalid event type {repr(event_type)[:80]}: it must be a string")
-    if event_type in _valid_types:
-        return event_type
-    if len(event_type) > MAX_TYPE_LENGTH or not EVENT_TYPE_PATTERN.fullmatch(event_type):
-        shown = repr(event_type)[:80]
-        raise DecodeError(f"invalid event type {shown}: use dotted names of letters, digits, '_' and '-'")
-    if len(_valid_types) < _MAX_REMEMBERED_TYPES:
-        _valid_types.add(event_type)
-    return event_type
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def _data_converter(data: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -124,7 +69,7 @@ class Event:
     correlation_id: str = ""
     causation_id: str | None = None
     saga_id: str | None = None
-    occurred_at: datetime = attrs.field(factory=_utcnow)
+    occurred_at: datetime = attrs.field(factory=utcnow)
     attempt: int = 1
     headers: dict[str, str] = attrs.field(factory=dict)
 
@@ -135,9 +80,8 @@ class Event:
 
 
 _new = object.__new__
-# Each field's slot setter, looked up once: cheaper than object.__setattr__ by name.
 (_set_type, _set_data, _set_id, _set_correlation, _set_causation, _set_saga, _set_occurred, _set_attempt,
- _set_headers) = (getattr(Event, field.name).__set__ for field in attrs.fields(Event))
+ _set_headers) = slot_setters(Event)
 
 
 def _trusted_event(
@@ -155,7 +99,8 @@ def _trusted_event(
 
     The per-event path (decode, and every event a handler emits) builds events
     at a rate where attrs' converters and factories dominate; this is the same
-    result without them.
+    result without them (``brokers.speedups.slot_setters``): ``data`` is
+    already a dict and ``correlation_id`` already filled in.
     """
     event = _new(Event)
     _set_type(event, event_type)
@@ -180,177 +125,11 @@ def child_event(cause: Event, event_type: str, data: dict[str, Any], headers: di
         cause.correlation_id,
         cause.id,
         cause.saga_id,
-        _utcnow(),
+        utcnow(),
         1,
         dict(headers) if headers else {},
     )
 
 
-def encode_event(event: Event, *, max_size: int = DEFAULT_MAX_SIZE) -> bytes:
-    """Serialize an event to its JSON wire form.
-
-    Raises:
-        DecodeError: the data is not JSON (NaN, Infinity, sets, objects...) or
-            the result exceeds ``max_size`` bytes.
-    """
-    # The envelope is put together around the encoded data: its fields are a
-    # validated type name, strings, a time and an int, and building a dict
-    # for the encoder to take apart again costs more than the JSON itself.
-    event_type = event.type
-    if event_type not in _valid_types:
-        validate_event_type(event_type)
-    attempt = event.attempt
-    try:
-        body = (
-            f'{{"v":{WIRE_VERSION},"type":"{event_type}","id":{_quote(event.id)},"data":{_json(event.data)},'
-            f'"correlation_id":{_quote(event.correlation_id)},"causation_id":{_optional(event.causation_id)},'
-            f'"saga_id":{_optional(event.saga_id)},"occurred_at":"{_isoformat(event.occurred_at)}",'
-            f'"attempt":{attempt if type(attempt) is int else _json(attempt)},'
-            f'"headers":{_json(event.headers) if event.headers else "{}"}}}'
-        ).encode()
-    except (TypeError, ValueError, RecursionError) as exc:  # UnicodeEncodeError (lone surrogates) included
-        raise DecodeError(f"event {event.type!r} data is not valid JSON: {exc}") from None
-    if len(body) > max_size:
-        raise DecodeError(f"event {event.type!r} is {len(body)} bytes, over the {max_size}-byte limit")
-    return body
-
-
-# (second, minute, hour, day, month, year) and its "YYYY-MM-DDTHH:MM:SS", as one
-# tuple so that threads encoding at once never pair a key with another's text.
-_iso_second: tuple[tuple[int, ...], str] = ((), "")
-
-
-def _isoformat(moment: datetime) -> str:
-    """``moment.isoformat()``; for UTC times (all of choreo's own) the part
-    up to the second is kept from the last call, as most events of a second
-    share it: half the cost of ``isoformat`` on the encode path."""
-    global _iso_second
-    if moment.tzinfo is not UTC:
-        return moment.isoformat()
-    key = (moment.second, moment.minute, moment.hour, moment.day, moment.month, moment.year)
-    cached_key, text = _iso_second
-    if key != cached_key:
-        text = moment.replace(microsecond=0, tzinfo=None).isoformat()
-        _iso_second = (key, text)
-    micro = moment.microsecond
-    return f"{text}.{micro:06d}+00:00" if micro else f"{text}+00:00"
-
-
-def _optional(value: str | None) -> str:
-    return "null" if value is None else _quote(value)
-
-
-def _reject_constant(name: str) -> float:
-    raise DecodeError(f"{name} is not valid JSON")
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise DecodeError(f"duplicate key {key[:80]!r} in JSON object")
-            seen.add(key)
-    return result
-
-
-# Built once: json.loads with options builds a new decoder on every call.
-_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
-_scan: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignore[attr-defined]
-
-
-def _check_depth(value: Any, limit: int) -> None:
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > limit:
-            raise DecodeError(f"JSON nesting deeper than {limit} levels")
-        if isinstance(item, dict):
-            stack.extend((child, depth + 1) for child in item.values() if isinstance(child, dict | list))
-        elif isinstance(item, list):
-            stack.extend((child, depth + 1) for child in item if isinstance(child, dict | list))
-
-
-def _loads(raw: bytes, max_size: int, max_depth: int) -> Any:
-    if len(raw) > max_size:
-        raise DecodeError(f"message is {len(raw)} bytes, over the {max_size}-byte limit")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DecodeError(f"message is not UTF-8: {exc.reason} at byte {exc.start}") from None
-    try:
-        # The scanner straight away; JSONDecoder.decode adds two regex matches
-        # for surrounding whitespace and is left to bodies that have any (and
-        # to malformed ones, for its error message).
-        try:
-            value, end = _scan(text, 0)
-        except StopIteration:
-            end = -1
-        if end != len(text):
-            value = _DECODER.decode(text)
-    except RecursionError:
-        raise DecodeError(f"JSON nesting deeper than {max_depth} levels") from None
-    except DecodeError:
-        raise
-    except ValueError as exc:  # JSONDecodeError, and ints over Python's digit limit
-        raise DecodeError(f"malformed JSON: {exc}") from None
-    # Only a body with more brackets than the limit can be too deep: count them in C first.
-    if raw.count(b"[") + raw.count(b"{") > max_depth:
-        _check_depth(value, max_depth)
-    return value
-
-
-def _parse_time(value: object) -> datetime:
-    if not isinstance(value, str):
-        raise DecodeError("field 'occurred_at' must be an ISO 8601 string")
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise DecodeError(f"field 'occurred_at' is not an ISO 8601 time: {value[:40]!r}") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
-def decode_event(raw: bytes, *, max_size: int = DEFAULT_MAX_SIZE, max_depth: int = DEFAULT_MAX_DEPTH) -> Event:
-    """Parse and validate an event from its wire form.
-
-    Raises:
-        DecodeError: with a reason naming what is wrong (size, encoding, JSON,
-            nesting, a missing or mistyped field, an invalid type name).
-    """
-    wire = _loads(raw, max_size, max_depth)
-    if not isinstance(wire, dict):
-        raise DecodeError(f"message is a JSON {type(wire).__name__}, not an object")
-    if "type" not in wire:
-        raise DecodeError("missing field 'type'")
-    event_type = validate_event_type(wire["type"])
-    data = wire.get("data", {})
-    if not isinstance(data, dict):
-        raise DecodeError(f"field 'data' must be a JSON object, not {type(data).__name__}")
-    event_id = wire.get("id")
-    if not isinstance(event_id, str) or not event_id:
-        raise DecodeError("missing or empty field 'id'")
-    attempt = wire.get("attempt", 1)
-    if type(attempt) is not int or attempt < 1:  # JSON gives int, never a subclass (bool is its own type)
-        raise DecodeError("field 'attempt' must be a positive integer")
-    headers = wire.get("headers") or {}
-    if type(headers) is not dict or (headers and not all(isinstance(v, str) for v in headers.values())):
-        raise DecodeError("field 'headers' must be an object of strings")
-    # The ids: strings or null (checked inline: this runs for every delivery).
-    correlation_id, causation_id, saga_id = wire.get("correlation_id"), wire.get("causation_id"), wire.get("saga_id")
-    for name, value in (("correlation_id", correlation_id), ("causation_id", causation_id), ("saga_id", saga_id)):
-        if value is not None and type(value) is not str:
-            raise DecodeError(f"field {name!r} must be a string or null")
-    occurred = wire.get("occurred_at")
-    return _trusted_event(
-        event_type,
-        data,
-        event_id,
-        correlation_id or event_id,
-        causation_id,
-        saga_id,
-        _utcnow() if occurred is None else _parse_time(occurred),
-        attempt,
-        headers,
-    )
-
+#: Parse and validate an event from its wire form (``choreo.codec``).
+decode_event = event_decoder(_trusted_event)

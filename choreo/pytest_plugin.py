@@ -13,8 +13,8 @@ Example::
             await env.settle()
             assert env.published("inventory.reserved")
 
-Async tests need an async runner (anyio's pytest plugin, which anyio
-installs, or pytest-asyncio).
+Async tests need an async runner, installed alongside: anyio (its pytest
+plugin) or pytest-asyncio.
 """
 
 from __future__ import annotations

@@ -16,12 +16,11 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from choreo.errors import ConfigurationError, DecodeError
-from choreo.events import validate_event_type
+from choreo.events import Event, validate_event_type
 from choreo.payloads import build_payload
 
 if TYPE_CHECKING:
     from choreo.context import Context
-    from choreo.events import Event
 
 __all__ = ("INJECTABLE", "Emit", "Handler", "Param", "Route", "Router", "emits", "handler_arguments")
 
@@ -114,29 +113,54 @@ def _check_type(event_type: str, what: str) -> str:
 def inspect_params(handler: Handler) -> tuple[Param, ...]:
     """Work out how to call ``handler``.
 
+    A parameter annotated with an attrs class (other than ``Event``) receives
+    that class built from the payload, whatever its name (``data`` included:
+    the annotation wins); any other parameter is injected by its name.
+
     Raises:
         ConfigurationError: a parameter is neither injectable by name nor
             annotated with an attrs class.
     """
-    try:
-        hints = typing.get_type_hints(handler)
-    except Exception:  # unresolvable forward refs: fall back to raw annotations
-        hints = getattr(handler, "__annotations__", {})
+    hints = _annotations(handler)
     params = []
     for parameter in inspect.signature(handler).parameters.values():
         if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
             raise ConfigurationError(f"handler {handler.__qualname__}: *args/**kwargs cannot be injected")
         annotation = hints.get(parameter.name)
-        if parameter.name in INJECTABLE:
-            params.append(Param(parameter.name, parameter.name))
-        elif isinstance(annotation, type) and attrs.has(annotation):
+        if isinstance(annotation, type) and attrs.has(annotation) and annotation is not Event:
             params.append(Param(parameter.name, "model", annotation))
+        elif parameter.name in INJECTABLE:
+            params.append(Param(parameter.name, parameter.name))
         else:
             raise ConfigurationError(
                 f"handler {handler.__qualname__}: cannot inject parameter {parameter.name!r}; "
                 f"use one of {', '.join(INJECTABLE)} or annotate it with an attrs class"
             )
     return tuple(params)
+
+
+def _annotations(handler: Handler) -> dict[str, Any]:
+    """The handler's annotations, resolved where possible.
+
+    ``typing.get_type_hints`` gives up on all of them if one does not resolve
+    (``ctx: Context`` imported only under ``TYPE_CHECKING``); then each string
+    annotation is resolved on its own, so ``order: Order`` beside it still
+    names the class.
+    """
+    try:
+        return typing.get_type_hints(handler)
+    except Exception:
+        pass
+    raw = dict(getattr(handler, "__annotations__", None) or {})
+    namespace = getattr(inspect.unwrap(handler), "__globals__", {})
+    for name, annotation in raw.items():
+        # Twice for a quoted annotation under ``from __future__ import annotations``.
+        for _ in range(2):
+            if isinstance(annotation, str):
+                with contextlib.suppress(Exception):
+                    annotation = eval(annotation, namespace)  # what get_type_hints does, one name at a time
+        raw[name] = annotation
+    return raw
 
 
 def handler_arguments(params: Sequence[Param], event: Event, ctx: Context, data: dict[str, Any]) -> dict[str, Any]:
