@@ -1,4 +1,5 @@
-"""choreo's transport layer: a broker contract and its adapters.
+"""choreo's transport layer: a broker contract (by role: ``Transport``,
+``State``, ``Inspection``; ``Broker`` is all three) and its adapters.
 
 Importable on its own; never imports ``choreo``. ``from_url`` picks the adapter
 by scheme: ``memory://`` or ``redis://`` / ``rediss://``. The Redis adapter is
@@ -13,11 +14,18 @@ from brokers.base import (
     BrokerError,
     CommitStatus,
     DeadLetterRecord,
+    DelayedMessage,
     Delivery,
     GroupBacklog,
+    GroupCursor,
+    HistoryEntry,
+    Inspection,
     Message,
+    PendingEntry,
+    State,
     StateWrite,
     Subscription,
+    Transport,
     Versioned,
 )
 from brokers.options import BrokerOptions, parse_url, redact_url
@@ -29,11 +37,18 @@ __all__ = (
     "BrokerOptions",
     "CommitStatus",
     "DeadLetterRecord",
+    "DelayedMessage",
     "Delivery",
     "GroupBacklog",
+    "GroupCursor",
+    "HistoryEntry",
+    "Inspection",
     "Message",
+    "PendingEntry",
+    "State",
     "StateWrite",
     "Subscription",
+    "Transport",
     "Versioned",
     "from_url",
     "parse_url",

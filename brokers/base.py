@@ -1,9 +1,19 @@
-"""The transport contract every broker adapter implements.
+"""The broker contract, by role: transport, state and inspection.
 
 A broker moves opaque messages between producers and consumer groups. It knows
 nothing about events, handlers or sagas: a message is a topic, a
 producer-assigned id and a body of bytes. Everything above that lives in
 ``choreo``.
+
+The contract has three roles, each a Protocol below, and ``Broker`` is all
+three; both adapters implement every one:
+
+* ``Transport``: connect, publish, subscribe, fetch, commit, extend (what a
+  worker needs on its delivery path);
+* ``State``: versioned keys, read here and written by compare-and-set inside
+  ``Transport.commit``;
+* ``Inspection``: what tools read and repair from outside a running system
+  (history, group cursors, leases, delayed messages, dead letters, backlog).
 
 Semantics every adapter gives (the contract tests in ``tests/`` hold them to it):
 
@@ -29,17 +39,30 @@ Semantics every adapter gives (the contract tests in ``tests/`` hold them to it)
   (retries and replays use this, so other groups do not see it twice).
 * **Dead letters** keep the original bytes, the reason, the group and the
   delivery count; they can be listed, replayed to their group and purged.
+* **Entry ids.** ``Delivery.entry_id`` and the ids in inspection records are
+  ``<int>-<int>``, optionally after a ``<tag>:`` naming the queue; within one
+  queue they grow in publish order (``GroupCursor.handed_out`` compares them).
 """
 
 from __future__ import annotations
 
-import enum
 import re
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import attrs
 
+from brokers.records import (
+    CommitStatus,
+    DeadLetterRecord,
+    DelayedMessage,
+    GroupBacklog,
+    GroupCursor,
+    HistoryEntry,
+    PendingEntry,
+    StateWrite,
+    Versioned,
+)
 from brokers.speedups import remember, slot_setters
 
 __all__ = (
@@ -47,11 +70,18 @@ __all__ = (
     "BrokerError",
     "CommitStatus",
     "DeadLetterRecord",
+    "DelayedMessage",
     "Delivery",
     "GroupBacklog",
+    "GroupCursor",
+    "HistoryEntry",
+    "Inspection",
     "Message",
+    "PendingEntry",
+    "State",
     "StateWrite",
     "Subscription",
+    "Transport",
     "Versioned",
     "TOPIC_PATTERN",
     "check_name",
@@ -173,99 +203,12 @@ def new_delivery(
     return delivery
 
 
-@attrs.frozen
-class StateWrite:
-    """A compare-and-set of one state key, applied inside ``commit``.
-
-    Attributes:
-        key: The state key.
-        value: The new value, or ``None`` to delete the key.
-        expected_version: The version the key must have now; 0 means it must
-            not exist. A successful write makes the version
-            ``expected_version + 1``.
-    """
-
-    key: str
-    value: bytes | None
-    expected_version: int
-
-
-@attrs.frozen
-class Versioned:
-    """A state value with its version (1 after the first write)."""
-
-    value: bytes
-    version: int
-
-
-class CommitStatus(enum.Enum):
-    """How a commit ended. Anything but ``OK`` means none of the commit's
-    effects (publishes, state, dead letter) were written."""
-
-    OK = "ok"
-    #: The delivery is no longer owned by this consumer (its lease expired and
-    #: another consumer claimed it, or it was already acked).
-    LEASE_LOST = "lease_lost"
-    #: A ``StateWrite`` found a version other than the one expected.
-    CONFLICT = "conflict"
-    #: The delivery's message id was settled in its group while it was in
-    #: flight (a producer duplicate handled at the same time as the original):
-    #: the delivery is acked, nothing else is written.
-    DUPLICATE = "duplicate"
-
-
-@attrs.frozen
-class DeadLetterRecord:
-    """A message that will not be processed again unless replayed.
-
-    Attributes:
-        id: The dead letter's own id (pass it to ``replay``).
-        topic: The topic of the original message.
-        group: The group that gave up on it ("" if none did).
-        message_id: The producer's id, if the message had one.
-        body: The original bytes, undecoded.
-        reason: Why it was dead-lettered, in words.
-        deliveries: How many times it had been delivered.
-        dead_at: Unix time of dead-lettering.
-    """
-
-    id: str
-    topic: str
-    group: str
-    message_id: str | None
-    body: bytes
-    reason: str
-    deliveries: int
-    dead_at: float
-
-
-@attrs.frozen
-class GroupBacklog:
-    """Work a group still has on a topic.
-
-    Attributes:
-        ready: Published but not yet delivered to the group.
-        pending: Delivered and not yet committed (in flight or abandoned).
-        delayed: Scheduled for later (for the topic as a whole or this group).
-    """
-
-    topic: str
-    group: str
-    ready: int
-    pending: int
-    delayed: int
-
-    @property
-    def idle(self) -> bool:
-        return self.ready == 0 and self.pending == 0 and self.delayed == 0
-
-
 @runtime_checkable
-class Broker(Protocol):
-    """A message transport with consumer-group semantics (see module doc).
+class Transport(Protocol):
+    """Moving messages: the delivery path of workers and producers.
 
     Adapters are created unconnected; ``connect`` must be awaited before use
-    and ``close`` releases everything. All methods may raise ``BrokerError``.
+    and ``close`` releases everything. Every method may raise ``BrokerError``.
     """
 
     #: The URL without credentials, safe to log.
@@ -276,7 +219,11 @@ class Broker(Protocol):
     max_deliveries: int
 
     async def connect(self) -> None:
-        """Open connections and check the server. Idempotent."""
+        """Open connections and check the server. Idempotent.
+
+        Raises:
+            BrokerError: the server cannot be reached or refuses the credentials.
+        """
 
     async def close(self) -> None:
         """Release connections and background tasks. Idempotent."""
@@ -294,6 +241,9 @@ class Broker(Protocol):
         """Create the groups if missing, each at the end of its topic.
 
         Idempotent: an existing group keeps its position.
+
+        Raises:
+            BrokerError: a name is invalid, or the transport failed.
         """
 
     async def fetch(
@@ -312,6 +262,11 @@ class Broker(Protocol):
         dead-letters those past ``max_deliveries`` and drops duplicates of
         messages already settled in the group. Entries the broker cannot read
         at all are dead-lettered, never returned.
+
+        Raises:
+            BrokerError: not connected, a name is invalid, or a configuration
+                problem (an adapter may ride out a passing outage by
+                returning ``[]``).
         """
         ...
 
@@ -330,10 +285,15 @@ class Broker(Protocol):
         ``dead_letter`` also records it as a dead letter with that reason; with
         ``done`` records its message id as settled in the group (dedupe). A
         retry is ``done=False`` plus the same message republished to the group
-        with a delay. Without a delivery: publishes and writes state atomically.
+        with a delay. Without a delivery: publishes and writes state atomically
+        (each ``StateWrite`` is a compare-and-set: see ``State``).
 
         Returns:
             ``OK``, or why nothing was written.
+
+        Raises:
+            BrokerError: a published name is invalid, ``dead_letter`` without
+                a delivery, or the transport failed.
         """
         ...
 
@@ -342,19 +302,88 @@ class Broker(Protocol):
 
         Returns:
             ``False`` if the consumer no longer owns it.
+
+        Raises:
+            BrokerError: not connected, or the transport failed.
         """
         ...
 
+
+@runtime_checkable
+class State(Protocol):
+    """Versioned keys: read here, written only inside ``Transport.commit``.
+
+    A key's version is 1 after its first write and grows by one with each;
+    a deleted key reads as absent (version 0 for ``StateWrite``).
+    """
+
+    url: str
+
     async def get_state(self, key: str) -> Versioned | None:
-        """Read one state key."""
+        """Read one state key (``None`` if absent).
+
+        Raises:
+            BrokerError: not connected, or the transport failed.
+        """
         ...
 
     async def list_state(self, prefix: str) -> dict[str, Versioned]:
-        """Read every state key that starts with ``prefix``."""
+        """Read every state key that starts with ``prefix``.
+
+        Raises:
+            BrokerError: not connected, or the transport failed.
+        """
+        ...
+
+
+@runtime_checkable
+class Inspection(Protocol):
+    """What operators and tools read (and repair) from outside the workers.
+
+    None of these is on the delivery path; they may scan. Every method raises
+    ``BrokerError`` when not connected or when the transport fails.
+    """
+
+    url: str
+
+    async def history(
+        self, *, message_id: str | None = None, containing: bytes | None = None, since: float | None = None
+    ) -> list[HistoryEntry]:
+        """The entries the broker still keeps (retention may have dropped
+        older ones), each topic's queue and then its groups' queues, oldest
+        first within each queue.
+
+        Args:
+            message_id: Only entries with this producer id.
+            containing: Only entries whose body contains these bytes.
+            since: Unix time: entries published before it may be left out
+                (a hint that saves a scan; callers filter what they need).
+        """
+        ...
+
+    async def cursors(self) -> list[GroupCursor]:
+        """Every consumer group's position in both of its queues, grouped by topic."""
+        ...
+
+    async def pending(self, subscriptions: Sequence[Subscription], limit: int = 1000) -> list[PendingEntry]:
+        """The leases of each subscription (at most ``limit`` each), oldest
+        entry first, in the order of ``subscriptions``.
+
+        Raises:
+            BrokerError: also for an invalid name.
+        """
+        ...
+
+    async def delayed(self, limit: int = 1000) -> list[DelayedMessage]:
+        """Messages waiting for their delay, soonest first."""
         ...
 
     async def backlog(self, subscriptions: Sequence[Subscription]) -> list[GroupBacklog]:
-        """Report the work each subscription still has, in the given order."""
+        """Report the work each subscription still has, in the given order.
+
+        Raises:
+            BrokerError: also for an invalid name.
+        """
         ...
 
     async def dead_letters(self, limit: int = 1000) -> list[DeadLetterRecord]:
@@ -373,3 +402,10 @@ class Broker(Protocol):
     async def purge_dead_letters(self, ids: Sequence[str] | None = None) -> int:
         """Delete the given dead letters (all if ``None``); return how many."""
         ...
+
+
+@runtime_checkable
+class Broker(Transport, State, Inspection, Protocol):
+    """The whole contract (see the module doc): what ``brokers.from_url``
+    returns and what ``choreo``'s runtime is given. Code that needs one role
+    only should ask for that Protocol."""

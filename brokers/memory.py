@@ -27,13 +27,13 @@ from brokers.base import (
     CommitStatus,
     DeadLetterRecord,
     Delivery,
-    GroupBacklog,
     Message,
     StateWrite,
     Subscription,
     Versioned,
     new_delivery,
 )
+from brokers.memory_inspection import MemoryInspection
 from brokers.memory_records import (
     Entry,
     Group,
@@ -53,7 +53,7 @@ _POLL_INTERVAL = 0.05
 MAX_DELIVERIES_REASON = "max deliveries exceeded"
 
 
-class MemoryBroker:
+class MemoryBroker(MemoryInspection):
     """A ``brokers.base.Broker`` that lives in this process (``memory://``).
 
     Args:
@@ -223,51 +223,6 @@ class MemoryBroker:
         """Read every state key that starts with ``prefix``."""
         self._require_connected()
         return {key: item for key, item in self._state.items() if key.startswith(prefix)}
-
-    async def backlog(self, subscriptions: Sequence[Subscription]) -> list[GroupBacklog]:
-        """Ready, pending and delayed counts per subscription, in order."""
-        self._require_connected()
-        self._release_due(self._clock())
-        report = []
-        for sub in subscriptions:
-            topic = self._topics.get(sub.topic)
-            group = topic.groups.get(sub.group) if topic is not None else None
-            ready = pending = 0
-            if topic is not None and group is not None:
-                delivered = bisect.bisect_right(topic.log, group.cursor, key=entry_seq)
-                ready = len(topic.log) - delivered + len(group.private)
-                pending = len(group.pending)
-            delayed = sum(1 for _, _, m in self._delayed if m.topic == sub.topic and m.group in (None, sub.group))
-            report.append(GroupBacklog(sub.topic, sub.group, ready, pending, delayed))
-        return report
-
-    async def dead_letters(self, limit: int = 1000) -> list[DeadLetterRecord]:
-        """List dead letters, oldest first."""
-        self._require_connected()
-        return list(itertools.islice(self._dead.values(), max(0, limit)))
-
-    async def replay(self, dead_letter_id: str) -> bool:
-        """Republish a dead letter to its group (or topic), forget that the
-        group settled it, and remove it; ``False`` if there is no such one."""
-        self._require_connected()
-        record = self._dead.pop(dead_letter_id, None)
-        if record is None:
-            return False
-        message_id = record.message_id or record.id
-        if record.group:
-            self._group(self._topic(record.topic), record.group).settled.pop(message_id, None)
-        self._append(Message(record.topic, message_id, record.body, group=record.group or None))
-        self._notify()
-        return True
-
-    async def purge_dead_letters(self, ids: Sequence[str] | None = None) -> int:
-        """Delete the given dead letters (all if ``None``); return how many."""
-        self._require_connected()
-        if ids is None:
-            count = len(self._dead)
-            self._dead.clear()
-            return count
-        return sum(1 for dead_id in set(ids) if self._dead.pop(dead_id, None) is not None)
 
     def _require_connected(self) -> None:
         if not self._connected:

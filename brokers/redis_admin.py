@@ -1,22 +1,39 @@
-"""The operations side of the Redis Streams adapter: retention, the state
-listing, consumer backlog and dead letters (``RedisStreamsBroker`` mixes it
-in), and the Lua scripts they run. These calls are rare next to fetch and
-commit, so they favour plain commands over batching.
+"""The operations side of the Redis Streams adapter: retention, state reads,
+and the ``Inspection`` role (history, cursors, leases, delayed messages,
+backlog, dead letters), mixed into ``RedisStreamsBroker``, with the Lua
+scripts they run. These calls are rare next to fetch and commit, so they
+favour plain commands over batching; the inspection reads may SCAN.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 from redis import exceptions as rexc
 
-from brokers.base import BrokerError, DeadLetterRecord, GroupBacklog, Subscription, Versioned, check_name
+from brokers.base import (
+    BrokerError,
+    DeadLetterRecord,
+    DelayedMessage,
+    GroupBacklog,
+    GroupCursor,
+    HistoryEntry,
+    PendingEntry,
+    Subscription,
+    Versioned,
+    check_name,
+)
 from brokers.options import BrokerOptions
+from brokers.redis_keys import Keys
 from brokers.redis_scripts import COMMON
-from brokers.redis_support import Stream, dead_letter_record, is_stream_id, text
+from brokers.redis_support import PRIVATE_TAG, Stream, dead_letter_record, is_stream_id, text
 
 __all__ = ("BACKLOG", "LIST_STATE", "REPLAY", "TRIM", "RedisAdmin")
+
+#: Entries read per XRANGE call while scanning history.
+_PAGE = 1000
 
 
 class _Host(Protocol):
@@ -24,7 +41,7 @@ class _Host(Protocol):
 
     url: str
     options: BrokerOptions
-    _prefix: str
+    keys: Keys
     _known: dict[str, Stream]
 
     def _redis(self) -> Any: ...
@@ -33,7 +50,7 @@ class _Host(Protocol):
 
 
 class RedisAdmin:
-    """Retention, state listing, backlog and dead letters of ``RedisStreamsBroker``."""
+    """Retention, state reads and inspection of ``RedisStreamsBroker``."""
 
     # -- retention -----------------------------------------------------------
 
@@ -51,11 +68,12 @@ class RedisAdmin:
             args += [s.key, int(s.private)]
         return int(await self._run("TRIM", args))
 
-    # -- state, backlog, dead letters ----------------------------------------
+    # -- state ---------------------------------------------------------------
 
     async def get_state(self: _Host, key: str) -> Versioned | None:
+        """Read one state key (see ``State.get_state``)."""
         try:
-            value, version = await self._redis().hmget(f"{self._prefix}:_state:{key}", ["v", "n"])
+            value, version = await self._redis().hmget(self.keys.state(key), ["v", "n"])
         except rexc.RedisError as exc:
             raise BrokerError(f"get_state failed on {self.url}: {exc}") from exc
         if value is None:
@@ -63,14 +81,108 @@ class RedisAdmin:
         return Versioned(value=bytes(value), version=int(version))
 
     async def list_state(self: _Host, prefix: str) -> dict[str, Versioned]:
-        flat = await self._run("LIST_STATE", [self._prefix, prefix])
+        """Read every state key that starts with ``prefix`` (one script)."""
+        flat = await self._run("LIST_STATE", [prefix])
         return {
             text(flat[i]): Versioned(value=bytes(flat[i + 1]), version=int(flat[i + 2]))
             for i in range(0, len(flat), 3)
         }
 
+    # -- inspection ------------------------------------------------------------
+
+    async def history(
+        self: _Host, *, message_id: str | None = None, containing: bytes | None = None, since: float | None = None
+    ) -> list[HistoryEntry]:
+        """The entries of every stream under the prefix (see ``Inspection.history``);
+        ``since`` starts each XRANGE at that time's stream id."""
+        start = "-" if since is None else f"{max(0, round(since * 1000))}-0"
+        client = self._redis()
+        found: list[HistoryEntry] = []
+        try:
+            for key, topic, group in await _streams(self):
+                cursor = start
+                while True:
+                    page = await client.xrange(key, min=cursor, max="+", count=_PAGE)
+                    for entry_id, fields in page:
+                        body, mid = fields.get(b"body"), fields.get(b"id")
+                        if body is None or (containing is not None and containing not in body):
+                            continue
+                        mid_text = None if mid is None else text(mid)
+                        if message_id is not None and mid_text != message_id:
+                            continue
+                        eid = text(entry_id)
+                        found.append(HistoryEntry(topic, group, eid if group is None else PRIVATE_TAG + eid,
+                                                  mid_text, bytes(body)))
+                    if len(page) < _PAGE:
+                        break
+                    cursor = "(" + text(page[-1][0])
+        except rexc.RedisError as exc:
+            raise BrokerError(f"history failed on {self.url}: {exc}") from exc
+        return found
+
+    async def cursors(self: _Host) -> list[GroupCursor]:
+        """Each group's last-delivered id on every stream under the prefix."""
+        client = self._redis()
+        found: list[GroupCursor] = []
+        try:
+            for key, topic, group in await _streams(self):
+                for info in await client.xinfo_groups(key):
+                    name = text(info["name"])
+                    if group is not None and name != group:
+                        continue  # only the group itself reads its private stream
+                    last = text(info.get("last-delivered-id") or b"0-0")
+                    found.append(GroupCursor(topic, name, group is not None,
+                                             last if group is None else PRIVATE_TAG + last))
+        except rexc.RedisError as exc:
+            raise BrokerError(f"cursors failed on {self.url}: {exc}") from exc
+        return found
+
+    async def pending(self: _Host, subscriptions: Sequence[Subscription], limit: int = 1000) -> list[PendingEntry]:
+        """XPENDING of each subscription's two streams (the topic's first)."""
+        client = self._redis()
+        found: list[PendingEntry] = []
+        for sub in subscriptions:
+            check_name("topic", sub.topic)
+            check_name("group", sub.group)
+            leases: list[PendingEntry] = []
+            for key, tag in ((self.keys.stream(sub.topic), ""),
+                             (self.keys.private_stream(sub.group, sub.topic), PRIVATE_TAG)):
+                try:
+                    rows = await client.xpending_range(key, sub.group, min="-", max="+", count=max(1, limit))
+                except rexc.ResponseError as exc:
+                    if "NOGROUP" in str(exc):
+                        continue  # never subscribed: nothing is pending
+                    raise BrokerError(f"pending failed on {self.url}: {exc}") from exc
+                except rexc.RedisError as exc:
+                    raise BrokerError(f"pending failed on {self.url}: {exc}") from exc
+                leases += [PendingEntry(sub.topic, sub.group, tag + text(row["message_id"]), text(row["consumer"]),
+                                        int(row["times_delivered"])) for row in rows]
+            found += leases[: max(0, limit)]
+        return found
+
+    async def delayed(self: _Host, limit: int = 1000) -> list[DelayedMessage]:
+        """The delayed set's soonest members, due times against the server's clock."""
+        try:
+            pipe = self._redis().pipeline(transaction=True)
+            pipe.time()
+            pipe.zrange(self.keys.delayed(), 0, max(0, limit) - 1, withscores=True)
+            (seconds, micros), members = await pipe.execute()
+        except rexc.RedisError as exc:
+            raise BrokerError(f"delayed failed on {self.url}: {exc}") from exc
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        found = []
+        for member, score in members if limit > 0 else []:
+            header, _, body = bytes(member).partition(b"\n")
+            try:
+                topic, group, message_id = json.loads(header)
+            except ValueError:
+                continue  # unreadable: the next fetch that moves it dead-letters it
+            found.append(DelayedMessage(topic, group or None, message_id, body, max(0.0, (score - now_ms) / 1000)))
+        return found
+
     async def backlog(self: _Host, subscriptions: Sequence[Subscription]) -> list[GroupBacklog]:
-        args: list[Any] = [self._prefix]
+        """Ready, pending and delayed counts per subscription (one script)."""
+        args: list[Any] = []
         for sub in subscriptions:
             check_name("topic", sub.topic)
             check_name("group", sub.group)
@@ -83,19 +195,22 @@ class RedisAdmin:
         ]
 
     async def dead_letters(self: _Host, limit: int = 1000) -> list[DeadLetterRecord]:
+        """The dead-letter stream, oldest first."""
         try:
-            entries = await self._redis().xrange(f"{self._prefix}:_dead", count=max(1, limit))
+            entries = await self._redis().xrange(self.keys.dead_letters(), count=max(1, limit))
         except rexc.RedisError as exc:
             raise BrokerError(f"dead_letters failed on {self.url}: {exc}") from exc
         return [dead_letter_record(entry_id, fields) for entry_id, fields in entries]
 
     async def replay(self: _Host, dead_letter_id: str) -> bool:
+        """Republish a dead letter and forget its dedupe record (one script)."""
         if not is_stream_id(dead_letter_id):
             return False
-        return bool(await self._run("REPLAY", [self._prefix, dead_letter_id]))
+        return bool(await self._run("REPLAY", [dead_letter_id]))
 
     async def purge_dead_letters(self: _Host, ids: Sequence[str] | None = None) -> int:
-        key = f"{self._prefix}:_dead"
+        """Delete the given dead letters (all if ``None``); return how many."""
+        key = self.keys.dead_letters()
         try:
             if ids is None:
                 pipe = self._redis().pipeline(transaction=True)
@@ -109,10 +224,22 @@ class RedisAdmin:
             raise BrokerError(f"purge_dead_letters failed on {self.url}: {exc}") from exc
 
 
-# ARGV: prefix, dead letter id. Returns 1, or 0 if there is no such letter.
+async def _streams(host: _Host) -> list[tuple[str, str, str | None]]:
+    """Every topic's and group's stream under the prefix: (key, topic, group
+    or ``None``), sorted by key."""
+    found = []
+    async for raw in host._redis().scan_iter(match=host.keys.pattern(), count=1000, _type="stream"):
+        key = text(raw)
+        parsed = host.keys.parse_stream(key)
+        if parsed is not None:
+            found.append((key, *parsed))
+    return sorted(found)
+
+
+# ARGV: dead letter id. Returns 1, or 0 if there is no such letter.
 REPLAY = COMMON + r"""
-local prefix, id = ARGV[1], ARGV[2]
-local dkey = prefix .. ':_dead'
+local id = ARGV[1]
+local dkey = dead_key()
 local found = redis.call('XRANGE', dkey, id, id)
 if #found == 0 then return 0 end
 local f = {}
@@ -123,17 +250,16 @@ local fields = {'body', f.body or ''}
 if f.message_id then
   fields[3] = 'id'
   fields[4] = f.message_id
-  if group ~= '' then redis.call('DEL', prefix .. ':_seen:' .. group .. ':' .. f.message_id) end
+  if group ~= '' then redis.call('DEL', seen_key(group, f.message_id)) end
 end
-redis.call('XADD', stream_key(prefix, f.topic or '', group), '*', unpack(fields))
+redis.call('XADD', stream_key(f.topic or '', group), '*', unpack(fields))
 redis.call('XDEL', dkey, id)
 return 1
 """
 
-# ARGV: prefix, then per subscription: topic, group.
+# ARGV: per subscription: topic, group.
 # Returns {ready, pending, delayed} per subscription, flattened.
 BACKLOG = COMMON + r"""
-local prefix = ARGV[1]
 
 local function group_info(key, group)
   local groups = redis.pcall('XINFO', 'GROUPS', key)
@@ -158,7 +284,7 @@ local function work(key, group)
 end
 
 local delayed = {}
-for _, member in ipairs(redis.call('ZRANGE', prefix .. ':_delayed', 0, -1)) do
+for _, member in ipairs(redis.call('ZRANGE', delayed_key(), 0, -1)) do
   local cut = string.find(member, '\n', 1, true)
   if cut then
     local ok, head = pcall(cjson.decode, string.sub(member, 1, cut - 1))
@@ -167,10 +293,10 @@ for _, member in ipairs(redis.call('ZRANGE', prefix .. ':_delayed', 0, -1)) do
 end
 
 local out = {}
-for i = 2, #ARGV, 2 do
+for i = 1, #ARGV, 2 do
   local topic, group = ARGV[i], ARGV[i + 1]
-  local r1, p1 = work(stream_key(prefix, topic, ''), group)
-  local r2, p2 = work(stream_key(prefix, topic, group), group)
+  local r1, p1 = work(stream_key(topic, ''), group)
+  local r2, p2 = work(stream_key(topic, group), group)
   local late = 0
   for _, head in ipairs(delayed) do
     if head[1] == topic and (head[2] == '' or head[2] == group) then late = late + 1 end
@@ -182,18 +308,18 @@ end
 return out
 """
 
-# ARGV: prefix, prefix of state keys. Returns {key, value, version, ...}.
+# ARGV: prefix of state keys. Returns {key, value, version, ...}.
 LIST_STATE = r"""
-local prefix, start = ARGV[1], ARGV[2]
+local start = ARGV[1]
 local keys
 if start == '' then
-  keys = redis.call('ZRANGEBYLEX', prefix .. ':_state_keys', '-', '+')
+  keys = redis.call('ZRANGEBYLEX', state_index_key(), '-', '+')
 else
-  keys = redis.call('ZRANGEBYLEX', prefix .. ':_state_keys', '[' .. start, '(' .. start .. '\255')
+  keys = redis.call('ZRANGEBYLEX', state_index_key(), '[' .. start, '(' .. start .. '\255')
 end
 local out = {}
 for _, key in ipairs(keys) do
-  local v = redis.call('HMGET', prefix .. ':_state:' .. key, 'v', 'n')
+  local v = redis.call('HMGET', state_key(key), 'v', 'n')
   if v[1] then
     out[#out + 1] = key
     out[#out + 1] = v[1]

@@ -1,8 +1,10 @@
 """Lua sources of the Redis Streams adapter's delivery path (see
 ``brokers.redis_streams``; the operations scripts are in ``brokers.redis_admin``).
 
-Every multi-step operation is one script, so it is atomic on the server. Keys
-are computed inside the scripts from the prefix (Redis Cluster is not a goal).
+Every multi-step operation is one script, so it is atomic on the server.
+Scripts name keys with the functions of ``Keys.lua`` (``stream_key``,
+``seen_key``, ...), which the broker puts in front of each source when it
+connects (``render``): the key layout is written down only in ``Keys``.
 Scripts that write validate everything before their first write call: Lua has
 no rollback.
 """
@@ -13,13 +15,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from brokers.base import BrokerError, Delivery, Message, StateWrite, check_name
+from brokers.redis_keys import Keys
 from brokers.wire import dumps, quote, quote_name
 
-__all__ = ("COMMIT_BATCH", "COMMON", "EXTEND", "FETCH", "commit_args")
+__all__ = ("COMMIT_BATCH", "COMMON", "EXTEND", "FETCH", "commit_args", "render")
 
 
 def commit_args(
-    prefix: str,
     delivery: Delivery | None,
     located: tuple[str, str] | None,
     dead_letter: str | None,
@@ -74,41 +76,41 @@ def commit_args(
         heads.append(f"[{quote_name(m.topic)},{quote_name(m.group or '')},{quote(m.id)},{delay_ms}]")
         blobs.append(m.body if type(m.body) is bytes else bytes(m.body))
     # Names travel as UTF-8, exactly as redis-py would send them.
-    blobs[0] = f"[{quote_name(prefix)},{settle},{dumps(writes) if writes else '[]'},[{','.join(heads)}]]".encode()
+    blobs[0] = f"[{settle},{dumps(writes) if writes else '[]'},[{','.join(heads)}]]".encode()
     return blobs, soonest
 
 
 _BOOL = ("false", "true")
 
+
+def render(keys: Keys, source: str) -> str:
+    """``source`` ready to load: the key functions of ``keys`` in front of it."""
+    return keys.lua() + source
+
 # Shared helpers, prepended to every script that needs them.
 COMMON = r"""
-local function stream_key(prefix, topic, group)
-  if group == nil or group == '' then return prefix .. ':' .. topic end
-  return prefix .. ':_group:' .. group .. ':' .. topic
-end
-
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
-local function dead_letter(prefix, topic, group, message_id, body, reason, deliveries, at_ms)
+local function dead_letter(topic, group, message_id, body, reason, deliveries, at_ms)
   local fields = {'topic', topic, 'group', group, 'body', body, 'reason', reason,
                   'deliveries', tostring(deliveries), 'dead_at', string.format('%.3f', at_ms / 1000)}
   if message_id then
     fields[#fields + 1] = 'message_id'
     fields[#fields + 1] = message_id
   end
-  redis.call('XADD', prefix .. ':_dead', '*', unpack(fields))
+  redis.call('XADD', dead_key(), '*', unpack(fields))
 end
 
-local function publish(prefix, now, topic, group, id, body, delay_ms)
+local function publish(now, topic, group, id, body, delay_ms)
   if delay_ms > 0 then
     -- Members carry their destination: a JSON header, a newline, the body.
     local member = cjson.encode({topic, group, id}) .. '\n' .. body
-    redis.call('ZADD', prefix .. ':_delayed', now + delay_ms, member)
+    redis.call('ZADD', delayed_key(), now + delay_ms, member)
   else
-    redis.call('XADD', stream_key(prefix, topic, group), '*', 'id', id, 'body', body)
+    redis.call('XADD', stream_key(topic, group), '*', 'id', id, 'body', body)
   end
 end
 
@@ -121,19 +123,19 @@ local function owns(skey, group, consumer, eid, deliveries)
 end
 """
 
-# ARGV: prefix, consumer, limit, max_deliveries, move_delayed (0/1), min_idle_ms,
+# ARGV: consumer, limit, max_deliveries, move_delayed (0/1), min_idle_ms,
 # then per stream: key, topic, group, claim (0/1), XAUTOCLAIM cursor.
 # Returns {deliveries, read_any, missing, cursors, tails, next_due_ms}; each
 # delivery is {stream index, entry id, message id, body, deliveries}; tails
 # (each stream's last entry id) only if every stream was read to its end.
 FETCH = COMMON + r"""
-local prefix, consumer = ARGV[1], ARGV[2]
-local remaining = tonumber(ARGV[3])
-local max_deliveries = tonumber(ARGV[4])
-local move_delayed = ARGV[5] == '1'
-local min_idle = tonumber(ARGV[6])
+local consumer = ARGV[1]
+local remaining = tonumber(ARGV[2])
+local max_deliveries = tonumber(ARGV[3])
+local move_delayed = ARGV[4] == '1'
+local min_idle = tonumber(ARGV[5])
 local streams = {}
-for i = 7, #ARGV, 5 do
+for i = 6, #ARGV, 5 do
   streams[#streams + 1] = {key = ARGV[i], topic = ARGV[i + 1], group = ARGV[i + 2],
                            claim = ARGV[i + 3] == '1', cursor = ARGV[i + 4]}
 end
@@ -141,7 +143,7 @@ local now = now_ms()
 local next_due = -1
 
 if move_delayed then
-  local dkey = prefix .. ':_delayed'
+  local dkey = delayed_key()
   local due = redis.call('ZRANGEBYSCORE', dkey, '-inf', now, 'LIMIT', 0, 1000)
   for _, member in ipairs(due) do
     local cut = string.find(member, '\n', 1, true)
@@ -150,10 +152,10 @@ if move_delayed then
     if ok and type(head) == 'table' and type(head[1]) == 'string' and type(head[3]) == 'string' then
       local group = head[2]
       if type(group) ~= 'string' then group = '' end
-      redis.call('XADD', stream_key(prefix, head[1], group), '*', 'id', head[3],
+      redis.call('XADD', stream_key(head[1], group), '*', 'id', head[3],
                  'body', string.sub(member, cut + 1))
     else
-      dead_letter(prefix, '', '', false, member, 'unreadable delayed message', 0, now)
+      dead_letter('', '', false, member, 'unreadable delayed message', 0, now)
     end
     redis.call('ZREM', dkey, member)
   end
@@ -171,11 +173,11 @@ local function examine(index, s, eid, flat, count)
   if mid == nil or body == nil then
     local reason = 'unreadable entry: missing field "body"'
     if mid == nil then reason = 'unreadable entry: missing field "id"' end
-    dead_letter(prefix, s.topic, s.group, mid or false, body or '', reason, count, now)
-  elseif redis.call('EXISTS', prefix .. ':_seen:' .. s.group .. ':' .. mid) == 1 then
+    dead_letter(s.topic, s.group, mid or false, body or '', reason, count, now)
+  elseif redis.call('EXISTS', seen_key(s.group, mid)) == 1 then
     -- already settled in this group: a producer duplicate, dropped silently
   elseif count > max_deliveries then
-    dead_letter(prefix, s.topic, s.group, mid, body, 'max deliveries exceeded', count - 1, now)
+    dead_letter(s.topic, s.group, mid, body, 'max deliveries exceeded', count - 1, now)
   else
     out[#out + 1] = {index, eid, mid, body, count}
     remaining = remaining - 1
@@ -241,7 +243,7 @@ return {out, read_any, missing, cursors, tails, next_due}
 """
 
 # One commit's arguments (``commit_args``), seen as ``ARGV`` inside ``commit``.
-# ARGV[1]: a JSON header [prefix, settle, writes, messages]:
+# ARGV[1]: a JSON header [settle, writes, messages]:
 #   settle: false, or [stream key, group, consumer, entry id, deliveries,
 #     message id, has message id, done, dedupe ttl ms, dead reason,
 #     has dead letter, topic];
@@ -252,7 +254,7 @@ return {out, read_any, missing, cursors, tails, next_due}
 _COMMIT_ONE = r"""
 local function commit(ARGV)
   local h = cjson.decode(ARGV[1])
-  local prefix, settle, writes, messages = h[1], h[2], h[3], h[4]
+  local settle, writes, messages = h[1], h[2], h[3]
   local at = 2
   local body = ''
   if settle and settle[11] then
@@ -266,25 +268,25 @@ local function commit(ARGV)
   if settle then
     skey, group, eid, deliveries = settle[1], settle[2], settle[4], settle[5]
     if not owns(skey, group, settle[3], eid, deliveries) then return 'lease_lost' end
-    if settle[7] and redis.call('EXISTS', prefix .. ':_seen:' .. group .. ':' .. settle[6]) == 1 then
+    if settle[7] and redis.call('EXISTS', seen_key(group, settle[6])) == 1 then
       -- A duplicate that was in flight while the original settled: ack it, nothing else.
       redis.call('XACK', skey, group, eid)
       return 'duplicate'
     end
   end
   for _, w in ipairs(writes) do
-    local current = redis.call('HGET', prefix .. ':_state:' .. w[1], 'n')
+    local current = redis.call('HGET', state_key(w[1]), 'n')
     if (tonumber(current) or 0) ~= w[3] then return 'conflict' end
   end
 
   -- Validated: from here on every call writes.
   local now = now_ms()
   for i, m in ipairs(messages) do
-    publish(prefix, now, m[1], m[2], m[3], ARGV[first_body + i - 1], m[4])
+    publish(now, m[1], m[2], m[3], ARGV[first_body + i - 1], m[4])
   end
-  local index = prefix .. ':_state_keys'
+  local index = state_index_key()
   for i, w in ipairs(writes) do
-    local key = prefix .. ':_state:' .. w[1]
+    local key = state_key(w[1])
     if w[2] then
       redis.call('HSET', key, 'v', ARGV[first_value + i - 1], 'n', w[3] + 1)
       redis.call('ZADD', index, 0, w[1])
@@ -297,10 +299,10 @@ local function commit(ARGV)
     if settle[11] then
       local message_id = false
       if settle[7] then message_id = settle[6] end
-      dead_letter(prefix, settle[12], group, message_id, body, settle[10], deliveries, now)
+      dead_letter(settle[12], group, message_id, body, settle[10], deliveries, now)
     end
     if settle[8] and settle[7] then
-      redis.call('SET', prefix .. ':_seen:' .. group .. ':' .. settle[6], '1', 'PX', settle[9])
+      redis.call('SET', seen_key(group, settle[6]), '1', 'PX', settle[9])
     end
     redis.call('XACK', skey, group, eid)
   end

@@ -1,30 +1,19 @@
 """The Redis Streams adapter (Redis 7.0 or later, through ``redis.asyncio``).
 
-Key layout (``<p>`` is ``options.prefix``, default ``choreo``; topics and
-groups match ``TOPIC_PATTERN``, so they never start with ``_`` and cannot
-collide with the reserved names below):
-
-``<p>:<topic>``
-    One stream per topic. Each subscription is a consumer group of the same
-    name, created at the end of the stream (``$``). Entry fields: ``id`` (the
-    producer's message id) and ``body`` (the bytes).
-``<p>:_group:<group>:<topic>``
-    The group's private stream for that topic: messages with ``Message.group``
-    set (retries, replays) go here, so no other group sees them. Its group is
-    created at ``0``, so what was sent before the group existed is delivered.
-``<p>:_delayed``
-    Sorted set of delayed messages scored by due time (server unix ms). A
-    member is a JSON header ``[topic, group, id]``, a newline, then the body;
-    whichever worker fetches moves due members to their stream in one script.
-``<p>:_dead``
-    Dead-letter stream, fields ``topic group message_id body reason
-    deliveries dead_at`` (``message_id`` absent if the entry had none).
-``<p>:_seen:<group>:<message id>``
-    Dedupe record: a string key with ``PX = dedupe_ttl``, written in the same
-    script as the ack (about 90 bytes per record with key overhead).
-``<p>:_state:<key>`` and ``<p>:_state_keys``
-    Versioned state: a hash ``{v: value, n: version}`` per key, and a sorted
-    set (all scores 0) indexing the keys so ``list_state`` is a lex range.
+Keys: ``brokers.redis_keys.Keys`` names every key (the table is there). A
+topic is a stream; each subscription is a consumer group of the same name on
+it, created at the end (``$``); entry fields are ``id`` (the producer's
+message id) and ``body``. Messages with ``Message.group`` set (retries,
+replays) go to the group's private stream of the topic, whose group is created
+at ``0``, so no other group sees them. Delayed messages wait in a sorted set
+scored by due time (server unix ms), each member a JSON header ``[topic,
+group, id]``, a newline, then the body; whichever worker fetches moves due
+members to their stream in one script. Dead letters are a stream with fields
+``topic group message_id body reason deliveries dead_at``. A dedupe record is
+a string key with ``PX = dedupe_ttl`` written in the same script as the ack
+(about 90 bytes per record with key overhead). State is a hash ``{v: value,
+n: version}`` per key plus a sorted set (all scores 0) indexing the keys, so
+``list_state`` is a lex range.
 
 Delivery: ``fetch`` runs one script that (on timers) moves due delayed messages
 and XAUTOCLAIMs entries idle past ``visibility_timeout``, then XREADGROUPs
@@ -61,6 +50,9 @@ the start-up durability check is skipped)::
       +hget +hset +hmget +zadd +zrem +zrange +zrangebyscore +zrangebylex +xadd +xack
       +xautoclaim +xclaim +xdel +xgroup|create +xinfo|groups +xlen +xpending +xrange
       +xrevrange +xread +xreadgroup +xtrim
+
+The inspection methods (``choreo trace``, ``dlq``) also use ``+scan
++xinfo|groups +xpending +xrange +zrange +time``.
 """
 
 from __future__ import annotations
@@ -85,8 +77,10 @@ from brokers.base import (
     new_delivery,
 )
 from brokers.options import BrokerOptions, parse_url, redact_url
+from brokers.redis_keys import Keys
 from brokers.redis_lines import Line, ScriptBatcher, run_script, wait_then_fetch
 from brokers.redis_support import (
+    PRIVATE_TAG,
     Outage,
     Stream,
     check_server,
@@ -101,7 +95,6 @@ __all__ = ("RedisStreamsBroker",)
 
 log = logging.getLogger("brokers.redis")
 
-_PRIVATE = "p:"
 #: Seconds between looks at the delayed set when no due time is known.
 _DELAYED_POLL = 0.1
 #: Seconds between retention sweeps (only with ``maxlen``).
@@ -132,7 +125,8 @@ class RedisStreamsBroker(redis_admin.RedisAdmin):
         #: Consumer groups recreated after NOGROUP (stream or group gone).
         self.group_recoveries = 0
         self._redis_url = redis_url(url)
-        self._prefix = options.prefix
+        #: The key layout under ``options.prefix``.
+        self.keys = Keys(options.prefix)
         self._dedupe_ms = max(1, round(options.dedupe_ttl * 1000))
         self._client: Any | None = None
         self._reader: Any | None = None
@@ -166,8 +160,10 @@ class RedisStreamsBroker(redis_admin.RedisAdmin):
         self._client, self._reader = client, reader
         sources = {"FETCH": lua.FETCH, "EXTEND": lua.EXTEND, "REPLAY": redis_admin.REPLAY,
                    "BACKLOG": redis_admin.BACKLOG, "LIST_STATE": redis_admin.LIST_STATE, "TRIM": redis_admin.TRIM}
-        self._scripts = {name: client.register_script(source) for name, source in sources.items()}
-        self._commits = ScriptBatcher(client, lua.COMMIT_BATCH)
+        # Rendered once here: the scripts name their keys with this layout's functions.
+        self._scripts = {name: client.register_script(lua.render(self.keys, source))
+                         for name, source in sources.items()}
+        self._commits = ScriptBatcher(client, lua.render(self.keys, lua.COMMIT_BATCH))
         self._fetch_sha = self._scripts["FETCH"].sha
         await check_server(client, self.url, log)
 
@@ -201,11 +197,12 @@ class RedisStreamsBroker(redis_admin.RedisAdmin):
 
     def _streams(self, subscriptions: Sequence[Subscription]) -> list[Stream]:
         out: list[Stream] = []
+        keys = self.keys
         for sub in subscriptions:
             check_name("topic", sub.topic)
             check_name("group", sub.group)
-            out.append(Stream(f"{self._prefix}:{sub.topic}", sub.topic, sub.group, False))
-            out.append(Stream(f"{self._prefix}:_group:{sub.group}:{sub.topic}", sub.topic, sub.group, True))
+            out.append(Stream(keys.stream(sub.topic), sub.topic, sub.group, False))
+            out.append(Stream(keys.private_stream(sub.group, sub.topic), sub.topic, sub.group, True))
         for stream in out:
             self._known.setdefault(stream.key, stream)
         return out
@@ -246,13 +243,11 @@ class RedisStreamsBroker(redis_admin.RedisAdmin):
         if dead_letter is not None and delivery is None:
             raise BrokerError("a dead letter needs the delivery it records")
         located = None if delivery is None else self._locate(delivery)
-        args, soonest = lua.commit_args(
-            self._prefix, delivery, located, dead_letter, state, publish, done, self._dedupe_ms
-        )
+        args, soonest = lua.commit_args(delivery, located, dead_letter, state, publish, done, self._dedupe_ms)
         for m in publish:
             if m.topic not in self._published_topics:  # a set lookup per message, the key built once
                 self._published_topics.add(m.topic)
-                key = f"{self._prefix}:{m.topic}"
+                key = self.keys.stream(m.topic)
                 self._known.setdefault(key, Stream(key, m.topic, "", False))
         if soonest is not None:
             self._delayed_due = min(self._delayed_due, time.monotonic() + soonest)
@@ -267,10 +262,10 @@ class RedisStreamsBroker(redis_admin.RedisAdmin):
 
     def _locate(self, delivery: Delivery) -> tuple[str, str]:
         """The stream key and entry id behind a delivery."""
-        if delivery.entry_id.startswith(_PRIVATE):
-            key = f"{self._prefix}:_group:{delivery.group}:{delivery.topic}"
-            return key, delivery.entry_id[len(_PRIVATE):]
-        return f"{self._prefix}:{delivery.topic}", delivery.entry_id
+        if delivery.entry_id.startswith(PRIVATE_TAG):
+            key = self.keys.private_stream(delivery.group, delivery.topic)
+            return key, delivery.entry_id[len(PRIVATE_TAG):]
+        return self.keys.stream(delivery.topic), delivery.entry_id
 
     async def extend(self, delivery: Delivery) -> bool:
         """Reset the idle time of a delivery this consumer still holds."""
@@ -375,7 +370,7 @@ class RedisStreamsBroker(redis_admin.RedisAdmin):
         ``timers`` it only reads (no delayed moves, no reclaims)."""
         move_delayed = timers and now >= self._delayed_due
         args: list[Any] = [
-            self._prefix, consumer, limit, self.max_deliveries, int(move_delayed),
+            consumer, limit, self.max_deliveries, int(move_delayed),
             round(self.visibility_timeout * 1000),
         ]
         for s in streams:
@@ -400,7 +395,7 @@ class RedisStreamsBroker(redis_admin.RedisAdmin):
         return await self._fetch_reply(consumer, streams, reply, move_delayed)
 
     async def _load_fetch(self) -> None:
-        await self._redis().script_load(lua.FETCH)
+        await self._redis().script_load(self._scripts["FETCH"].script)
 
     async def _fetch_reply(
         self, consumer: str, streams: list[Stream], reply: Any, move_delayed: bool
@@ -421,7 +416,7 @@ class RedisStreamsBroker(redis_admin.RedisAdmin):
             entry_id = entry.decode()
             found.append(
                 new_delivery(
-                    s.topic, s.group, consumer, _PRIVATE + entry_id if s.private else entry_id,
+                    s.topic, s.group, consumer, PRIVATE_TAG + entry_id if s.private else entry_id,
                     message_id.decode("utf-8", "replace"), body, count,
                 )
             )

@@ -20,6 +20,7 @@ from brokers.base import BrokerError, DeadLetterRecord
 from brokers.options import BrokerOptions
 
 __all__ = (
+    "PRIVATE_TAG",
     "Outage",
     "Stream",
     "check_server",
@@ -41,6 +42,10 @@ _MAX_BACKOFF = 2.0
 #: (then ``ConnectionError``, which is transient: the delivery is redelivered).
 _POOL_SIZE = 32
 _POOL_WAIT = 20.0
+
+
+#: Marks ``Delivery.entry_id`` (and inspection ids) of a group's private stream.
+PRIVATE_TAG = "p:"
 
 
 @attrs.frozen

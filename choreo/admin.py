@@ -11,7 +11,7 @@ import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from brokers import Broker, BrokerError
+from brokers import Broker, BrokerError, Inspection
 from choreo.dead_letters import DeadLetter
 from choreo.errors import BrokerUnavailable, ChoreoError, DecodeError
 from choreo.events import Event
@@ -121,12 +121,12 @@ def route_rows(apps: Sequence[App]) -> list[dict[str, str]]:
     return rows
 
 
-async def dead_letters(broker: Broker, limit: int = 1000) -> list[DeadLetter]:
+async def dead_letters(broker: Inspection, limit: int = 1000) -> list[DeadLetter]:
     """Dead letters, oldest first, decoded where possible."""
     return [DeadLetter.from_record(record) for record in await broker.dead_letters(limit=limit)]
 
 
-async def find_dead_letter(broker: Broker, dead_letter_id: str) -> DeadLetter:
+async def find_dead_letter(broker: Inspection, dead_letter_id: str) -> DeadLetter:
     """The dead letter with this id.
 
     Raises:
@@ -139,7 +139,7 @@ async def find_dead_letter(broker: Broker, dead_letter_id: str) -> DeadLetter:
 
 
 async def replay_dead_letters(
-    broker: Broker,
+    broker: Inspection,
     ids: Sequence[str] | None = None,
     *,
     progress: Callable[[DeadLetter | str, bool], None] | None = None,
@@ -164,7 +164,7 @@ async def replay_dead_letters(
     return replayed, missing
 
 
-async def purge_dead_letters(broker: Broker, ids: Sequence[str] | None = None) -> int:
+async def purge_dead_letters(broker: Inspection, ids: Sequence[str] | None = None) -> int:
     """Delete the given dead letters (every one if ``ids`` is ``None``); return how many."""
     return await broker.purge_dead_letters(None if ids is None else list(ids))
 

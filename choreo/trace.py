@@ -1,26 +1,25 @@
 """``choreo trace``: one business transaction rebuilt from the streams.
 
-Every event with a correlation id is found where the broker keeps it (on
-Redis, the ``<prefix>:<type>`` streams, read with XRANGE; the in-memory broker
+Every event with a correlation id is found where the broker keeps it (its
+``Inspection.history``: on Redis the topics' streams, the in-memory broker
 only within its own process), then put in causal order: each event under the
 handler whose work emitted it. For each handler that took an event, the
-outcome is read from the broker's own records: dead-lettered (the dead-letter
-stream), retried (the group's private stream of retries), still pending or
-not yet delivered (the group's cursor and pending list), failed (its failure
-event was emitted, when the apps are given) or handled.
+outcome is read from the broker's own records: dead-lettered (its dead
+letters), retried (the group's private queue of retries, or a delayed
+message), still pending or not yet delivered (the group's cursor and
+leases), failed (its failure event was emitted, when the apps are given) or
+handled.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import attrs
 
-from brokers import Broker, DeadLetterRecord
+from brokers import Broker, DeadLetterRecord, GroupCursor, Inspection, Subscription
 from choreo.errors import DecodeError
 from choreo.events import Event, decode_event
 
@@ -29,8 +28,8 @@ if TYPE_CHECKING:
 
 __all__ = ("Handling", "Trace", "collect", "render_mermaid", "render_tree")
 
-#: Entries read per XRANGE call.
-_PAGE = 1000
+#: Most leases, delayed messages and dead letters read.
+_MANY = 100_000
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
@@ -73,28 +72,19 @@ class Trace:
         return [e for e in self.events if e.causation_id not in ids]
 
 
-@attrs.frozen
-class _GroupView:
-    name: str
-    delivered_upto: tuple[int, int] | None  # last entry handed to the group
-    pending: frozenset[str]
-
-
 @attrs.define
 class _History:
     broker_url: str
-    #: (topic, entry id, body, private group or None), in stream order.
+    #: (topic, entry id, body, private group or None), in queue order.
     entries: list[tuple[str, str, bytes, str | None]] = attrs.Factory(list)
-    groups: dict[str, list[_GroupView]] = attrs.Factory(dict)
-    #: Private stream views: (group, topic) -> view.
-    private: dict[tuple[str, str], _GroupView] = attrs.Factory(dict)
+    #: Topic -> the cursors of its groups in the topic's own queue.
+    groups: dict[str, list[GroupCursor]] = attrs.Factory(dict)
+    #: (group, topic) -> the cursor of the group's private queue.
+    private: dict[tuple[str, str], GroupCursor] = attrs.Factory(dict)
+    #: Entry ids each group holds uncommitted: (group, topic) -> ids.
+    pending: dict[tuple[str, str], frozenset[str]] = attrs.Factory(dict)
     delayed: list[tuple[str, str | None, str]] = attrs.Factory(list)  # topic, group, message id
     dead: list[DeadLetterRecord] = attrs.Factory(list)
-
-
-def _entry_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms or 0), int(seq or 0)
 
 
 def _ulid_ms(value: str) -> int | None:
@@ -110,96 +100,28 @@ def _ulid_ms(value: str) -> int | None:
 # -- reading the broker ------------------------------------------------------------
 
 
-def _redis_url(url: str, names: Sequence[str]) -> str:
-    parts = urlsplit(url)
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in names]
-    return urlunsplit(parts._replace(query=urlencode(query)))
-
-
-async def _redis_history(url: str, correlation_id: str) -> _History:
-    import redis.asyncio as aioredis
-
-    from brokers import BrokerOptions, parse_url, redact_url
-
-    _, options = parse_url(url)
-    prefix = options.prefix
-    # redis-py's reply types are unions of everything; the replies here are known shapes.
-    client: Any = aioredis.from_url(_redis_url(url, [f.name for f in attrs.fields(BrokerOptions)]))
-    history = _History(redact_url(url))
+async def _read(broker: Inspection, correlation_id: str) -> _History:
+    """What ``broker`` keeps about ``correlation_id``, through its inspection role."""
+    history = _History(broker.url)
+    needle = correlation_id.encode()
     # Ids are time-sortable: nothing of this transaction predates its root.
     start_ms = _ulid_ms(correlation_id)
-    start = f"{max(0, start_ms - 60_000)}-0" if start_ms is not None else "-"
-    try:
-        keys = [k.decode() async for k in client.scan_iter(match=f"{prefix}:*", count=1000, _type="stream")]
-        for key in sorted(keys):
-            rest = key[len(prefix) + 1:]
-            if rest == "_dead":
-                continue
-            group: str | None = None
-            if rest.startswith("_group:"):
-                group, _, topic = rest[len("_group:"):].partition(":")
-            elif rest.startswith("_"):
-                continue
-            else:
-                topic = rest
-            cursor = start
-            while True:
-                page = await client.xrange(key, min=cursor, max="+", count=_PAGE)
-                for entry_id, fields in page:
-                    body = fields.get(b"body")
-                    if body is not None and correlation_id.encode() in body:
-                        history.entries.append((topic, entry_id.decode(), bytes(body), group))
-                if len(page) < _PAGE:
-                    break
-                cursor = "(" + page[-1][0].decode()
-            views = []
-            for info in await client.xinfo_groups(key):
-                name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
-                last = info.get("last-delivered-id", b"0-0")
-                last = last.decode() if isinstance(last, bytes) else str(last)
-                pending = await client.xpending_range(key, name, min="-", max="+", count=10_000)
-                ids = frozenset(p["message_id"].decode() for p in pending)
-                views.append(_GroupView(name, _entry_key(last), ids))
-            if group is None:
-                history.groups[topic] = views
-            else:
-                view = next((v for v in views if v.name == group), _GroupView(group, None, frozenset()))
-                history.private[(group, topic)] = view
-        for member in await client.zrange(f"{prefix}:_delayed", 0, -1):
-            header, _, body = bytes(member).partition(b"\n")
-            if correlation_id.encode() in body:
-                topic, group, message_id = json.loads(header)
-                history.delayed.append((topic, group, message_id))
-        for entry_id, fields in await client.xrange(f"{prefix}:_dead", count=100_000):
-            message_id = fields.get(b"message_id")
-            history.dead.append(DeadLetterRecord(
-                id=entry_id.decode(), topic=fields.get(b"topic", b"").decode(),
-                group=fields.get(b"group", b"").decode(),
-                message_id=None if message_id is None else message_id.decode(),
-                body=bytes(fields.get(b"body", b"")), reason=fields.get(b"reason", b"").decode(errors="replace"),
-                deliveries=int(fields.get(b"deliveries", 0)), dead_at=float(fields.get(b"dead_at", 0)),
-            ))
-    finally:
-        await client.aclose()
-    return history
-
-
-def _memory_history(broker: Any) -> _History:
-    # The in-memory broker keeps its log in this process only.
-    history = _History(broker.url)
-    for topic, state in broker._topics.items():
-        for entry in state.log:
-            history.entries.append((topic, entry.entry_id, entry.body, None))
-        views = []
-        for name, group in state.groups.items():
-            views.append(_GroupView(name, (group.cursor, 0), frozenset(group.pending)))
-            for entry in group.private:
-                history.entries.append((topic, entry.entry_id, entry.body, name))
-            history.private[(name, topic)] = _GroupView(name, None, frozenset(group.pending))
-        history.groups[topic] = views
-    for _, _, message in broker._delayed:
-        history.delayed.append((message.topic, message.group, message.id))
-    history.dead = list(broker._dead.values())
+    since = None if start_ms is None else max(0, start_ms - 60_000) / 1000
+    for entry in await broker.history(containing=needle, since=since):
+        history.entries.append((entry.topic, entry.entry_id, entry.body, entry.group))
+    subscriptions = []
+    for cursor in await broker.cursors():
+        if cursor.private:
+            history.private[(cursor.group, cursor.topic)] = cursor
+        else:
+            history.groups.setdefault(cursor.topic, []).append(cursor)
+            subscriptions.append(Subscription(cursor.topic, cursor.group))
+    held: dict[tuple[str, str], set[str]] = {}
+    for lease in await broker.pending(subscriptions, limit=_MANY):
+        held.setdefault((lease.group, lease.topic), set()).add(lease.entry_id)
+    history.pending = {group: frozenset(ids) for group, ids in held.items()}
+    history.delayed = [(m.topic, m.group, m.message_id) for m in await broker.delayed(limit=_MANY) if needle in m.body]
+    history.dead = await broker.dead_letters(limit=_MANY)
     return history
 
 
@@ -217,16 +139,9 @@ async def collect(broker: str | Broker | None, correlation_id: str, *, apps: Seq
         BrokerUnavailable: the broker cannot be reached.
     """
     from choreo.admin import connected
-    from choreo.worker import broker_url_from_env
 
-    if isinstance(broker, str | None) and broker_url_from_env(broker).startswith(("redis://", "rediss://")):
-        url = broker_url_from_env(broker)
-        async with connected(url):  # a clear error if Redis is down
-            pass
-        history = await _redis_history(url, correlation_id)
-    else:
-        async with connected(broker) as instance:
-            history = _memory_history(instance) if hasattr(instance, "_topics") else _History(instance.url)
+    async with connected(broker) as instance:
+        history = await _read(instance, correlation_id)
     return _assemble(history, correlation_id, apps)
 
 
@@ -262,13 +177,13 @@ def _assemble(history: _History, correlation_id: str, apps: Sequence[App]) -> Tr
         # Without the apps, an event whose parent only one group took came from that group.
         parent = events.get(event.causation_id or "")
         if emitted_by[event.id] is None and parent is not None:
-            takers = [v.name for v in history.groups.get(placed.get(parent.id, (parent.type, ""))[0], [])]
+            takers = [v.group for v in history.groups.get(placed.get(parent.id, (parent.type, ""))[0], [])]
             if len(takers) == 1:
                 emitted_by[event.id] = takers[0]
     handlings: dict[str, tuple[Handling, ...]] = {}
     for event in ordered:
         topic, entry_id = placed.get(event.id, (event.type, "0-0"))
-        groups = [v.name for v in history.groups.get(topic, [])]
+        groups = [v.group for v in history.groups.get(topic, [])]
         groups += [g for g, eid in retries if eid == event.id and g not in groups]
         found = []
         for group in groups:
@@ -296,17 +211,17 @@ def _outcome(
             return Handling(group, "dead_lettered", max(attempts, dead.deliveries), dead.reason)
     if any(t == topic and g == group and m == event.id for t, g, m in history.delayed):
         return Handling(group, "retrying", attempts)
-    view = next((v for v in history.groups.get(topic, []) if v.name == group), None)
+    view = next((v for v in history.groups.get(topic, []) if v.group == group), None)
+    held = history.pending.get((group, topic), frozenset())
     if retried:
         private = history.private.get((group, topic))
         last = retried[-1][1]
-        if private is not None and (last in private.pending or (
-                private.delivered_upto is not None and _entry_key(last) > private.delivered_upto)):
+        if private is not None and (last in held or not private.handed_out(last)):
             return Handling(group, "retrying", attempts)
     elif view is not None:
-        if entry_id in view.pending:
+        if entry_id in held:
             return Handling(group, "in_progress", attempts)
-        if view.delivered_upto is not None and _entry_key(entry_id) > view.delivered_upto:
+        if not view.handed_out(entry_id):
             return Handling(group, "waiting", attempts)
     mine = [c for c in children if emitted_by.get(c.id) == group]
     if route is None:

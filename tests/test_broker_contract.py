@@ -21,9 +21,15 @@ from brokers import (
     CommitStatus,
     Delivery,
     GroupBacklog,
+    GroupCursor,
+    HistoryEntry,
+    Inspection,
     Message,
+    PendingEntry,
+    State,
     StateWrite,
     Subscription,
+    Transport,
     Versioned,
 )
 from tests.deliveries import collect
@@ -385,6 +391,91 @@ async def test_backlog_counts_ready_pending_delayed(broker: Broker) -> None:
         GroupBacklog(TOPIC, G2.group, ready=3, pending=0, delayed=2),
         GroupBacklog(TOPIC, G1.group, ready=2, pending=1, delayed=1),
     ]
+
+
+async def test_every_adapter_plays_every_role(broker: Broker) -> None:
+    """Both adapters are a Transport, a State and an Inspection, so a Broker."""
+    for role in (Transport, State, Inspection, Broker):
+        assert isinstance(broker, role)
+
+
+async def test_history_keeps_topic_and_group_entries_with_the_delivery_ids(broker: Broker) -> None:
+    """History lists what each queue holds, filtered by message id or body, under the ids deliveries carry."""
+    await broker.subscribe([G1, G2])
+    await broker.publish([msg(1), msg(2), msg(3, group=G1.group), msg(4, topic=OUT.topic)])
+    everything = await broker.history()
+    assert {(e.topic, e.group, e.message_id) for e in everything} == {
+        (TOPIC, None, "m1"), (TOPIC, None, "m2"), (TOPIC, G1.group, "m3"), (OUT.topic, None, "m4")}
+    assert [e.message_id for e in everything if e.topic == TOPIC and e.group is None] == ["m1", "m2"]
+    (second,) = await broker.history(containing=b"body-2")
+    assert (second.topic, second.group, second.message_id, second.body) == (TOPIC, None, "m2", b"body-2")
+    (retry,) = await broker.history(message_id="m3")
+    assert await broker.history(message_id="m3", containing=b"body-1") == []
+    assert await broker.history(since=time.time() - 60) != []
+
+    delivered = {d.message_id: d for d in await collect(broker, "c", [G1], 3)}
+    assert delivered["m2"].entry_id == second.entry_id
+    assert delivered["m3"].entry_id == retry.entry_id
+    assert HistoryEntry(TOPIC, None, delivered["m1"].entry_id, "m1", b"body-1") in await broker.history()
+
+
+def cursor(sub: Subscription, private: bool, cursors: list[GroupCursor]) -> GroupCursor:
+    (found,) = [c for c in cursors if (c.topic, c.group, c.private) == (sub.topic, sub.group, private)]
+    return found
+
+
+async def test_cursors_tell_which_entries_each_group_was_handed(broker: Broker) -> None:
+    """A group's cursor in the topic's queue and in its own queue moves as entries are handed out."""
+    await broker.subscribe([G1, G2])
+    await broker.publish([msg(1), msg(2), msg(3, group=G1.group)])
+    ids = {e.message_id: e.entry_id for e in await broker.history()}
+    assert len(await collect(broker, "c", [G1], 1)) == 1  # the topic's first entry or the group's own
+
+    cursors = await broker.cursors()
+    assert {(c.topic, c.group, c.private) for c in cursors} >= {
+        (TOPIC, G1.group, False), (TOPIC, G1.group, True), (TOPIC, G2.group, False), (TOPIC, G2.group, True)}
+    untouched = cursor(G2, False, cursors)
+    assert not untouched.handed_out(ids["m1"]) and not untouched.handed_out(ids["m2"])
+
+    await collect(broker, "c", [G1], 2)
+    cursors = await broker.cursors()
+    shared, own = cursor(G1, False, cursors), cursor(G1, True, cursors)
+    assert shared.handed_out(ids["m1"]) and shared.handed_out(ids["m2"])
+    assert own.handed_out(ids["m3"])
+    await broker.publish([msg(4, group=G1.group)])
+    (late,) = await broker.history(message_id="m4")
+    assert not cursor(G1, True, await broker.cursors()).handed_out(late.entry_id)
+
+
+async def test_pending_lists_each_lease_until_it_is_committed(broker: Broker) -> None:
+    """Pending names the entry, the consumer holding it and how often it was handed out."""
+    await broker.subscribe([G1, G2])
+    await broker.publish([msg(1), msg(2, group=G1.group)])
+    taken = await collect(broker, "worker-a", [G1], 2)
+    leases = await broker.pending([G2, G1])
+    assert sorted(leases, key=lambda p: p.entry_id) == sorted(
+        [PendingEntry(TOPIC, G1.group, d.entry_id, "worker-a", 1) for d in taken], key=lambda p: p.entry_id)
+    assert len(await broker.pending([G1], limit=1)) == 1
+    for delivery in taken:
+        assert await broker.commit(delivery) is CommitStatus.OK
+    assert await broker.pending([G1, G2, Subscription("never.published", "nobody")]) == []
+    with pytest.raises(BrokerError):
+        await broker.pending([Subscription("bad topic", "g")])
+
+
+async def test_delayed_lists_what_waits_soonest_first(broker: Broker) -> None:
+    """Delayed messages are listed with their destination, bytes and time left, until they are due."""
+    await broker.subscribe([G1])
+    await broker.publish([msg(1, delay=30), msg(2, delay=10, group=G1.group), msg(3)])
+    later, sooner = (await broker.delayed())[::-1]
+    assert (sooner.topic, sooner.group, sooner.message_id, sooner.body) == (TOPIC, G1.group, "m2", b"body-2")
+    assert (later.topic, later.group, later.message_id, later.body) == (TOPIC, None, "m1", b"body-1")
+    assert 5 < sooner.due_in <= 10 < later.due_in <= 30
+    assert [m.message_id for m in await broker.delayed(limit=1)] == ["m2"]
+    await broker.publish([msg(4, delay=0.05)])
+    got = await collect(broker, "c", [G1], 2)
+    assert sorted(d.message_id or "" for d in got) == ["m3", "m4"]
+    assert [m.message_id for m in await broker.delayed()] == ["m2", "m1"]
 
 
 async def test_invalid_topic_name_rejected(broker: Broker) -> None:
