@@ -147,7 +147,6 @@ _writes = st.builds(
 
 
 @given(
-    prefix=_text,
     delivery=st.none() | st.tuples(_deliveries, _text),
     dead_letter=st.none() | _text,
     state=st.lists(_writes, max_size=4),
@@ -156,7 +155,6 @@ _writes = st.builds(
     dedupe_ms=st.integers(min_value=1, max_value=2**45),
 )
 def test_commit_header_is_json_dumps(
-    prefix: str,
     delivery: tuple[Delivery, str] | None,
     dead_letter: str | None,
     state: list[StateWrite],
@@ -175,13 +173,12 @@ def test_commit_header_is_json_dumps(
             held.message_id is not None, done, dedupe_ms, dead_letter or "", dead_letter is not None, held.topic,
         ]
     expected = [
-        prefix,
         settle,
         [[write.key, write.value is not None, write.expected_version] for write in state],
         [[m.topic, m.group or "", m.id, max(0, round(m.delay * 1000)) if m.delay else 0] for m in messages],
     ]
     blobs, _ = commit_args(
-        prefix, None if delivery is None else delivery[0], located, dead_letter, state, messages, done, dedupe_ms
+        None if delivery is None else delivery[0], located, dead_letter, state, messages, done, dedupe_ms
     )
     assert blobs[0] == _dumps(expected).encode()
     assert json.loads(blobs[0]) == expected
