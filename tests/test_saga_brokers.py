@@ -166,7 +166,6 @@ async def test_sweeper_fires_the_timer_of_an_overdue_step(broker_url: str) -> No
     """A saga whose step is overdue with its timer lost is moved on by the sweeper."""
     ledger: dict[str, int] = {}
     coordinator, apps = build(ledger, sweep_interval=0.2)
-    orders = apps[0]
     async with run_apps(*apps, broker=broker_url) as env:
         # A record waiting on a command (token 5) that was never delivered, overdue, with no timer left.
         from choreo.saga.record import new_record
@@ -175,7 +174,7 @@ async def test_sweeper_fires_the_timer_of_an_overdue_step(broker_url: str) -> No
         record.update(state="running", cursor=1, token=5, kind="action", attempt=1, due_at=time.time() - 5)
         record["steps"][0].update(status="succeeded", attempts=1)
         record["steps"][1].update(status="running", attempts=1)
-        await orders.runtime.commit([], state=[StateWrite("saga:lost", json.dumps(record).encode(), 0)])
+        await env.runtime.commit([], state=[StateWrite("saga:lost", json.dumps(record).encode(), 0)])
         assert await coordinator.sweep() == 1
         deadline = time.monotonic() + 10
         while (await coordinator.get_saga_state("lost")).state is SagaState.RUNNING:

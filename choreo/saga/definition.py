@@ -16,6 +16,7 @@ from typing import Any
 
 import attrs
 
+from choreo.actions import command_topic
 from choreo.errors import ChoreoError, ConfigurationError
 
 __all__ = (
@@ -36,11 +37,6 @@ __all__ = (
 _NAME = re.compile(r"^[A-Za-z0-9_\-]{1,100}$")
 #: Saga names that would collide with the coordinator's own event families.
 _RESERVED = frozenset({"cmd", "reply", "timeout"})
-
-
-def command_topic(service: str, action: str) -> str:
-    """The event a participant's action consumes: ``saga.cmd.<service>.<action>``."""
-    return f"saga.cmd.{service}.{action}"
 
 
 def reply_topic(saga: str) -> str:
