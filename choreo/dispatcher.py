@@ -77,7 +77,6 @@ class Dispatcher:
         settled: Callable[[Delivery], None] | None = None,
     ) -> None:
         self.outbox = outbox
-        self.broker = outbox.broker
         self.hooks = outbox.hooks
         self.max_size = outbox.max_size
         self.routes = {route.group: route for route in routes}

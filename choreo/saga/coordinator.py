@@ -386,19 +386,14 @@ class SagaCoordinator:
             log.info("[SAGA-%s]   %s", saga_id, line)
 
     def _runtime(self) -> Running:
-        """The runtime running the coordinator's app.
-
-        Raises:
-            ChoreoError: the app is not running.
-        """
+        """The runtime running the app (``ChoreoError`` if none does)."""
         if not self._runtimes:
             raise ChoreoError(f"app {self.app.name!r} is not running; start it with `async with choreo.run(app):`")
         return self._runtimes[-1]
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, runtime: Running) -> AsyncIterator[None]:
-        """While ``runtime`` runs the app: wake waiters from what it
-        publishes, and sweep for overdue sagas."""
+        """While ``runtime`` runs the app: wake waiters, sweep for overdue sagas."""
         runtime.add_middleware(self._waiters)
         if self.sweep_interval is not None:
             runtime.start_task(self._sweeper(self.sweep_interval), name="choreo-saga-sweeper")
