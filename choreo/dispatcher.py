@@ -245,9 +245,9 @@ class Dispatcher:
         log.error("dead-lettering %s on %s for %s: %s", ids, delivery.topic, route.group, reason)
         status = await self.outbox.settle(delivery, route.group, dead_letter=reason)
         if status is CommitStatus.OK:
-            self.hooks.call("on_dead_letter", route, event, reason)
+            self.hooks.call(self.hooks.dead_lettered, route, event, reason)
             self._handled(route, event, Outcome.DEAD_LETTERED, started)
         return status
 
     def _handled(self, route: Route, event: Event | None, outcome: str, started: float) -> None:
-        self.hooks.call("on_handled", route, event, outcome, time.perf_counter() - started)
+        self.hooks.call(self.hooks.handled, route, event, outcome, time.perf_counter() - started)

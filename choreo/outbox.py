@@ -73,7 +73,7 @@ class Outbox:
         except BrokerError as exc:
             raise BrokerUnavailable(f"publish to {self.broker.url} failed: {exc}") from exc
         if status is CommitStatus.OK and self.hooks.middleware:
-            self.hooks.published(event for event, _ in events)
+            self.hooks.published(events)
         return status
 
     async def settle(
@@ -110,7 +110,7 @@ class Outbox:
             await hit("dispatcher.after_commit", group)
         if status is CommitStatus.OK:
             if emitted and self.hooks.middleware:
-                self.hooks.published(event for event, _ in emitted)
+                self.hooks.published(emitted)
         elif status is CommitStatus.LEASE_LOST:
             log.warning("%s: lease on %s was lost; another consumer owns it now", group, delivery.entry_id)
         elif status is CommitStatus.DUPLICATE:
