@@ -179,6 +179,8 @@ class Router:
         self.service = service
         self._routes: dict[tuple[str, str], Route] = {}
         self._compensations: list[Compensation] = []
+        #: Actions by route key (name, explicit service, handler): rebuilt under an including service.
+        self._actions: dict[tuple[str, str], tuple[str, str | None, Handler]] = {}
 
     def __iter__(self) -> Iterator[Route]:
         return iter(self._routes.values())
@@ -264,13 +266,11 @@ class Router:
         return register
 
     def action(self, name: str, *, service: str | None = None) -> Callable[[Handler], Handler]:
-        """Register the decorated function as saga participant action ``name``.
-
-        The route consumes ``saga.cmd.<service>.<name>`` (``service``:
-        default this router's) and answers every command with one reply to
-        the saga that sent it: success with the returned dict (merged into
-        the saga's data), or failure with the error, never a dead letter.
-        It has no retries of its own: the step's policy is the only one.
+        """Register the decorated function as saga participant action ``name``:
+        a route on ``saga.cmd.<service>.<name>`` (default service: this
+        router's) answering each command with one reply to its saga, success
+        with the returned dict or failure with the error (never a dead
+        letter). No retries of its own: the step's policy is the only one.
 
         Raises:
             ConfigurationError: a bad name, a parameter that cannot be
@@ -281,8 +281,9 @@ class Router:
             if not callable(handler):
                 raise ConfigurationError(f"@action({name!r}) must decorate a function")
             runner = _action_handler(name, service or self.service, handler, inspect_params(handler))
-            self.add(Route(command_topic(service or self.service, name), self.service, runner.__name__, runner,
-                           emits=ReplyTopics(), retries=0, retry_delay=0.0))
+            route = self.add(Route(command_topic(service or self.service, name), self.service, runner.__name__,
+                                   runner, emits=ReplyTopics(), retries=0, retry_delay=0.0))
+            self._actions[(route.event, route.name)] = (name, service, handler)
             return handler
 
         return register
@@ -297,10 +298,8 @@ class Router:
         retry_delay: float = 1.0,
     ) -> Callable[[Handler], Handler]:
         """Declare the decorated handler as the compensation of ``target`` (a
-        handler of this router, or its name): it runs when any ``on`` failure
-        event arrives, as an ordinary route with more retries than a forward
-        step by default. Works with ``@emits`` in either order; the relation
-        is kept in ``compensations``.
+        handler here, or its name), run as an ordinary route when any ``on``
+        failure event arrives; the relation is kept in ``compensations``.
 
         Raises:
             ConfigurationError: ``target`` is not a handler here, no trigger
@@ -340,8 +339,12 @@ class Router:
     def include(self, other: Router) -> None:
         """Add every route and compensation of ``other`` to this service (a
         router as a module of handlers)."""
-        for route in other:
-            self.add(attrs.evolve(route, service=self.service))
+        for key, route in other._routes.items():
+            if key in other._actions:  # its command topic names the service
+                name, service, handler = other._actions[key]
+                self.action(name, service=service)(handler)
+            else:
+                self.add(attrs.evolve(route, service=self.service))
         self._compensations += [attrs.evolve(c, service=self.service) for c in other._compensations]
 
 
@@ -365,8 +368,7 @@ def emits(success: str, *others: str) -> Callable[[Handler], Handler]:
 
 
 def _action_handler(action: str, service: str, handler: Handler, params: Sequence[Param]) -> Handler:
-    """The route handler that runs ``handler`` for a saga command and turns
-    whatever happens into one reply ``Emit``."""
+    """The route handler running ``handler`` for a saga command: whatever happens is one reply."""
     is_async = inspect.iscoroutinefunction(handler)
 
     async def run_action(event: Event, ctx: Context) -> Emit:

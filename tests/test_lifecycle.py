@@ -12,9 +12,11 @@ from typing import Any
 import pytest
 
 import choreo
-from choreo import App, ChoreoError, ConfigurationError, Context, Event, Middleware, SagaCoordinator, SagaStep
+from choreo import App, ChoreoError, ConfigurationError, Context, Event, Middleware, Router, SagaCoordinator, SagaStep
+from choreo.actions import Compensation
 from choreo.lifecycle import Running
 from choreo.options import RuntimeOptions
+from choreo.saga.choreography import compensations
 from choreo.saga.coordinator import coordinator_of
 from choreo.testing import SagaTestHarness, run_apps
 
@@ -222,3 +224,26 @@ async def test_run_rejects_an_unknown_option_without_connecting() -> None:
     with pytest.raises(TypeError, match="colour"):
         async with choreo.run(App("svc"), broker="redis://127.0.0.1:1/0", colour="blue"):
             pytest.fail("the block must not run")
+
+
+def test_actions_and_compensations_on_a_router_join_the_including_service() -> None:
+    """Router.action and Router.compensates build core routes; included into an
+    app, actions consume that service's commands and compensations are listed
+    for it."""
+    router = Router("module")
+
+    @router.on_event("order.placed")
+    async def reserve(data: dict[str, Any]) -> None: ...
+
+    @router.compensates(reserve, on="payment.declined")
+    async def release(data: dict[str, Any]) -> None: ...
+
+    @router.action("charge_card")
+    async def charge(data: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    app = App("payment_service")
+    app.include_router(router)
+    topics = sorted(r.event for r in app.routes)
+    assert topics == ["order.placed", "payment.declined", "saga.cmd.payment_service.charge_card"]
+    assert compensations(app) == [Compensation("payment_service", "reserve", "payment.declined", "release")]
