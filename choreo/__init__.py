@@ -17,6 +17,7 @@ from choreo.errors import (
 )
 from choreo.events import Event
 from choreo.middleware import Middleware, Outcome
+from choreo.options import RuntimeOptions
 from choreo.routing import Emit, Route, Router, emits
 from choreo.saga import SagaCoordinator, SagaResult, SagaState, SagaStep, StepResult
 from choreo.worker import Runtime, run
@@ -40,6 +41,7 @@ __all__ = (
     "Route",
     "Router",
     "Runtime",
+    "RuntimeOptions",
     "SagaCoordinator",
     "SagaResult",
     "SagaState",

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from choreo.errors import ChoreoError, ConfigurationError
 from choreo.events import Event
+from choreo.lifecycle import Lifespan, Publisher
 from choreo.routing import Handler, Route, Router, emits
-
-if TYPE_CHECKING:
-    from choreo.worker import Runtime
 
 __all__ = ("App",)
 
@@ -20,6 +18,10 @@ class App:
 
     Args:
         name: The service name; consumer groups are ``<name>.<handler>``.
+
+    Attributes:
+        extensions: Plug-ins attached to this app, by a name of their
+            choosing (the saga coordinator is ``extensions["saga"]``).
 
     Example::
 
@@ -36,7 +38,11 @@ class App:
             raise ConfigurationError(f"service name {name!r} must be letters, digits, '_' or '-'")
         self.name = name
         self.router = Router(name)
-        self._runtime: Runtime | None = None
+        self.extensions: dict[str, Any] = {}
+        self._lifespans: list[Lifespan] = []
+        # The systems running this app now, most recent last (one, unless a
+        # process runs the same app in two runtimes, as tests of failover do).
+        self._publishers: list[Publisher] = []
 
     def __repr__(self) -> str:
         return f"App({self.name!r}, routes={len(self.router)})"
@@ -86,19 +92,9 @@ class App:
         self.router.include(router)
 
     def action(self, name: str) -> Callable[[Handler], Handler]:
-        """Register a saga participant action or compensation named ``name``.
-
-        The handler consumes ``saga.cmd.<service>.<name>`` commands; its
-        returned dict is merged into the saga's data. Its retries are the
-        step's policy, never its own.
-        """
-        from choreo.saga.participant import register_action
-
-        def register(handler: Handler) -> Handler:
-            register_action(self, name, handler)
-            return handler
-
-        return register
+        """Register a saga participant action or compensation named ``name``
+        (see ``Router.action``); returns the handler unchanged."""
+        return self.router.action(name)
 
     def compensates(
         self,
@@ -112,35 +108,39 @@ class App:
         """Declare the decorated handler as the compensation of ``target`` (a
         handler of this service, or its name) in a choreographed saga: it runs
         when any of the ``on`` failure events arrives. Works with ``@emits``
-        in either order; returns the handler unchanged.
+        in either order; returns the handler unchanged (see ``Router.compensates``).
         """
-        from choreo.saga.choreography import register_compensation
-
-        def register(handler: Handler) -> Handler:
-            register_compensation(self, target, on, handler, name=name, retries=retries, retry_delay=retry_delay)
-            return handler
-
-        return register
+        return self.router.compensates(target, on=on, name=name, retries=retries, retry_delay=retry_delay)
 
     # -- running ---------------------------------------------------------------
 
-    def _bind(self, runtime: Runtime) -> None:
-        self._runtime = runtime
-
-    def _unbind(self, runtime: Runtime) -> None:
-        if self._runtime is runtime:
-            self._runtime = None
+    def lifespan(self, hook: Lifespan) -> Lifespan:
+        """Run ``hook`` while this app runs; returns it unchanged (usable as
+        a decorator). The runtime enters the hooks of its apps in the order
+        added, after connecting and before consuming, and exits them in
+        reverse after draining (see ``choreo.lifecycle``)."""
+        self._lifespans.append(hook)
+        return hook
 
     @property
-    def runtime(self) -> Runtime:
-        """The runtime this app is running in.
+    def lifespans(self) -> tuple[Lifespan, ...]:
+        """The lifespan hooks of this app, in the order added."""
+        return tuple(self._lifespans)
 
-        Raises:
-            ChoreoError: the app is not running (use ``choreo.run``).
-        """
-        if self._runtime is None:
-            raise ChoreoError(f"app {self.name!r} is not running; start it with `async with choreo.run(app):`")
-        return self._runtime
+    def attach(self, publisher: Publisher) -> None:
+        """Publish through ``publisher`` from now on: a runtime calls this
+        when it starts running this app."""
+        self._publishers.append(publisher)
+
+    def detach(self, publisher: Publisher) -> None:
+        """Stop publishing through ``publisher`` (a runtime stopping)."""
+        if publisher in self._publishers:
+            self._publishers.remove(publisher)
+
+    @property
+    def running(self) -> bool:
+        """Whether a runtime runs this app now."""
+        return bool(self._publishers)
 
     async def publish(
         self,
@@ -150,5 +150,13 @@ class App:
         delay: float | None = None,
         **ids: Any,
     ) -> Event:
-        """Publish a root event from this service (see ``Runtime.publish``)."""
-        return await self.runtime.publish(type, data, delay=delay, **ids)
+        """Publish a root event from this service (see ``Runtime.publish``).
+
+        Raises:
+            ChoreoError: the app is not running (use ``choreo.run``).
+            DecodeError: invalid type name, data that is not JSON, or over the size limit.
+            BrokerUnavailable: the broker refused or failed.
+        """
+        if not self._publishers:
+            raise ChoreoError(f"app {self.name!r} is not running; start it with `async with choreo.run(app):`")
+        return await self._publishers[-1].publish(type, data, delay=delay, **ids)

@@ -29,6 +29,7 @@ from choreo.cli_support import (
     render_table,
 )
 from choreo.errors import ChoreoError
+from choreo.options import RuntimeOptions
 from choreo.supervisor import WORKER_GC_THRESHOLD
 
 app = typer.Typer(
@@ -70,11 +71,11 @@ def worker(
 
     if workers < 1:
         raise fail("--workers must be at least 1")
-    if concurrency < 1:
-        raise fail("--concurrency must be at least 1")
+    with errors():
+        runtime = RuntimeOptions(concurrency=concurrency, grace=grace)
     configure_logging(log_level.value, log_format.value)
     options = WorkerOptions(
-        targets=tuple(targets), broker=broker, concurrency=concurrency, grace=grace, metrics_port=metrics_port,
+        targets=tuple(targets), broker=broker, runtime=runtime, metrics_port=metrics_port,
         metrics_host=metrics_host, log_level=log_level.value, log_format=log_format.value,
         health_interval=health_interval, gc_threshold=gc_threshold,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -14,7 +15,7 @@ if TYPE_CHECKING:
     from brokers import Broker
     from choreo.events import Event
 
-__all__ = ("Context", "StateValue")
+__all__ = ("Context", "Scope", "StateValue")
 
 
 @attrs.frozen
@@ -23,6 +24,15 @@ class StateValue:
 
     data: dict[str, Any]
     version: int
+
+
+@attrs.frozen
+class Scope:
+    """What every handler of one runtime shares: its broker, and the
+    extensions its lifespan hooks installed (see ``choreo.lifecycle``)."""
+
+    broker: Broker
+    extensions: Mapping[str, Any]
 
 
 class Context:
@@ -36,16 +46,18 @@ class Context:
             event (for saga actions: saga id, step and action), for
             participants that must apply an effect once.
         logger: A logger whose records carry the event's ids.
+        extensions: What the runtime's lifespan hooks installed for its
+            handlers, by name (see ``choreo.lifecycle``).
     """
 
-    __slots__ = ("_broker", "_logger", "_writes", "event", "handler", "idempotency_key", "service")
+    __slots__ = ("_logger", "_scope", "_writes", "event", "handler", "idempotency_key", "service")
 
-    def __init__(self, event: Event, service: str, handler: str, broker: Broker) -> None:
+    def __init__(self, event: Event, service: str, handler: str, scope: Scope) -> None:
         self.event = event
         self.service = service
         self.handler = handler
         self.idempotency_key = event.headers.get("idempotency_key") or f"{service}.{handler}:{event.id}"
-        self._broker = broker
+        self._scope = scope
         self._writes: dict[str, StateWrite] = {}
         self._logger: logging.LoggerAdapter[logging.Logger] | None = None
 
@@ -70,6 +82,10 @@ class Context:
         return self.event.attempt
 
     @property
+    def extensions(self) -> Mapping[str, Any]:
+        return self._scope.extensions
+
+    @property
     def logger(self) -> logging.LoggerAdapter[logging.Logger]:
         if self._logger is None:
             self._logger = logging.LoggerAdapter(
@@ -90,7 +106,7 @@ class Context:
             if staged.value is None:
                 return None
             return StateValue(json.loads(staged.value), staged.expected_version + 1)
-        stored = await self._broker.get_state(key)
+        stored = await self._scope.broker.get_state(key)
         if stored is None:
             return None
         return StateValue(json.loads(stored.value), stored.version)

@@ -14,23 +14,22 @@ import inspect
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
 
-from brokers import Broker, CommitStatus, Delivery, Message, StateWrite
-from brokers.base import new_message
+from brokers import CommitStatus, Delivery
 from choreo import logs
-from choreo.context import Context
-from choreo.errors import DecodeError, EmitNotDeclared, PayloadValidationError, Reject, Retry
-from choreo.events import DEFAULT_MAX_SIZE, Event, child_event, decode_event, encode_event
-from choreo.failpoints import ACTIVE, hit
-from choreo.middleware import Middleware, Outcome
+from choreo.context import Context, Scope
+from choreo.errors import DecodeError, EmitNotDeclared, PayloadValidationError, Reject, Retry, error_info
+from choreo.events import Event, child_event, decode_event
+from choreo.middleware import Outcome
+from choreo.outbox import Outbox
 from choreo.routing import Emit, Route, handler_arguments
 from choreo.threads import run_in_daemon_thread
 
-__all__ = ("Dispatcher", "backoff_delay", "error_info")
+__all__ = ("Dispatcher", "backoff_delay")
 
 log = logging.getLogger("choreo.dispatcher")
 
@@ -46,12 +45,6 @@ def backoff_delay(retry_delay: float, attempt: int) -> float:
     return retry_delay * growth * random.uniform(0.75, 1.25)
 
 
-def error_info(exc: BaseException) -> dict[str, str]:
-    """The ``error`` object of a failure event."""
-    kind = type(exc)
-    return {"type": f"{kind.__module__}.{kind.__qualname__}", "message": str(exc)}
-
-
 class _Permanent(Exception):
     """A failure that retrying cannot fix: dead-letter at once."""
 
@@ -61,38 +54,39 @@ class _Permanent(Exception):
 
 
 class Dispatcher:
-    """Handles deliveries for a set of routes on one broker."""
+    """Handles deliveries for a set of routes, settling them through ``outbox``.
+
+    Args:
+        routes: The routes to run, by their group.
+        outbox: Encodes and commits what handlers emit (its broker, size
+            limit and middleware are the dispatcher's).
+        extensions: What lifespan hooks installed, seen by handlers as
+            ``ctx.extensions``.
+        settled: Called with each delivery once ``handle`` is done with it
+            (settled, failed or cancelled): the runtime frees its slot
+            there, rather than in a coroutine around ``handle``, which would
+            cost a frame per delivery.
+    """
 
     def __init__(
         self,
         routes: Sequence[Route],
-        broker: Broker,
+        outbox: Outbox,
         *,
-        middleware: Sequence[Middleware] = (),
-        max_size: int = DEFAULT_MAX_SIZE,
+        extensions: Mapping[str, Any] | None = None,
+        settled: Callable[[Delivery], None] | None = None,
     ) -> None:
-        self.broker = broker
+        self.outbox = outbox
+        self.hooks = outbox.hooks
+        self.max_size = outbox.max_size
         self.routes = {route.group: route for route in routes}
+        self.scope = Scope(outbox.broker, {} if extensions is None else extensions)
+        self._settled = settled
         # Looked up once: inspecting the handler on every event shows in profiles.
         self._is_async = {route.group: inspect.iscoroutinefunction(route.handler) for route in routes}
-        self.middleware = tuple(middleware)
-        self.max_size = max_size
 
-    def message(self, event: Event, *, delay: float | None = None, group: str | None = None) -> Message:
-        return new_message(event.type, event.id, encode_event(event, max_size=self.max_size), delay, group)
-
-    def published(self, events: Sequence[Event]) -> None:
-        for hook in self.middleware:
-            for event in events:
-                try:
-                    hook.on_publish(event)
-                except Exception:  # an observer must never undo a commit
-                    log.exception("middleware %r failed in on_publish", hook)
-
-    async def handle(self, delivery: Delivery, done: Callable[[int], None] | None = None, key: int = 0) -> None:
-        """Run and settle one delivery, then call ``done(key)`` if given (the
-        runtime's bookkeeping, here rather than in a coroutine around this
-        one: one frame less per delivery). Never raises except on cancellation."""
+    async def handle(self, delivery: Delivery) -> None:
+        """Run and settle one delivery. Never raises except on cancellation."""
         try:
             route = self.routes[delivery.group]
             started = time.perf_counter()
@@ -103,7 +97,7 @@ class Dispatcher:
             except DecodeError as exc:
                 await self._dead_letter(delivery, route, None, f"undecodable message: {exc}", started)
                 return
-            ctx = Context(event, route.service, route.name, self.broker)
+            ctx = Context(event, route.service, route.name, self.scope)
             token = logs.enter(event, delivery.group)  # log records carry the event's ids (group: the route's)
             try:
                 status = await self._attempt(delivery, route, event, ctx, started)
@@ -123,8 +117,8 @@ class Dispatcher:
         except Exception:
             log.exception("unexpected error on %s of %s; it will be redelivered", delivery.entry_id, delivery.topic)
         finally:
-            if done is not None:
-                done(key)
+            if self._settled is not None:
+                self._settled(delivery)
 
     async def _attempt(
         self, delivery: Delivery, route: Route, event: Event, ctx: Context, started: float
@@ -135,7 +129,8 @@ class Dispatcher:
                 result = await result  # a sync function that returned a coroutine
             emitted = self._emitted(route, event, result)
             try:
-                messages = [self.message(e, delay=delay) for e, delay in emitted] if emitted else []
+                message = self.outbox.message
+                messages = [message(e, delay=delay) for e, delay in emitted] if emitted else []
             except DecodeError as exc:
                 raise _Permanent(f"handler {route.group} emitted an event that cannot be encoded: {exc}") from None
         except _Permanent as exc:
@@ -144,9 +139,10 @@ class Dispatcher:
             return await self._dead_letter(delivery, route, event, f"rejected: {exc.reason}", started, ctx)
         except Exception as exc:
             return await self._failed(delivery, route, event, exc, started, ctx)
-        status = await self._commit(delivery, route, publish=messages, state=ctx.state_writes)
-        if status is CommitStatus.OK and self.middleware:
-            self.published([e for e, _ in emitted])
+        status = await self.outbox.settle(
+            delivery, route.group, publish=messages, emitted=emitted, state=ctx.state_writes
+        )
+        if status is CommitStatus.OK and self.hooks.middleware:
             self._handled(route, event, Outcome.SUCCESS, started)
         return status
 
@@ -214,8 +210,8 @@ class Dispatcher:
                     route.group, event.type, event.id, event.attempt, attempts, delay, type(exc).__name__, exc,
                 )
             retry = attrs.evolve(event, attempt=event.attempt + 1)
-            message = self.message(retry, delay=delay, group=route.group)
-            status = await self._commit(delivery, route, publish=[message], done=False)
+            message = self.outbox.message(retry, delay=delay, group=route.group)
+            status = await self.outbox.settle(delivery, route.group, publish=[message], done=False)
             if status is CommitStatus.OK:
                 self._handled(route, event, Outcome.RETRY, started)
             return status
@@ -229,9 +225,10 @@ class Dispatcher:
             route.group, event.type, event.id, event.attempt, failure, type(exc).__name__, exc,
         )
         failed = child_event(event, failure, {**event.data, "error": error_info(exc)})
-        status = await self._commit(delivery, route, publish=[self.message(failed)])
+        status = await self.outbox.settle(
+            delivery, route.group, publish=[self.outbox.message(failed)], emitted=[(failed, None)]
+        )
         if status is CommitStatus.OK:
-            self.published([failed])
             self._handled(route, event, Outcome.FAILED, started)
         return status
 
@@ -246,49 +243,11 @@ class Dispatcher:
     ) -> CommitStatus | None:
         ids = f"event {event.id} (correlation {event.correlation_id})" if event else f"entry {delivery.entry_id}"
         log.error("dead-lettering %s on %s for %s: %s", ids, delivery.topic, route.group, reason)
-        status = await self._commit(delivery, route, dead_letter=reason)
+        status = await self.outbox.settle(delivery, route.group, dead_letter=reason)
         if status is CommitStatus.OK:
-            for hook in self.middleware:
-                try:
-                    hook.on_dead_letter(route, event, reason)
-                except Exception:
-                    log.exception("middleware %r failed in on_dead_letter", hook)
+            self.hooks.call(self.hooks.dead_lettered, route, event, reason)
             self._handled(route, event, Outcome.DEAD_LETTERED, started)
         return status
 
-    async def _commit(
-        self,
-        delivery: Delivery,
-        route: Route,
-        *,
-        publish: Sequence[Message] = (),
-        dead_letter: str | None = None,
-        state: Sequence[StateWrite] = (),
-        done: bool = True,
-    ) -> CommitStatus | None:
-        if ACTIVE:
-            await hit("dispatcher.before_commit", route.group)
-        try:
-            status = await self.broker.commit(
-                delivery, publish=publish, dead_letter=dead_letter, state=state, done=done
-            )
-        except Exception as exc:
-            # Nothing is lost: the delivery stays pending and comes back after its lease.
-            log.error("%s: commit of %s failed, it will be redelivered: %s", route.group, delivery.entry_id, exc)
-            return None
-        if ACTIVE:
-            await hit("dispatcher.after_commit", route.group)
-        if status is CommitStatus.LEASE_LOST:
-            log.warning("%s: lease on %s was lost; another consumer owns it now", route.group, delivery.entry_id)
-        elif status is CommitStatus.DUPLICATE:
-            log.info("%s: %s duplicates message %s, settled meanwhile; dropped", route.group, delivery.entry_id,
-                     delivery.message_id)
-        return status
-
     def _handled(self, route: Route, event: Event | None, outcome: str, started: float) -> None:
-        duration = time.perf_counter() - started
-        for hook in self.middleware:
-            try:
-                hook.on_handled(route, event, outcome, duration)
-            except Exception:
-                log.exception("middleware %r failed in on_handled", hook)
+        self.hooks.call(self.hooks.handled, route, event, outcome, time.perf_counter() - started)

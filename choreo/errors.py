@@ -16,6 +16,7 @@ __all__ = (
     "PayloadValidationError",
     "Reject",
     "Retry",
+    "error_info",
 )
 
 
@@ -71,3 +72,9 @@ class Reject(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+def error_info(exc: BaseException) -> dict[str, str]:
+    """The ``error`` object of a failure event or a failed action's reply."""
+    kind = type(exc)
+    return {"type": f"{kind.__module__}.{kind.__qualname__}", "message": str(exc)}

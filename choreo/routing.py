@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
+import time
 import typing
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from choreo.errors import ConfigurationError, DecodeError
+from choreo.actions import ACTION_INTERCEPTOR, Compensation, ReplyTopics, command_topic, reply_to_command
+from choreo.errors import ConfigurationError, DecodeError, error_info
 from choreo.events import Event, validate_event_type
 from choreo.payloads import build_payload
+from choreo.threads import run_in_daemon_thread
 
 if TYPE_CHECKING:
     from choreo.context import Context
@@ -28,6 +32,8 @@ Handler = Callable[..., Any]
 
 #: Parameter names a handler can ask for, and what it receives.
 INJECTABLE = ("data", "event", "ctx", "saga_id", "correlation_id")
+
+log = logging.getLogger("choreo.saga")
 
 _EMITS_ATTR = "__choreo_emits__"
 _ROUTERS_ATTR = "__choreo_routers__"
@@ -196,6 +202,9 @@ class Router:
     def __init__(self, service: str) -> None:
         self.service = service
         self._routes: dict[tuple[str, str], Route] = {}
+        self._compensations: list[Compensation] = []
+        #: Actions by route key (name, explicit service, handler): rebuilt under an including service.
+        self._actions: dict[tuple[str, str], tuple[str, str | None, Handler]] = {}
 
     def __iter__(self) -> Iterator[Route]:
         return iter(self._routes.values())
@@ -280,10 +289,87 @@ class Router:
 
         return register
 
+    def action(self, name: str, *, service: str | None = None) -> Callable[[Handler], Handler]:
+        """Register the decorated function as saga participant action ``name``:
+        a route on ``saga.cmd.<service>.<name>`` (default service: this
+        router's) answering each command with one reply to its saga, success
+        with the returned dict or failure with the error (never a dead
+        letter). No retries of its own: the step's policy is the only one.
+
+        Raises:
+            ConfigurationError: a bad name, a parameter that cannot be
+                injected, or the action registered twice.
+        """
+
+        def register(handler: Handler) -> Handler:
+            if not callable(handler):
+                raise ConfigurationError(f"@action({name!r}) must decorate a function")
+            runner = _action_handler(name, service or self.service, handler, inspect_params(handler))
+            route = self.add(Route(command_topic(service or self.service, name), self.service, runner.__name__,
+                                   runner, emits=ReplyTopics(), retries=0, retry_delay=0.0))
+            self._actions[(route.event, route.name)] = (name, service, handler)
+            return handler
+
+        return register
+
+    def compensates(
+        self,
+        target: Handler | str,
+        *,
+        on: str | Sequence[str],
+        name: str | None = None,
+        retries: int = 10,
+        retry_delay: float = 1.0,
+    ) -> Callable[[Handler], Handler]:
+        """Declare the decorated handler as the compensation of ``target`` (a
+        handler here, or its name), run as an ordinary route when any ``on``
+        failure event arrives; the relation is kept in ``compensations``.
+
+        Raises:
+            ConfigurationError: ``target`` is not a handler here, no trigger
+                is given, a trigger is the event ``target`` itself consumes,
+                or the route is invalid.
+        """
+        triggers = (on,) if isinstance(on, str) else tuple(on)
+
+        def register(handler: Handler) -> Handler:
+            if not triggers:
+                raise ConfigurationError(f"@compensates for {handler.__name__!r} needs a trigger event in on=")
+            targets = [r for r in self if (r.handler is target if callable(target) else r.name == target)]
+            if not targets:
+                shown = getattr(target, "__name__", target)
+                raise ConfigurationError(f"@compensates: {shown!r} is not a handler of service {self.service!r}")
+            consumed = {r.event for r in targets}
+            for trigger in triggers:
+                if trigger in consumed:
+                    raise ConfigurationError(
+                        f"@compensates: {trigger!r} is what {targets[0].name!r} consumes, not a failure"
+                    )
+            base = name or handler.__name__
+            for trigger in triggers:
+                # One consumer group per trigger: a route name is its group name.
+                route_name = base if len(triggers) == 1 else f"{base}_on_{trigger.replace('.', '_').replace('-', '_')}"
+                self.on_event(trigger, name=route_name, retries=retries, retry_delay=retry_delay)(handler)
+                self._compensations.append(Compensation(self.service, targets[0].name, trigger, route_name))
+            return handler
+
+        return register
+
+    @property
+    def compensations(self) -> tuple[Compensation, ...]:
+        """The compensations declared here, in declaration order."""
+        return tuple(self._compensations)
+
     def include(self, other: Router) -> None:
-        """Add every route of ``other`` to this service (a router as a module of handlers)."""
-        for route in other:
-            self.add(attrs.evolve(route, service=self.service))
+        """Add every route and compensation of ``other`` to this service (a
+        router as a module of handlers)."""
+        for key, route in other._routes.items():
+            if key in other._actions:  # its command topic names the service
+                name, service, handler = other._actions[key]
+                self.action(name, service=service)(handler)
+            else:
+                self.add(attrs.evolve(route, service=self.service))
+        self._compensations += [attrs.evolve(c, service=self.service) for c in other._compensations]
 
 
 def emits(success: str, *others: str) -> Callable[[Handler], Handler]:
@@ -303,6 +389,37 @@ def emits(success: str, *others: str) -> Callable[[Handler], Handler]:
         return handler
 
     return declare
+
+
+def _action_handler(action: str, service: str, handler: Handler, params: Sequence[Param]) -> Handler:
+    """The route handler running ``handler`` for a saga command: whatever happens is one reply."""
+    is_async = inspect.iscoroutinefunction(handler)
+
+    async def run_action(event: Event, ctx: Context) -> Emit:
+        reply_to, reply = reply_to_command(event, action)
+        started = time.perf_counter()
+        try:
+            interceptor = ctx.extensions.get(ACTION_INTERCEPTOR)
+            if interceptor is not None:
+                interceptor(service, action, dict(event.data))
+            kwargs = handler_arguments(params, event, ctx, event.data)
+            result = await handler(**kwargs) if is_async else await run_in_daemon_thread(handler, **kwargs)
+            if inspect.isawaitable(result):
+                result = await result
+            if result is None:
+                result = {}
+            if not isinstance(result, dict):
+                raise TypeError(f"action {action!r} returned {type(result).__name__}; return a dict or None")
+            reply.update(outcome="succeeded", result=result, error=None)
+        except Exception as exc:  # any failure is a failure reply, never a dead letter
+            log.warning("[SAGA-%s] action %s.%s failed (attempt %s): %s: %s",
+                        event.saga_id, service, action, reply["attempt"], type(exc).__name__, exc)
+            reply.update(outcome="failed", result={}, error=error_info(exc))
+        reply["duration"] = time.perf_counter() - started
+        return Emit(reply_to, reply, merge=False)
+
+    run_action.__qualname__ = run_action.__name__ = f"action_{action}"
+    return run_action
 
 
 def declared_emits(handler: Handler) -> Sequence[str]:

@@ -21,17 +21,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING
 
 import attrs
 
 from choreo.errors import ConfigurationError
+from choreo.options import RuntimeOptions
 
 if TYPE_CHECKING:
+    from choreo.lifecycle import Running
     from choreo.metrics import MetricsServer
-    from choreo.worker import Runtime
 
 __all__ = ("WORKER_GC_THRESHOLD", "WorkerOptions", "run_worker", "supervise", "tune_collector")
 
@@ -70,12 +71,17 @@ def tune_collector(threshold: int = WORKER_GC_THRESHOLD) -> None:
 
 @attrs.frozen
 class WorkerOptions:
-    """Everything ``choreo worker`` was asked for."""
+    """Everything ``choreo worker`` was asked for.
+
+    Attributes:
+        targets: The apps to run, as ``module:attribute``.
+        broker: The broker URL (default ``CHOREO_BROKER_URL``, then ``memory://``).
+        runtime: How each worker process runs them (concurrency, grace...).
+    """
 
     targets: tuple[str, ...]
     broker: str | None = None
-    concurrency: int = 64
-    grace: float = 10.0
+    runtime: RuntimeOptions = attrs.field(factory=RuntimeOptions)
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     log_level: str = "INFO"
@@ -86,7 +92,7 @@ class WorkerOptions:
     def child_argv(self) -> list[str]:
         """The command line of one worker process (metrics are served by the parent)."""
         argv = [sys.executable, "-m", "choreo", "worker", *self.targets,
-                "--concurrency", str(self.concurrency), "--grace", str(self.grace),
+                "--concurrency", str(self.runtime.concurrency), "--grace", str(self.runtime.grace),
                 "--log-level", self.log_level, "--log-format", self.log_format,
                 "--health-interval", str(self.health_interval), "--gc-threshold", str(self.gc_threshold)]
         if self.broker:
@@ -128,21 +134,20 @@ def run_worker(options: WorkerOptions) -> None:
     metrics = Metrics() if child or options.metrics_port is not None else None
     server = None if metrics is None or child else _serve_metrics(metrics.registry, options)
 
-    async def watch_health(runtime: Runtime) -> None:
-        assert metrics is not None
-        await metrics.watch(runtime.broker, runtime.subscriptions, options.health_interval)
+    runtime = options.runtime
+    if metrics is not None:
 
+        @contextlib.asynccontextmanager
+        async def watch_health(running: Running) -> AsyncIterator[None]:
+            assert metrics is not None
+            running.start_task(metrics.watch(running.broker, running.subscriptions, options.health_interval),
+                               name="choreo-health")
+            yield
+
+        runtime = attrs.evolve(runtime, middleware=(metrics, SagaMetrics(metrics), *runtime.middleware),
+                               lifespan=(*runtime.lifespan, watch_health))
     try:
-        asyncio.run(
-            serve(
-                apps,
-                broker=options.broker,
-                concurrency=options.concurrency,
-                grace=options.grace,
-                middleware=[metrics, SagaMetrics(metrics)] if metrics is not None else [],
-                background=[watch_health] if metrics is not None else [],
-            )
-        )
+        asyncio.run(serve(apps, broker=options.broker, options=runtime))
     finally:
         if server is not None:
             server.close()
@@ -206,7 +211,7 @@ def supervise(options: WorkerOptions, count: int) -> int:
                 log.info("stopping %d workers (signal %d)", count, stopping[0])
                 children.signal_all(signal.SIGTERM)
                 forwarded = True
-                deadline = time.monotonic() + options.grace + 10.0
+                deadline = time.monotonic() + options.runtime.grace + 10.0
             running = 0
             for index, proc in enumerate(children.procs):
                 status = proc.poll()

@@ -17,6 +17,7 @@ from brokers import Broker
 from choreo.dead_letters import DeadLetter
 from choreo.events import Event
 from choreo.middleware import Middleware
+from choreo.options import RuntimeOptions
 from choreo.saga.harness import SagaTestHarness
 from choreo.worker import Runtime, run
 
@@ -97,12 +98,15 @@ class TestEnv:
 
 
 @contextlib.asynccontextmanager
-async def run_apps(*apps: App, broker: str | Broker = "memory://", **options: Any) -> AsyncIterator[TestEnv]:
+async def run_apps(
+    *apps: App, broker: str | Broker = "memory://", options: RuntimeOptions | None = None, **overrides: Any
+) -> AsyncIterator[TestEnv]:
     """Run ``apps`` on ``broker`` for a test; with no apps, a plain publisher.
 
-    ``options`` are those of ``choreo.run`` (``concurrency``, ``grace``...).
+    Options are those of ``choreo.run`` (``concurrency``, ``grace``...), as
+    a ``RuntimeOptions`` record, keywords, or both.
     """
     recorder = _Recorder()
-    middleware = [recorder, *options.pop("middleware", ())]
-    async with run(*apps, broker=broker, middleware=middleware, **options) as runtime:
+    settings = RuntimeOptions.of(options, **overrides).with_middleware([recorder])
+    async with run(*apps, broker=broker, options=settings) as runtime:
         yield TestEnv(runtime, recorder)

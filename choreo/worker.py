@@ -1,9 +1,11 @@
 """Running apps: the consume loop, concurrency, lease renewal and draining.
 
 ``run(*apps, broker=url)`` is the one way apps run: ``choreo worker`` and
-``choreo.testing.run_apps`` are built on it. Leaving the block stops taking
-work, lets in-flight handlers finish for a grace period, cancels the rest
-(their messages stay unacked and are redelivered) and disconnects.
+``choreo.testing.run_apps`` are built on it. Starting connects, attaches the
+apps, enters their lifespan hooks, then consumes. Leaving the block stops
+taking work, lets in-flight handlers finish for a grace period, cancels the
+rest (their messages stay unacked and are redelivered), stops what the hooks
+started, exits the hooks in reverse, detaches the apps and disconnects.
 """
 
 from __future__ import annotations
@@ -14,16 +16,18 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from brokers import Broker, BrokerError, CommitStatus, Delivery, StateWrite, Subscription
 from choreo.cancelling import cancel_and_wait
 from choreo.dispatcher import Dispatcher
 from choreo.errors import BrokerUnavailable, ConfigurationError
-from choreo.events import DEFAULT_MAX_SIZE, Event, validate_event_type
+from choreo.events import Event, validate_event_type
 from choreo.failpoints import ACTIVE, hit
-from choreo.middleware import Middleware
+from choreo.middleware import Hooks, Middleware
+from choreo.options import RuntimeOptions
+from choreo.outbox import Outbox
 
 if TYPE_CHECKING:
     from choreo.app import App
@@ -56,63 +60,87 @@ def connect_broker(broker: str | Broker | None) -> tuple[Broker, bool]:
 
 
 class Runtime:
-    """Apps running on one broker in this process.
+    """Apps running on one broker in this process: the ``Running`` system
+    their lifespan hooks see (see ``choreo.lifecycle``).
 
     Use through ``run``. ``publish`` sends root events; ``in_flight`` counts
-    handlers running now.
+    handlers running now. Options come as a ``RuntimeOptions`` record, as
+    keywords, or both (keywords win).
+
+    Raises:
+        ConfigurationError: an option out of range, or two apps with one name.
     """
 
     def __init__(
-        self,
-        apps: Sequence[App],
-        broker: Broker,
-        *,
-        concurrency: int = 64,
-        grace: float = 10.0,
-        consumer: str | None = None,
-        middleware: Sequence[Middleware] = (),
-        max_size: int = DEFAULT_MAX_SIZE,
-        poll_interval: float = 0.1,
+        self, apps: Sequence[App], broker: Broker, options: RuntimeOptions | None = None, **overrides: Any
     ) -> None:
-        if concurrency < 1:
-            raise ConfigurationError("concurrency must be at least 1")
+        self.options = options = RuntimeOptions.of(options, **overrides)
         names = [app.name for app in apps]
         if len(set(names)) != len(names):
             raise ConfigurationError(f"two apps share a service name: {names}")
         self.apps = tuple(apps)
         self.broker = broker
-        self.concurrency = concurrency
-        self.grace = grace
-        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
-        self.middleware = list(middleware)
-        self.poll_interval = poll_interval
+        self.concurrency = options.concurrency
+        self.grace = options.grace
+        self.consumer = options.consumer or f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
+        self.poll_interval = options.poll_interval
+        self.extensions: dict[str, Any] = {}
+        self.hooks = Hooks(options.middleware)
+        self.outbox = Outbox(broker, self.hooks, max_size=options.max_size)
         self.routes = tuple(route for app in apps for route in app.routes)
         self.subscriptions = tuple(Subscription(route.event, route.group) for route in self.routes)
-        self.dispatcher = Dispatcher(self.routes, broker, middleware=self.middleware, max_size=max_size)
+        self.dispatcher = Dispatcher(self.routes, self.outbox, extensions=self.extensions, settled=self._release)
         self._limits = {r.group: asyncio.Semaphore(r.concurrency) for r in self.routes if r.concurrency}
-        #: Handlers running now: task, delivery and start time, by a serial number.
+        #: Handlers running now: task, delivery and start time, by the delivery's id().
         self._in_flight: dict[int, tuple[asyncio.Task[None], Delivery, float]] = {}
-        self._serial = 0
         self._slot_freed = asyncio.Event()
         self._stopping = False
         self._loops: list[asyncio.Task[None]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._lifespans = contextlib.AsyncExitStack()
 
     @property
     def in_flight(self) -> int:
         return len(self._in_flight)
 
+    @property
+    def middleware(self) -> tuple[Middleware, ...]:
+        """The middleware called now: the configured ones, then those hooks added."""
+        return self.hooks.middleware
+
     def add_middleware(self, middleware: Middleware) -> None:
-        self.middleware.append(middleware)
-        self.dispatcher.middleware = tuple(self.middleware)
+        """Call ``middleware`` too until this runtime stops."""
+        self.hooks.add(middleware)
+
+    def start_task(self, job: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]:
+        """Run ``job`` beside the handlers until this runtime stops (it is
+        cancelled after draining, before the lifespan hooks exit)."""
+        task = asyncio.get_running_loop().create_task(job, name=name)
+        self._tasks.append(task)
+        return task
 
     async def start(self) -> None:
+        """Connect, attach the apps, enter the lifespan hooks (the run's,
+        then each app's, in order), then start consuming.
+
+        Raises:
+            BrokerUnavailable: the broker cannot be reached.
+            Exception: whatever a lifespan hook raised on entry; what the
+                hooks entered so far have started is stopped first.
+        """
         try:
             await self.broker.connect()
             await self.broker.subscribe(self.subscriptions)
         except BrokerError as exc:
             raise BrokerUnavailable(f"{self.broker.url}: {exc}") from exc
         for app in self.apps:
-            app._bind(self)
+            app.attach(self)
+        try:
+            for hook in (*self.options.lifespan, *(h for app in self.apps for h in app.lifespans)):
+                await self._lifespans.enter_async_context(hook(self))
+        except BaseException:
+            await self._shut_down()
+            raise
         if self.subscriptions:
             self._loops.append(asyncio.create_task(self._consume(), name="choreo-consume"))
             self._loops.append(asyncio.create_task(self._renew_leases(), name="choreo-leases"))
@@ -139,25 +167,20 @@ class Runtime:
         if delay is not None and delay < 0:
             raise ValueError("delay must be >= 0")
         event = Event(type=type, data=data or {}, **{k: v for k, v in ids.items() if v is not None})
-        await self.commit([(event, delay)])
+        await self.outbox.commit([(event, delay)])
         return event
 
     async def commit(
         self, events: Sequence[tuple[Event, float | None]], state: Sequence[StateWrite] = ()
     ) -> CommitStatus:
-        """Publish events and write state in one atomic step (no delivery to ack)."""
-        messages = [self.dispatcher.message(event, delay=delay) for event, delay in events]
-        try:
-            if state:
-                status = await self.broker.commit(None, publish=messages, state=state)
-            else:
-                await self.broker.publish(messages)
-                status = CommitStatus.OK
-        except BrokerError as exc:
-            raise BrokerUnavailable(f"publish to {self.broker.url} failed: {exc}") from exc
-        if status is CommitStatus.OK:
-            self.dispatcher.published([event for event, _ in events])
-        return status
+        """Publish events and write state in one atomic step (no delivery to
+        ack); see ``Outbox.commit``.
+
+        Raises:
+            DecodeError: an event cannot be encoded.
+            BrokerUnavailable: the broker refused or failed.
+        """
+        return await self.outbox.commit(events, state)
 
     async def _consume(self) -> None:
         # loop.create_task, not asyncio.create_task: the latter looks the loop
@@ -181,25 +204,20 @@ class Runtime:
                 continue
             now = time.monotonic()
             for delivery in deliveries:
-                self._serial += 1
-                key = self._serial
                 limit = self._limits.get(delivery.group)
-                if limit is None:
-                    handling = self.dispatcher.handle(delivery, self._release, key)
-                else:
-                    handling = self._limited(delivery, limit, key)
-                self._in_flight[key] = (loop.create_task(handling), delivery, now)
+                handling = self.dispatcher.handle(delivery) if limit is None else self._limited(delivery, limit)
+                self._in_flight[id(delivery)] = (loop.create_task(handling), delivery, now)
 
-    async def _limited(self, delivery: Delivery, limit: asyncio.Semaphore, key: int) -> None:
+    async def _limited(self, delivery: Delivery, limit: asyncio.Semaphore) -> None:
         try:
             async with limit:
                 await self.dispatcher.handle(delivery)
         finally:
-            self._release(key)
+            self._release(delivery)  # also when cancelled before the handler started
 
-    def _release(self, key: int) -> None:
+    def _release(self, delivery: Delivery) -> None:
         """A handler is done (settled, failed or cancelled): free its slot."""
-        self._in_flight.pop(key, None)
+        self._in_flight.pop(id(delivery), None)
         self._slot_freed.set()
 
     async def _renew_leases(self) -> None:
@@ -218,7 +236,8 @@ class Runtime:
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking work, drain in-flight handlers for ``grace`` seconds,
-        cancel what is left (it stays unacked and is redelivered)."""
+        cancel what is left (it stays unacked and is redelivered), then stop
+        what the lifespan hooks started and exit them in reverse order."""
         if self._stopping:
             return
         self._stopping = True
@@ -246,58 +265,67 @@ class Runtime:
                     del self._in_flight[key]
         if await cancel_and_wait(self._loops[1:], _CANCEL_WAIT):
             log.warning("the lease renewal loop ignored cancellation; leaving it behind")
-        for app in self.apps:
-            app._unbind(self)
+        await self._shut_down()
+
+    async def _shut_down(self) -> None:
+        """Stop the hooks' tasks, exit the hooks in reverse, forget what
+        they added, detach the apps: also after a hook failed to start."""
+        try:
+            tasks, self._tasks = self._tasks, []
+            left = await cancel_and_wait(tasks, _CANCEL_WAIT)
+            if left:
+                log.warning("%d background tasks ignored cancellation; leaving them behind", len(left))
+            await self._lifespans.aclose()
+        finally:
+            self.hooks.reset()
+            self.extensions.clear()
+            for app in self.apps:
+                app.detach(self)
 
 
 @contextlib.asynccontextmanager
 async def run(
-    *apps: App,
-    broker: str | Broker | None = None,
-    concurrency: int = 64,
-    grace: float = 10.0,
-    middleware: Sequence[Middleware] = (),
-    max_size: int = DEFAULT_MAX_SIZE,
-    consumer: str | None = None,
+    *apps: App, broker: str | Broker | None = None, options: RuntimeOptions | None = None, **overrides: Any
 ) -> AsyncIterator[Runtime]:
     """Run ``apps`` on ``broker`` (a URL, a ``Broker``, or ``CHOREO_BROKER_URL``
     / ``memory://`` when ``None``) until the block is left.
 
+    Options are those of ``RuntimeOptions`` (``concurrency``, ``grace``,
+    ``middleware``, ``max_size``, ``consumer``, ``poll_interval``,
+    ``lifespan``), as a record, as keywords, or both (keywords win).
+
     Raises:
         ConfigurationError: an invalid broker URL or option.
+        TypeError: a keyword that is not an option.
         BrokerUnavailable: the broker cannot be reached.
     """
+    settings = RuntimeOptions.of(options, **overrides)
     instance, owned = connect_broker(broker)
-    runtime = Runtime(
-        apps, instance, concurrency=concurrency, grace=grace, middleware=middleware, max_size=max_size,
-        consumer=consumer,
-    )
     try:
+        runtime = Runtime(apps, instance, settings)
         await runtime.start()
-        yield runtime
-    finally:
         try:
-            await runtime.stop()
+            yield runtime
         finally:
-            if owned:
-                await instance.close()
+            await runtime.stop()
+    finally:
+        if owned:
+            await instance.close()
 
 
 async def serve(
     apps: Sequence[App],
     *,
     broker: str | Broker | None = None,
-    concurrency: int = 64,
-    grace: float = 10.0,
-    middleware: Sequence[Middleware] = (),
+    options: RuntimeOptions | None = None,
     ready: asyncio.Event | None = None,
-    background: Sequence[Callable[[Runtime], Coroutine[Any, Any, None]]] = (),
+    **overrides: Any,
 ) -> None:
     """Run ``apps`` until SIGINT or SIGTERM, then drain and return.
 
     This is what ``choreo worker`` runs; signal handling lives here so tests
-    can reach it. ``background`` coroutines (e.g. a metrics poller) run beside
-    the runtime and are cancelled when it stops.
+    can reach it. Options as for ``run``; work that runs beside the apps (a
+    metrics poller) is a ``lifespan`` hook starting a task.
     """
     import signal
 
@@ -311,17 +339,13 @@ async def serve(
         except RuntimeError:  # not the main thread: whoever runs us owns the signals
             pass
     try:
-        async with run(*apps, broker=broker, concurrency=concurrency, grace=grace, middleware=middleware) as runtime:
+        async with run(*apps, broker=broker, options=options, **overrides) as runtime:
             names = ", ".join(app.name for app in apps)
             log.info("worker %s running %s on %s (%d routes)", runtime.consumer, names, runtime.broker.url,
                      len(runtime.routes))
-            tasks = [asyncio.create_task(job(runtime)) for job in background]
             if ready is not None:
                 ready.set()
-            try:
-                await stop.wait()
-            finally:
-                await cancel_and_wait(tasks, _CANCEL_WAIT)
+            await stop.wait()
             log.info("stopping: draining in-flight handlers")
     finally:
         for signum in installed:

@@ -60,7 +60,7 @@ async def test_same_event_published_2_5_10_times_takes_effect_once_each(broker_u
             await env.settle(timeout=20)
             # The rest arrive after the original settled, straight through the broker.
             for _ in range(k - half):
-                await env.broker.publish([env.runtime.dispatcher.message(e) for e in events])
+                await env.broker.publish([env.runtime.outbox.message(e) for e in events])
             await env.settle(timeout=20)
         report = ledger.check([e.data["job"] for es in copies.values() for e in es], effects(env, broker_url))
     assert report.ok, report
@@ -100,7 +100,7 @@ async def test_negative_control_ledger_catches_doubles_without_dedupe(broker_url
         async with run_apps(app, broker=url) as env:
             await env.runtime.commit([(e, None) for e in events])
             await env.settle(timeout=20)
-            await env.broker.publish([env.runtime.dispatcher.message(e) for e in events])
+            await env.broker.publish([env.runtime.outbox.message(e) for e in events])
             await env.settle(timeout=20)
             report = ledger.check(expected, effects(env, broker_url))
         assert not report.missing
@@ -119,7 +119,7 @@ async def test_raw_duplicate_entry_is_acked_without_effect(broker_url: str) -> N
     """A duplicate written by another producer (same id, own entry) is dropped by the group."""
     (event,) = jobs(1, "raw-")
     async with run_apps(app, broker=broker_url) as env:
-        message = env.runtime.dispatcher.message(event)
+        message = env.runtime.outbox.message(event)
         await env.broker.publish([message])
         await env.settle(timeout=10)
         await env.broker.publish([Message(message.topic, message.id, message.body)])

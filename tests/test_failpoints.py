@@ -65,7 +65,7 @@ def test_every_failpoint_is_guarded_by_active_and_documented() -> None:
 
 def test_unset_environment_arms_nothing() -> None:
     """Without CHOREO_FAILPOINTS (as in this test run) the armed set is empty, so every guard is false."""
-    code = "from choreo import failpoints, dispatcher, worker; assert failpoints.ACTIVE == {} and not dispatcher.ACTIVE"
+    code = "from choreo import failpoints, outbox, worker; assert failpoints.ACTIVE == {} and not outbox.ACTIVE"
     env = {k: v for k, v in os.environ.items() if k != "CHOREO_FAILPOINTS"}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)})
 

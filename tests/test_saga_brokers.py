@@ -165,7 +165,6 @@ async def test_sweeper_fires_the_timer_of_an_overdue_step(broker_url: str) -> No
     """A saga whose step is overdue with its timer lost is moved on by the sweeper."""
     ledger: dict[str, int] = {}
     coordinator, apps = build(ledger, sweep_interval=0.2)
-    orders = apps[0]
     async with run_apps(*apps, broker=broker_url) as env:
         # A record waiting on a command (token 5) that was never delivered, overdue, with no timer left.
         from choreo.saga.record import Kind, new_record
@@ -175,7 +174,7 @@ async def test_sweeper_fires_the_timer_of_an_overdue_step(broker_url: str) -> No
         record.attempt, record.due_at = 1, time.time() - 5
         record.steps[0].status, record.steps[0].attempts = StepStatus.SUCCEEDED, 1
         record.steps[1].status, record.steps[1].attempts = StepStatus.RUNNING, 1
-        await orders.runtime.commit([], state=[StateWrite("saga:lost", record.to_json(), 0)])
+        await env.runtime.commit([], state=[StateWrite("saga:lost", record.to_json(), 0)])
         assert await coordinator.sweep() == 1
         deadline = time.monotonic() + 10
         while (await coordinator.get_saga_state("lost")).state is SagaState.RUNNING:

@@ -13,12 +13,12 @@ another finishes every saga from the broker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
 import time
-import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from brokers import CommitStatus, StateWrite
@@ -37,23 +37,29 @@ from choreo.saga.waiting import SagaWaiters
 
 if TYPE_CHECKING:
     from choreo.app import App
-    from choreo.worker import Runtime
+    from choreo.lifecycle import Running
 
 __all__ = ("SagaCoordinator", "coordinator_of")
 
 log = logging.getLogger("choreo.saga")
 
 _SAGA_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-_coordinators: weakref.WeakKeyDictionary[App, SagaCoordinator] = weakref.WeakKeyDictionary()
+#: The coordinator's name among its app's ``extensions``.
+EXTENSION = "saga"
 
 
 def coordinator_of(app: App) -> SagaCoordinator | None:
     """The coordinator attached to ``app``, if any."""
-    return _coordinators.get(app)
+    coordinator = app.extensions.get(EXTENSION)
+    return coordinator if isinstance(coordinator, SagaCoordinator) else None
 
 
 class SagaCoordinator:
     """Runs sagas defined on ``app``: the orchestrator, as handlers of ``app``.
+
+    It is a plug-in of ``app`` (``app.extensions["saga"]``) with a lifespan
+    hook: while a runtime runs the app, the coordinator's waiter middleware
+    and its sweeper run in that runtime, and stop with it.
 
     Args:
         app: The service whose routing table gets the saga handlers.
@@ -84,7 +90,7 @@ class SagaCoordinator:
         poll_interval: float = 0.5,
         key_prefix: str = "saga:",
     ) -> None:
-        if app in _coordinators:
+        if EXTENSION in app.extensions:
             raise ConfigurationError(f"app {app.name!r} already has a SagaCoordinator")
         if sweep_interval is not None and sweep_interval <= 0:
             raise ConfigurationError("sweep_interval must be positive or None")
@@ -97,8 +103,10 @@ class SagaCoordinator:
         self.key_prefix = key_prefix
         self.definitions: dict[str, SagaDefinition] = {}
         self._waiters = SagaWaiters(self.get_saga_state)
-        self._attached: weakref.WeakKeyDictionary[Runtime, asyncio.Task[None] | None] = weakref.WeakKeyDictionary()
-        _coordinators[app] = self
+        #: The runtimes running ``app`` now, most recent last.
+        self._runtimes: list[Running] = []
+        app.extensions[EXTENSION] = self
+        app.lifespan(self._lifespan)
 
     def __repr__(self) -> str:
         return f"SagaCoordinator({self.app.name!r}, sagas={sorted(self.definitions)})"
@@ -195,7 +203,7 @@ class SagaCoordinator:
             TimeoutError: still running after ``timeout`` seconds (it goes on).
         """
         definition = self.definition(name)
-        runtime = self._attach()
+        runtime = self._runtime()
         saga_id = saga_id or new_event_id()
         if not isinstance(saga_id, str) or not _SAGA_ID.match(saga_id):
             raise ConfigurationError(f"saga_id {saga_id!r} must be 1-128 letters, digits or '._:-'")
@@ -233,7 +241,7 @@ class SagaCoordinator:
             SagaNotFound: no such saga (or it ended with ``persistence=False``).
             ChoreoError: the app is not running.
         """
-        broker = self.app.runtime.broker
+        broker = self._runtime().broker
         return await read_saga(broker, saga_id, prefix=self.key_prefix, definitions=self.definitions)
 
     async def list_sagas(self, state: SagaState | str | None = None) -> list[SagaResult]:
@@ -243,7 +251,7 @@ class SagaCoordinator:
         Raises:
             ConfigurationError: an unknown state name (a ``ValueError`` too).
         """
-        broker = self.app.runtime.broker
+        broker = self._runtime().broker
         return await list_sagas(broker, state, prefix=self.key_prefix, definitions=self.definitions)
 
     async def resume_saga(self, saga_id: str, *, wait: bool = True, timeout: float | None = None) -> SagaResult:
@@ -255,7 +263,7 @@ class SagaCoordinator:
             ConfigurationError: the saga is not defined on this coordinator.
             TimeoutError: still running after ``timeout`` seconds.
         """
-        runtime = self._attach()
+        runtime = self._runtime()
         future = self._waiters.add(saga_id) if wait else None
         try:
             for _ in range(20):
@@ -290,7 +298,7 @@ class SagaCoordinator:
         """Fire the timer of every saga whose step or deadline is overdue by
         more than ``sweep_interval`` (its delayed event was lost). Harmless
         if the timer does fire: the first one wins. Returns how many fired."""
-        runtime = self.app.runtime
+        runtime = self._runtime()
         grace = self.sweep_interval or 0.0
         now = time.time()
         fired = 0
@@ -317,7 +325,6 @@ class SagaCoordinator:
     async def _transition(
         self, definition: SagaDefinition, event: Event, ctx: Context, step: Callable[[SagaRun], list[Out]]
     ) -> list[Emit]:
-        self._attach()
         if not event.saga_id:
             log.warning("ignoring %s %s: it names no saga", event.type, event.id)
             return []
@@ -362,29 +369,30 @@ class SagaCoordinator:
         if self.trace_enabled:
             log.info("[SAGA-%s]   %s", saga_id, line)
 
-    def _attach(self) -> Runtime:
-        """Hook into the running app's runtime once: the waiter middleware and the sweeper."""
-        runtime = self.app.runtime
-        if runtime not in self._attached:
-            runtime.add_middleware(self._waiters)
-            for metrics in SagaMetrics.missing(runtime.middleware):
-                runtime.add_middleware(metrics)
-            task = None
-            if self.sweep_interval is not None:
-                task = asyncio.get_running_loop().create_task(self._sweeper(runtime), name="choreo-saga-sweeper")
-            self._attached[runtime] = task
-        return runtime
+    def _runtime(self) -> Running:
+        """The runtime running the app (``ChoreoError`` if none does)."""
+        if not self._runtimes:
+            raise ChoreoError(f"app {self.app.name!r} is not running; start it with `async with choreo.run(app):`")
+        return self._runtimes[-1]
 
-    async def _sweeper(self, runtime: Runtime) -> None:
-        assert self.sweep_interval is not None
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, runtime: Running) -> AsyncIterator[None]:
+        """While ``runtime`` runs the app: wake waiters, sweep for overdue sagas."""
+        runtime.add_middleware(self._waiters)
+        for metrics in SagaMetrics.missing(runtime.middleware):
+            runtime.add_middleware(metrics)
+        if self.sweep_interval is not None:
+            runtime.start_task(self._sweeper(self.sweep_interval), name="choreo-saga-sweeper")
+        self._runtimes.append(runtime)
+        try:
+            yield
+        finally:
+            self._runtimes.remove(runtime)
+
+    async def _sweeper(self, interval: float) -> None:
         while True:
-            await asyncio.sleep(self.sweep_interval)
-            try:
-                if self.app.runtime is not runtime:
-                    return
-            except ChoreoError:
-                return  # the app stopped
+            await asyncio.sleep(interval)
             try:
                 await self.sweep()
             except Exception as exc:
-                log.warning("saga sweep failed, trying again in %ss: %s", self.sweep_interval, exc)
+                log.warning("saga sweep failed, trying again in %ss: %s", interval, exc)

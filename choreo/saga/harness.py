@@ -6,6 +6,10 @@ jumps to the next delayed message (a retry backoff, a step timeout), so a saga
 with minute-long waits runs in milliseconds. Handler ``timeout``s stay on
 real time. Actions that no given app implements are stubbed (they succeed and
 return ``{}``), and any action can be told to fail.
+
+The clock driver and the action interceptor (which records calls and injects
+failures) are installed by a lifespan hook of the harness's runtime, so they
+stop with it.
 """
 
 from __future__ import annotations
@@ -13,17 +17,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
 
 from brokers.memory import MemoryBroker
+from choreo.actions import ACTION_INTERCEPTOR, command_topic
 from choreo.app import App
-from choreo.cancelling import cancel_and_wait
 from choreo.events import Event
+from choreo.lifecycle import Running
 from choreo.middleware import Middleware
+from choreo.options import RuntimeOptions
 from choreo.saga.coordinator import SagaCoordinator, coordinator_of
-from choreo.saga.definition import SagaResult, command_topic
-from choreo.saga.participant import register_action, set_interceptor
+from choreo.saga.definition import SagaResult
 from choreo.worker import Runtime
 
 __all__ = ("SagaTestHarness",)
@@ -84,7 +90,6 @@ class SagaTestHarness:
         self._calls: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self._recorder = _Recorder()
         self._runtime: Runtime | None = None
-        self._driver: asyncio.Task[None] | None = None
         self._starting: asyncio.Lock | None = None
 
     # -- clock -------------------------------------------------------------------
@@ -113,29 +118,29 @@ class SagaTestHarness:
         async with self._starting:
             if self._runtime is not None:
                 return
-            runtime = Runtime(
-                [*self.apps, *self._stub_apps()],
-                self.broker,
+            options = RuntimeOptions(
                 concurrency=self.concurrency,
                 grace=1.0,
                 middleware=[self._recorder],
                 poll_interval=0.05,
+                lifespan=[self._lifespan],
             )
+            runtime = Runtime([*self.apps, *self._stub_apps()], self.broker, options)
             await runtime.start()
-            set_interceptor(runtime, self._intercept)
             self._runtime = runtime
-            self._driver = asyncio.get_running_loop().create_task(self._drive_clock(), name="choreo-virtual-clock")
 
     async def close(self) -> None:
         """Stop the apps and the clock. Idempotent."""
-        if self._driver is not None:
-            await cancel_and_wait([self._driver], 5.0)
-            self._driver = None
         if self._runtime is not None:
             runtime, self._runtime = self._runtime, None
-            set_interceptor(runtime, None)
             await runtime.stop()
             await self.broker.close()
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, runtime: Running) -> AsyncIterator[None]:
+        runtime.extensions[ACTION_INTERCEPTOR] = self._intercept
+        runtime.start_task(self._drive_clock(runtime), name="choreo-virtual-clock")
+        yield
 
     async def __aenter__(self) -> SagaTestHarness:
         await self.start()
@@ -195,7 +200,7 @@ class SagaTestHarness:
         """
         await self.start()
         deadline = time.monotonic() + timeout
-        while not (await self._quiet() and self.broker.next_due() is None):
+        while not (await self._quiet(self.runtime) and self.broker.next_due() is None):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"saga harness still busy after {timeout}s")
             await asyncio.sleep(0.002)
@@ -244,13 +249,12 @@ class SagaTestHarness:
                         if step.service not in stubs:
                             name = step.service if step.service not in names else f"{step.service}-stubs"
                             stubs[step.service] = App(name)
-                        register_action(stubs[step.service], action, _stub, service=step.service)
+                        stubs[step.service].router.action(action, service=step.service)(_stub)
         return list(stubs.values())
 
     # -- the virtual clock ---------------------------------------------------------
 
-    async def _quiet(self) -> bool:
-        runtime = self.runtime
+    async def _quiet(self, runtime: Running) -> bool:
         if runtime.in_flight:
             return False
         for backlog in await self.broker.backlog(runtime.subscriptions):
@@ -258,14 +262,14 @@ class SagaTestHarness:
                 return False
         return not runtime.in_flight
 
-    async def _drive_clock(self) -> None:
+    async def _drive_clock(self, runtime: Running) -> None:
         while True:
             await asyncio.sleep(0.001)
             due = self.broker.next_due()
-            if due is None or not await self._quiet():
+            if due is None or not await self._quiet(runtime):
                 continue
             await asyncio.sleep(0)  # let a commit racing the first look land
-            if not await self._quiet():
+            if not await self._quiet(runtime):
                 continue
             gap = due - self.clock()
             if gap > 0:

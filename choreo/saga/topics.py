@@ -13,6 +13,7 @@ the families never overlap and a topic parses one way only.
 
 from __future__ import annotations
 
+from choreo.actions import REPLY_PREFIX, command_topic
 from choreo.saga.states import TERMINAL_STATES
 
 __all__ = (
@@ -30,9 +31,9 @@ __all__ = (
     "timeout_topic",
 )
 
+# The command and reply families are the core's (``choreo.actions``): actions
+# are core routes, and the saga package is a plug-in on them.
 PREFIX = "saga."
-COMMAND_PREFIX = "saga.cmd."
-REPLY_PREFIX = "saga.reply."
 TIMEOUT_PREFIX = "saga.timeout."
 
 #: The last segment of a lifecycle event: ``started``, then the terminal state it ended in.
@@ -40,11 +41,6 @@ STARTED = "started"
 LIFECYCLE_PHASES = (STARTED, *(state.value for state in TERMINAL_STATES))
 #: Saga names that would collide with the coordinator's own event families.
 RESERVED_SAGA_NAMES = frozenset({"cmd", "reply", "timeout"})
-
-
-def command_topic(service: str, action: str) -> str:
-    """The event a participant's action consumes: ``saga.cmd.<service>.<action>``."""
-    return f"{COMMAND_PREFIX}{service}.{action}"
 
 
 def reply_topic(saga: str) -> str:

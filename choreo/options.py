@@ -1,0 +1,86 @@
+"""``RuntimeOptions``: how a runtime runs, as one record.
+
+``choreo.run``, ``choreo.testing.run_apps``, ``Runtime``, ``serve`` and
+``choreo worker`` all take these options, by keyword or as a record, so each
+option is declared, defaulted and checked here only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import attrs
+
+from choreo.errors import ConfigurationError
+from choreo.events import DEFAULT_MAX_SIZE
+from choreo.lifecycle import Lifespan
+from choreo.middleware import Middleware
+
+__all__ = ("RuntimeOptions",)
+
+
+def _at_least(low: float, strict: bool = False) -> Any:
+    def check(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+        if value < low or (strict and value == low):
+            bound = "greater than" if strict else "at least"
+            raise ConfigurationError(f"{attribute.name} must be {bound} {low}, not {value!r}")
+
+    return check
+
+
+def _middleware(items: Iterable[Middleware]) -> tuple[Middleware, ...]:
+    return tuple(items)
+
+
+def _lifespans(items: Iterable[Lifespan]) -> tuple[Lifespan, ...]:
+    return tuple(items)
+
+
+@attrs.frozen
+class RuntimeOptions:
+    """How apps run in one process.
+
+    Attributes:
+        concurrency: Handlers running at once in this runtime.
+        grace: Seconds to let in-flight handlers finish when stopping; the
+            rest are cancelled and redelivered later.
+        consumer: This consumer's name (default: host, pid and a serial).
+        middleware: Observers of what is published and handled.
+        max_size: Largest encoded event, in bytes, published or accepted.
+        poll_interval: Seconds a fetch waits for messages before looking again.
+        lifespan: Hooks of this run, entered before the apps' own (see
+            ``choreo.lifecycle``).
+
+    Raises:
+        ConfigurationError: an option out of range.
+    """
+
+    concurrency: int = attrs.field(default=64, validator=_at_least(1))
+    grace: float = attrs.field(default=10.0, validator=_at_least(0))
+    consumer: str | None = None
+    middleware: tuple[Middleware, ...] = attrs.field(default=(), converter=_middleware)
+    max_size: int = attrs.field(default=DEFAULT_MAX_SIZE, validator=_at_least(1))
+    poll_interval: float = attrs.field(default=0.1, validator=_at_least(0, strict=True))
+    lifespan: tuple[Lifespan, ...] = attrs.field(default=(), converter=_lifespans)
+
+    @classmethod
+    def of(cls, options: RuntimeOptions | None = None, /, **overrides: Any) -> RuntimeOptions:
+        """``options`` (default: the defaults) with ``overrides`` applied:
+        what functions taking both a record and keywords build.
+
+        Raises:
+            TypeError: an override that is not an option.
+            ConfigurationError: an option out of range.
+        """
+        base = options if options is not None else cls()
+        if not overrides:
+            return base
+        unknown = sorted(set(overrides) - set(attrs.fields_dict(cls)))
+        if unknown:
+            raise TypeError(f"unexpected keyword arguments {unknown}; options are {sorted(attrs.fields_dict(cls))}")
+        return attrs.evolve(base, **overrides)
+
+    def with_middleware(self, middleware: Sequence[Middleware]) -> RuntimeOptions:
+        """These options with ``middleware`` added before the configured ones."""
+        return attrs.evolve(self, middleware=(*middleware, *self.middleware))
