@@ -7,11 +7,11 @@ the CLI only parses arguments and prints.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from brokers import Broker, BrokerError, Inspection
+from choreo.codec import decode_json
 from choreo.dead_letters import DeadLetter
 from choreo.errors import BrokerUnavailable, ChoreoError, DecodeError
 from choreo.events import Event
@@ -67,22 +67,19 @@ async def connected(broker: str | Broker | None) -> AsyncIterator[Broker]:
 
 
 def parse_json_object(text: str, what: str = "data") -> dict[str, Any]:
-    """Parse ``text`` as a JSON object.
+    """Parse ``text`` as a JSON object, by the rules workers decode with
+    (duplicate keys, NaN, Infinity and out-of-range numbers refused).
 
     Raises:
         DecodeError: not JSON, or JSON but not an object.
     """
     try:
-        value = json.loads(text, parse_constant=lambda name: _reject(name))
-    except ValueError as exc:
+        value = decode_json(text.encode("utf-8", "surrogatepass"))
+    except DecodeError as exc:
         raise DecodeError(f"{what} is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise DecodeError(f"{what} must be a JSON object, not {type(value).__name__}")
     return value
-
-
-def _reject(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
 
 
 async def publish(

@@ -14,6 +14,7 @@ pins it to what ``json.dumps`` writes.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import time
@@ -30,26 +31,36 @@ __all__ = (
     "DEFAULT_MAX_DEPTH",
     "DEFAULT_MAX_SIZE",
     "EVENT_TYPE_PATTERN",
+    "ID_PATTERN",
+    "MAX_ID_LENGTH",
     "MAX_TYPE_LENGTH",
     "WIRE_VERSION",
     "BuildEvent",
     "DecodeEvent",
     "WireEvent",
+    "decode_json",
     "encode_event",
     "event_decoder",
     "new_event_id",
     "utcnow",
     "validate_event_type",
+    "validate_id",
 )
 
 E = TypeVar("E")
 E_co = TypeVar("E_co", covariant=True)
 
-#: Dotted names of letters, digits, ``_`` and ``-``: ``order.created``,
-#: ``saga.cmd.payment_service.charge_card``. They become stream keys, so
-#: nothing else is allowed.
-EVENT_TYPE_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
+#: Dotted names of letters, digits, ``_`` and ``-``, starting with a letter or
+#: digit: ``order.created``, ``saga.cmd.payment_service.charge_card``. They
+#: become stream keys, so nothing else is allowed (a leading ``_`` is the
+#: brokers' own: ``_dead`` is the dead-letter stream).
+EVENT_TYPE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*(\.[A-Za-z0-9_\-]+)*$")
 MAX_TYPE_LENGTH = 200
+#: Event, correlation, causation and saga ids: 1 to 128 letters, digits and
+#: ``._:-`` (a ULID, a UUID, ``order-42``...). They become dedupe keys and log
+#: fields, so they are short and plain; an empty id would dedupe nothing.
+ID_PATTERN = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+MAX_ID_LENGTH = 128
 DEFAULT_MAX_SIZE = 1024 * 1024
 DEFAULT_MAX_DEPTH = 32
 WIRE_VERSION = 1
@@ -100,6 +111,21 @@ def validate_event_type(event_type: object) -> str:
         shown = repr(event_type)[:80]
         raise DecodeError(f"invalid event type {shown}: use dotted names of letters, digits, '_' and '-'")
     return remember(_valid_types, event_type, event_type)
+
+
+def validate_id(field: str, value: object) -> str:
+    """Return ``value`` if it is a valid id for ``field`` (``ID_PATTERN``).
+
+    Ids are checked where events are made (``Event(...)``, ``publish``);
+    decoding checks only their length, the cheap half, on every delivery.
+
+    Raises:
+        DecodeError: not a string of 1 to 128 letters, digits or ``._:-``.
+    """
+    if isinstance(value, str) and ID_PATTERN.fullmatch(value):
+        return value
+    shown = repr(value)[:80] + ("..." if len(repr(value)) > 80 else "")
+    raise DecodeError(f"invalid {field} {shown}: use 1 to {MAX_ID_LENGTH} letters, digits or '._:-'")
 
 
 def utcnow() -> datetime:
@@ -212,6 +238,16 @@ def _reject_constant(name: str) -> float:
     raise DecodeError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    # Called by the scanner for numbers with a fraction or exponent only (ints
+    # stay on its C path): ``1e400`` would otherwise become infinity, which
+    # JSON cannot express and the encoder refuses to write back.
+    value = float(text)
+    if math.isinf(value):
+        raise DecodeError(f"number {text[:40]} is out of range")
+    return value
+
+
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result = dict(pairs)
     if len(result) != len(pairs):
@@ -224,7 +260,9 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 # Built once: json.loads with options builds a new decoder on every call.
-_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_unique_keys, parse_constant=_reject_constant, parse_float=_finite_float
+)
 _scan: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignore[attr-defined]
 
 
@@ -269,6 +307,17 @@ def _loads(raw: bytes, max_size: int, max_depth: int) -> Any:
     return value
 
 
+def decode_json(raw: bytes, *, max_size: int = DEFAULT_MAX_SIZE, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
+    """Parse JSON by the wire format's rules: size-capped before parsing,
+    UTF-8, duplicate keys, NaN, Infinity and out-of-range numbers refused,
+    nesting bounded.
+
+    Raises:
+        DecodeError: naming what is wrong.
+    """
+    return _loads(raw, max_size, max_depth)
+
+
 def _parse_time(value: object) -> datetime:
     if not isinstance(value, str):
         raise DecodeError("field 'occurred_at' must be an ISO 8601 string")
@@ -298,15 +347,22 @@ def event_decoder(build: BuildEvent[E]) -> DecodeEvent[E]:
         wire = _loads(raw, max_size, max_depth)
         if not isinstance(wire, dict):
             raise DecodeError(f"message is a JSON {type(wire).__name__}, not an object")
+        version = wire.get("v", WIRE_VERSION)
+        if type(version) is not int or version != WIRE_VERSION:
+            raise DecodeError(f"unknown wire format version {repr(version)[:40]} (this release reads {WIRE_VERSION})")
         if "type" not in wire:
             raise DecodeError("missing field 'type'")
         event_type = validate_event_type(wire["type"])
-        data = wire.get("data", {})
+        if "data" not in wire:
+            raise DecodeError("missing field 'data'")
+        data = wire["data"]
         if not isinstance(data, dict):
             raise DecodeError(f"field 'data' must be a JSON object, not {type(data).__name__}")
         event_id = wire.get("id")
         if not isinstance(event_id, str) or not event_id:
             raise DecodeError("missing or empty field 'id'")
+        if len(event_id) > MAX_ID_LENGTH:
+            raise DecodeError(f"field 'id' is {len(event_id)} characters, over the limit of {MAX_ID_LENGTH}")
         attempt = wire.get("attempt", 1)
         if type(attempt) is not int or attempt < 1:  # JSON gives int, never a subclass (bool is its own type)
             raise DecodeError("field 'attempt' must be a positive integer")
@@ -317,8 +373,8 @@ def event_decoder(build: BuildEvent[E]) -> DecodeEvent[E]:
         correlation_id = wire.get("correlation_id")
         causation_id, saga_id = wire.get("causation_id"), wire.get("saga_id")
         for name, value in (("correlation_id", correlation_id), ("causation_id", causation_id), ("saga_id", saga_id)):
-            if value is not None and type(value) is not str:
-                raise DecodeError(f"field {name!r} must be a string or null")
+            if value is not None and (type(value) is not str or len(value) > MAX_ID_LENGTH):
+                raise DecodeError(f"field {name!r} must be a string of at most {MAX_ID_LENGTH} characters, or null")
         occurred = wire.get("occurred_at")
         return build(
             event_type,

@@ -26,6 +26,7 @@ from choreo.codec import (
     new_event_id,
     utcnow,
     validate_event_type,
+    validate_id,
 )
 
 __all__ = (
@@ -43,6 +44,13 @@ __all__ = (
 )
 
 
+def _check_id(instance: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    # Events built on the per-event path (decode, child_event) skip __init__
+    # and so this check: their ids were made by choreo or length-checked.
+    if value is not None and not (value == "" and attribute.name == "correlation_id"):
+        validate_id(attribute.name, value)
+
+
 def _data_converter(data: Mapping[str, Any] | None) -> dict[str, Any]:
     return {} if data is None else dict(data)
 
@@ -55,6 +63,8 @@ class Event:
         type: The event type, e.g. ``"order.created"``.
         data: The payload, a JSON object.
         id: Unique and time-sortable; retries keep it, so consumers dedupe on it.
+            Ids (this one and the three below) are 1 to 128 letters, digits
+            or ``._:-``; anything else raises ``DecodeError``.
         correlation_id: Shared by every event of one business transaction.
         causation_id: The id of the event whose handler emitted this one.
         saga_id: The saga this event belongs to, if any.
@@ -65,10 +75,10 @@ class Event:
 
     type: str
     data: dict[str, Any] = attrs.field(factory=dict, converter=_data_converter)
-    id: str = attrs.field(factory=new_event_id)
-    correlation_id: str = ""
-    causation_id: str | None = None
-    saga_id: str | None = None
+    id: str = attrs.field(factory=new_event_id, validator=_check_id)
+    correlation_id: str = attrs.field(default="", validator=_check_id)
+    causation_id: str | None = attrs.field(default=None, validator=_check_id)
+    saga_id: str | None = attrs.field(default=None, validator=_check_id)
     occurred_at: datetime = attrs.field(factory=utcnow)
     attempt: int = 1
     headers: dict[str, str] = attrs.field(factory=dict)

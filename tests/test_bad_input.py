@@ -50,7 +50,15 @@ BAD_BODIES = {
     "missing_id": (b'{"type": "payment.recorded", "data": {}}', "'id'"),
     "missing_type": (b'{"id": "b9", "data": {}}', "missing field 'type'"),
     "hostile_type": (b'{"type": "../../etc/passwd", "id": "b10"}', "invalid event type"),
-    "type_mismatch": (b'{"type": "payment.refunded", "id": "b11"}', "arrived on topic"),
+    "type_mismatch": (b'{"type": "payment.refunded", "id": "b11", "data": {}}', "arrived on topic"),
+    "number_out_of_range": (b'{"type": "payment.recorded", "id": "b12", "data": {"n": 1e400}}', "out of range"),
+    "missing_data": (b'{"type": "payment.recorded", "id": "b13"}', "missing field 'data'"),
+    "unknown_version": (b'{"v": 99, "type": "payment.recorded", "id": "b14", "data": {}}', "unknown wire format"),
+    "id_too_long": (b'{"type": "payment.recorded", "id": "' + b"i" * 200 + b'", "data": {}}', "over the limit"),
+    "correlation_id_too_long": (
+        b'{"type": "payment.recorded", "id": "b15", "correlation_id": "' + b"c" * 200 + b'", "data": {}}',
+        "'correlation_id' must be a string of at most 128",
+    ),
 }
 
 
@@ -97,6 +105,39 @@ async def test_publish_refuses_what_cannot_go_on_the_wire(broker_url: str) -> No
             await env.publish("payment recorded!", {})
         with pytest.raises(DecodeError, match="over the 1024-byte limit"):
             await env.publish("payment.recorded", {"blob": "x" * 2000})
+        await env.settle()
+    assert env.published() == []
+
+
+@pytest.mark.parametrize(
+    ("ids", "shown"),
+    [
+        ({"id": ""}, "invalid id ''"),
+        ({"id": "x" * 100_000}, "invalid id 'xxx"),
+        ({"id": "has space"}, "invalid id 'has space'"),
+        ({"correlation_id": "a/b"}, "invalid correlation_id"),
+        ({"saga_id": "s" * 129}, "invalid saga_id"),
+        ({"causation_id": "caf\u00e9"}, "invalid causation_id"),
+    ],
+)
+async def test_publish_refuses_ids_outside_the_documented_charset_and_length(
+    broker_url: str, ids: dict[str, str], shown: str
+) -> None:
+    """Ids are 1 to 128 letters, digits or ._:- ; anything else fails at publish, not at every consumer."""
+    async with run_apps(broker=broker_url) as env:
+        with pytest.raises(DecodeError, match=shown):
+            await env.publish("payment.recorded", {}, **ids)
+        event = await env.publish("payment.recorded", {}, id="01JB:order-42_x.1", correlation_id="order-42")
+        await env.settle()
+    assert [e.id for e in env.published()] == [event.id]
+
+
+async def test_publish_refuses_names_reserved_by_the_brokers(broker_url: str) -> None:
+    """A type may not start with '_' or '-': `_dead` would be the dead-letter stream."""
+    async with run_apps(broker=broker_url) as env:
+        for reserved in ("_dead", "_delayed", "-x", "_x.y"):
+            with pytest.raises(DecodeError, match="invalid event type"):
+                await env.publish(reserved, {})
         await env.settle()
     assert env.published() == []
 

@@ -24,8 +24,8 @@ from brokers.base import TOPIC_PATTERN, Delivery, Message, StateWrite
 from brokers.redis_lines import pack_call
 from brokers.redis_scripts import commit_args
 from brokers.wire import dumps, quote, quote_name
-from choreo.codec import EVENT_TYPE_PATTERN, MAX_TYPE_LENGTH, WIRE_VERSION
-from choreo.events import Event, decode_event, encode_event
+from choreo.codec import EVENT_TYPE_PATTERN, MAX_ID_LENGTH, MAX_TYPE_LENGTH, WIRE_VERSION
+from choreo.events import Event, _trusted_event, decode_event, encode_event
 
 _SERIALIZER = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
 
@@ -84,17 +84,37 @@ _times = st.datetimes(
     min_value=datetime(1, 1, 2),
     max_value=datetime(9999, 12, 30),
     timezones=st.one_of(
-        st.just(UTC), st.builds(timezone, st.timedeltas(min_value=timedelta(hours=-23), max_value=timedelta(hours=23)))
+        st.just(UTC), st.integers(-23 * 60, 23 * 60).map(lambda minutes: timezone(timedelta(minutes=minutes)))
     ),
 )
+# Ids from other producers are length-checked on decode but may hold any
+# character, and a retry or a child event writes them again: the writer must
+# quote any text. ``_trusted_event`` builds such events as decoding does.
+_ids = _text.filter(lambda text: 0 < len(text) <= MAX_ID_LENGTH)
+
+
+def _decoded_event(
+    type: str,
+    data: dict[str, Any],
+    id: str,
+    correlation_id: str,
+    causation_id: str | None,
+    saga_id: str | None,
+    occurred_at: datetime,
+    attempt: int,
+    headers: dict[str, str],
+) -> Event:
+    return _trusted_event(type, data, id, correlation_id or id, causation_id, saga_id, occurred_at, attempt, headers)
+
+
 _events = st.builds(
-    Event,
+    _decoded_event,
     type=st.from_regex(EVENT_TYPE_PATTERN, fullmatch=True).filter(lambda name: len(name) <= MAX_TYPE_LENGTH),
     data=st.dictionaries(_text, _json, max_size=6),
-    id=_text.filter(bool),
-    correlation_id=_text,
-    causation_id=st.none() | _text,
-    saga_id=st.none() | _text,
+    id=_ids,
+    correlation_id=st.just("") | _ids,
+    causation_id=st.none() | _ids,
+    saga_id=st.none() | _ids,
     occurred_at=_times,
     attempt=st.integers(min_value=1, max_value=2**100),
     headers=st.dictionaries(_text, _text, max_size=4),
