@@ -117,8 +117,14 @@ async def check_server(client: Any, safe_url: str, log: logging.Logger) -> None:
     """Warn unless Redis keeps data like a database (RELIABILITY rule 7)."""
     try:
         found = {**await client.config_get("appendonly"), **await client.config_get("maxmemory-policy")}
-    except rexc.ResponseError:
-        return  # CONFIG is denied to a least-privilege ACL user: nothing to check
+    except rexc.ResponseError as exc:
+        # A least-privilege ACL user may not run CONFIG: say so once rather
+        # than let an unchecked server pass for a checked one.
+        log.info(
+            "Redis at %s: skipped the appendonly / maxmemory-policy check (%s); grant +config|get to keep it",
+            safe_url, str(exc).split("\n")[0][:120],
+        )
+        return
     config = {text(k): text(v) for k, v in found.items()}
     if config.get("appendonly", "yes") != "yes":
         log.warning(
