@@ -18,9 +18,14 @@ three; both adapters implement every one:
 Semantics every adapter gives (the contract tests in ``tests/`` hold them to it):
 
 * **Topics and groups.** Every group subscribed to a topic sees every message
-  published to it after the group was created (a new group starts at the end of
-  the topic, history is not replayed). Consumers of one group compete: each
-  message goes to one consumer of the group at a time.
+  published to it after the group was created, and, where it starts at the
+  beginning (``Subscription.start``), what the topic held before: by default
+  a group on a topic that no group reads yet starts at its beginning, so
+  messages published before the first consumers are not lost, and a group
+  added beside others starts at the end. Groups created in one ``subscribe``
+  call decide together, from the topic as it was before the call. Consumers
+  of one group compete: each message goes to one consumer of the group at a
+  time.
 * **At-least-once.** A delivery stays pending with its consumer until it is
   committed. A delivery that is not committed within ``visibility_timeout``
   seconds (and not extended) may be handed to another consumer of the group.
@@ -30,10 +35,13 @@ Semantics every adapter gives (the contract tests in ``tests/`` hold them to it)
   records a dead letter and writes versioned state in one step, and only if the
   consumer still owns the delivery. Either all of it happens or none does.
 * **Dedupe.** A message whose id was already settled (committed with
-  ``done=True``) in a group is not delivered to that group again; the broker
-  acks such a duplicate by itself. A duplicate already in flight when the
-  original settles is refused at commit (``DUPLICATE``), so a message id takes
-  effect once per group. Records are kept for ``dedupe_ttl`` seconds.
+  ``done=True``) in a group is handed to that group once more marked
+  ``Delivery.duplicate``, never silently dropped: the broker cannot read the
+  body, so the consumer checks that it is what its id says before it commits
+  it (a duplicate's commit acks it and applies nothing). A duplicate already
+  in flight when the original settles is refused at commit (``DUPLICATE``),
+  so a message id takes effect once per group. Records are kept for
+  ``dedupe_ttl`` seconds.
 * **Delays.** A message with ``delay`` becomes deliverable that many seconds
   later; a message with ``group`` is delivered to that group of its topic only
   (retries and replays use this, so other groups do not see it twice).
@@ -50,8 +58,7 @@ import re
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-import attrs
-
+from brokers.messages import Delivery, Message, Subscription, new_delivery, new_message
 from brokers.records import (
     CommitStatus,
     DeadLetterRecord,
@@ -63,7 +70,7 @@ from brokers.records import (
     StateWrite,
     Versioned,
 )
-from brokers.speedups import remember, slot_setters
+from brokers.speedups import remember
 
 __all__ = (
     "Broker",
@@ -116,93 +123,6 @@ class BrokerError(Exception):
     """
 
 
-@attrs.frozen
-class Message:
-    """A message handed to the broker for publishing.
-
-    Attributes:
-        topic: Where it goes (one stream per topic on Redis).
-        id: Producer-assigned, unique; consumers dedupe on it.
-        body: Opaque bytes.
-        delay: Seconds until it becomes deliverable; ``None`` or 0 is now.
-        group: If set, only this group of ``topic`` receives it.
-    """
-
-    topic: str
-    id: str
-    body: bytes
-    delay: float | None = None
-    group: str | None = None
-
-
-@attrs.frozen
-class Subscription:
-    """A consumer group on a topic."""
-
-    topic: str
-    group: str
-
-
-@attrs.frozen
-class Delivery:
-    """One hand-out of a message to a consumer of a group.
-
-    Attributes:
-        topic: The topic the message was published to.
-        group: The group it was delivered to.
-        consumer: The consumer that holds it now.
-        entry_id: The broker's id of this entry (not the producer's id).
-        message_id: The producer's id, or ``None`` if the entry had none.
-        body: The message bytes, exactly as published.
-        deliveries: How many times this entry has been handed out, this one
-            included (1 on first delivery).
-    """
-
-    topic: str
-    group: str
-    consumer: str
-    entry_id: str
-    message_id: str | None
-    body: bytes
-    deliveries: int
-
-
-_new = object.__new__
-# Message and Delivery have no converters or validators to skip (and the
-# builders keep Message's defaults), so setting their slots makes exactly what
-# __init__ makes (``slot_setters``).
-_message_slots = slot_setters(Message)
-_delivery_slots = slot_setters(Delivery)
-
-
-def new_message(topic: str, id: str, body: bytes, delay: float | None = None, group: str | None = None) -> Message:
-    """``Message(topic, id, body, delay, group)``, built faster."""
-    message = _new(Message)
-    set_topic, set_id, set_body, set_delay, set_group = _message_slots
-    set_topic(message, topic)
-    set_id(message, id)
-    set_body(message, body)
-    set_delay(message, delay)
-    set_group(message, group)
-    return message
-
-
-def new_delivery(
-    topic: str, group: str, consumer: str, entry_id: str, message_id: str | None, body: bytes, deliveries: int
-) -> Delivery:
-    """``Delivery(...)`` with the fields in order, built faster."""
-    delivery = _new(Delivery)
-    set_topic, set_group, set_consumer, set_entry, set_message, set_body, set_deliveries = _delivery_slots
-    set_topic(delivery, topic)
-    set_group(delivery, group)
-    set_consumer(delivery, consumer)
-    set_entry(delivery, entry_id)
-    set_message(delivery, message_id)
-    set_body(delivery, body)
-    set_deliveries(delivery, deliveries)
-    return delivery
-
-
 @runtime_checkable
 class Transport(Protocol):
     """Moving messages: the delivery path of workers and producers.
@@ -238,7 +158,9 @@ class Transport(Protocol):
         """
 
     async def subscribe(self, subscriptions: Sequence[Subscription]) -> None:
-        """Create the groups if missing, each at the end of its topic.
+        """Create the groups if missing, each where its ``start`` says
+        (``"auto"``: the topic's beginning if no group read it before this
+        call, else its end).
 
         Idempotent: an existing group keeps its position.
 

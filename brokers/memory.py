@@ -109,15 +109,20 @@ class MemoryBroker(MemoryInspection):
         self._notify()
 
     async def subscribe(self, subscriptions: Sequence[Subscription]) -> None:
-        """Create missing groups at the end of their topics.
+        """Create missing groups where their ``start`` says (see ``Transport.subscribe``).
 
         Raises:
             BrokerError: not connected, or a name is invalid.
         """
         self._require_connected()
         check_subscriptions(subscriptions)
+        # Read first, create after: groups created together decide together.
+        read = {sub.topic: bool(self._topic(sub.topic).groups) for sub in subscriptions}
         for sub in subscriptions:
-            self._group(self._topic(sub.topic), sub.group)
+            topic = self._topic(sub.topic)
+            if sub.group not in topic.groups:
+                at_end = sub.start == "end" or (sub.start == "auto" and read[sub.topic])
+                topic.groups[sub.group] = Group(cursor=topic.last_seq if at_end else 0)
 
     async def fetch(
         self, consumer: str, subscriptions: Sequence[Subscription], *, limit: int, timeout: float
@@ -176,8 +181,9 @@ class MemoryBroker(MemoryInspection):
         owned = self._owned(delivery) if delivery is not None else None
         if delivery is not None and owned is None:
             return CommitStatus.LEASE_LOST
-        if owned is not None and owned[1].entry.message_id in owned[0].settled:
-            # A duplicate that was in flight while the original settled: ack it, nothing else.
+        if owned is not None and dead_letter is None and owned[1].entry.message_id in owned[0].settled:
+            # A duplicate that was in flight while the original settled: ack it,
+            # nothing else. A dead letter is about this entry, whatever its id.
             del owned[0].pending[owned[1].entry.entry_id]
             self._notify()
             return CommitStatus.DUPLICATE
@@ -335,8 +341,6 @@ class MemoryBroker(MemoryInspection):
         self._forget_expired(group, now)
         for lease in [lease for lease in group.pending.values() if lease.deadline <= now]:
             del group.pending[lease.entry.entry_id]
-            if lease.entry.message_id in group.settled:
-                continue
             if lease.deliveries >= self.max_deliveries:
                 self._add_dead_letter(sub.topic, sub.group, lease.entry, MAX_DELIVERIES_REASON, lease.deliveries)
                 continue
@@ -345,8 +349,6 @@ class MemoryBroker(MemoryInspection):
             entry = self._next_new(topic, group)
             if entry is None:
                 return
-            if entry.message_id in group.settled:
-                continue  # a duplicate of a settled message: acked by never leasing it
             yield self._lease(consumer, sub, group, entry, 1, now)
 
     def _next_new(self, topic: Topic, group: Group) -> Entry | None:
@@ -364,4 +366,9 @@ class MemoryBroker(MemoryInspection):
     ) -> Delivery:
         entry_id = entry.entry_id
         group.pending[entry_id] = Pending(entry, consumer, deliveries, now + self.visibility_timeout)
-        return new_delivery(sub.topic, sub.group, consumer, entry_id, entry.message_id, entry.body, deliveries)
+        # A settled id is handed out marked, never dropped: only the consumer
+        # can read the body and tell a true duplicate from a reused id.
+        return new_delivery(
+            sub.topic, sub.group, consumer, entry_id, entry.message_id, entry.body, deliveries,
+            entry.message_id in group.settled,
+        )

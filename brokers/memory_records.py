@@ -17,6 +17,7 @@ from brokers.base import Message, Subscription, check_name
 
 __all__ = (
     "COMPACT_EVERY",
+    "UNREAD_KEPT",
     "Entry",
     "Group",
     "Pending",
@@ -30,6 +31,9 @@ __all__ = (
 
 #: Appends between compactions of a topic that has no ``maxlen``.
 COMPACT_EVERY = 1024
+#: Entries a topic without any group keeps (without ``maxlen``), waiting for
+#: its first group: memory stays bounded for topics nobody ever reads.
+UNREAD_KEPT = 100_000
 
 
 @attrs.frozen
@@ -83,12 +87,15 @@ class Topic:
         Retention drops only entries below everything still needed by some
         group: its next undelivered entry and every entry pending with it.
         Without ``maxlen`` nothing keeps history in memory: every entry that
-        all groups are done with goes, checked every ``COMPACT_EVERY`` appends.
+        all groups are done with goes, checked every ``COMPACT_EVERY`` appends;
+        a topic without groups keeps its newest ``UNREAD_KEPT`` entries.
         """
         if maxlen is None:
             if self.last_seq % COMPACT_EVERY:
                 return
-            maxlen = 0
+            # A topic no group reads yet keeps its newest entries for the
+            # first group to come (see ``Subscription.start``), boundedly.
+            maxlen = 0 if self.groups else UNREAD_KEPT
         elif len(self.log) <= maxlen:
             return
         floor = min(

@@ -63,9 +63,11 @@ class CommitStatus(enum.Enum):
     LEASE_LOST = "lease_lost"
     #: A ``StateWrite`` found a version other than the one expected.
     CONFLICT = "conflict"
-    #: The delivery's message id was settled in its group while it was in
-    #: flight (a producer duplicate handled at the same time as the original):
-    #: the delivery is acked, nothing else is written.
+    #: The delivery's message id was settled in its group already (a producer
+    #: duplicate, handed out marked or handled at the same time as the
+    #: original): the delivery is acked, nothing else is written. A commit
+    #: that records a dead letter is never refused so: the dead letter is
+    #: about this entry, whatever id it carries.
     DUPLICATE = "duplicate"
 
 

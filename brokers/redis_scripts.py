@@ -126,7 +126,7 @@ end
 # ARGV: consumer, limit, max_deliveries, move_delayed (0/1), min_idle_ms,
 # then per stream: key, topic, group, claim (0/1), XAUTOCLAIM cursor.
 # Returns {deliveries, read_any, missing, cursors, tails, next_due_ms}; each
-# delivery is {stream index, entry id, message id, body, deliveries}; tails
+# delivery is {stream index, entry id, message id, body, deliveries, duplicate}; tails
 # (each stream's last entry id) only if every stream was read to its end.
 FETCH = COMMON + r"""
 local consumer = ARGV[1]
@@ -174,12 +174,15 @@ local function examine(index, s, eid, flat, count)
     local reason = 'unreadable entry: missing field "body"'
     if mid == nil then reason = 'unreadable entry: missing field "id"' end
     dead_letter(s.topic, s.group, mid or false, body or '', reason, count, now)
-  elseif redis.call('EXISTS', seen_key(s.group, mid)) == 1 then
-    -- already settled in this group: a producer duplicate, dropped silently
   elseif count > max_deliveries then
     dead_letter(s.topic, s.group, mid, body, 'max deliveries exceeded', count - 1, now)
   else
-    out[#out + 1] = {index, eid, mid, body, count}
+    -- An id already settled in this group is handed out marked (1), not
+    -- dropped: only the consumer can read the body and see whether it is
+    -- the same event or another one written under a reused id.
+    local duplicate = 0
+    if redis.call('EXISTS', seen_key(s.group, mid)) == 1 then duplicate = 1 end
+    out[#out + 1] = {index, eid, mid, body, count, duplicate}
     remaining = remaining - 1
     return
   end
@@ -268,8 +271,9 @@ local function commit(ARGV)
   if settle then
     skey, group, eid, deliveries = settle[1], settle[2], settle[4], settle[5]
     if not owns(skey, group, settle[3], eid, deliveries) then return 'lease_lost' end
-    if settle[7] and redis.call('EXISTS', seen_key(group, settle[6])) == 1 then
-      -- A duplicate that was in flight while the original settled: ack it, nothing else.
+    if settle[7] and not settle[11] and redis.call('EXISTS', seen_key(group, settle[6])) == 1 then
+      -- A duplicate that was in flight while the original settled: ack it,
+      -- nothing else. A dead letter is about this entry, whatever its id.
       redis.call('XACK', skey, group, eid)
       return 'duplicate'
     end

@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from redis import exceptions as rexc
@@ -76,6 +76,7 @@ from brokers.base import (
     check_name,
     new_delivery,
 )
+from brokers.messages import Start
 from brokers.options import BrokerOptions, parse_url, redact_url
 from brokers.redis_keys import Keys
 from brokers.redis_lines import Line, ScriptBatcher, run_script, wait_then_fetch
@@ -207,19 +208,33 @@ class RedisStreamsBroker(redis_admin.RedisAdmin):
             self._known.setdefault(stream.key, stream)
         return out
 
-    async def _create_groups(self, streams: Sequence[Stream]) -> None:
-        pipe = self._redis().pipeline(transaction=False)
+    async def _create_groups(self, streams: Sequence[Stream], starts: Mapping[Stream, Start] | None = None) -> None:
+        """Create missing groups: private streams at ``0``, topic streams
+        where their start says (``"auto"`` when not given: at ``0`` on a
+        stream no group reads yet, at ``$`` beside other groups)."""
+        redis = self._redis()
+        topics = [s for s in streams if not s.private]
+        # Read first, create after: groups created together decide together.
+        pipe = redis.pipeline(transaction=False)
+        for s in topics:
+            pipe.xinfo_groups(s.key)
+        read = {s.key: bool(info) and not isinstance(info, Exception)
+                for s, info in zip(topics, await pipe.execute(raise_on_error=False), strict=True)}
+        pipe = redis.pipeline(transaction=False)
         for s in streams:
-            pipe.xgroup_create(s.key, s.group, id="0" if s.private else "$", mkstream=True)
+            start = "auto" if starts is None else starts.get(s, "auto")
+            at_end = start == "end" or (start == "auto" and read.get(s.key, False))
+            pipe.xgroup_create(s.key, s.group, id="$" if at_end and not s.private else "0", mkstream=True)
         for result in await pipe.execute(raise_on_error=False):
             if isinstance(result, Exception) and not str(result).startswith("BUSYGROUP"):
                 raise result
 
     async def subscribe(self, subscriptions: Sequence[Subscription]) -> None:
-        """Create the groups (main stream at ``$``, private stream at ``0``)."""
+        """Create the groups (topic stream where ``start`` says, private stream at ``0``)."""
         streams = self._streams(subscriptions)
+        starts = {s: sub.start for sub in subscriptions for s in self._streams([sub]) if not s.private}
         try:
-            await self._create_groups(streams)
+            await self._create_groups(streams, starts)
         except rexc.RedisError as exc:
             raise BrokerError(f"cannot create consumer groups on {self.url}: {exc}") from exc
 
@@ -410,14 +425,14 @@ class RedisStreamsBroker(redis_admin.RedisAdmin):
         if missing:
             await self._recover_groups([streams[i - 1] for i in missing])
         found = []
-        for index, entry, message_id, body, count in out:
-            # RESP bulk strings and an integer: bytes and int already.
+        for index, entry, message_id, body, count, duplicate in out:
+            # RESP bulk strings and integers: bytes and int already.
             s = streams[index - 1]
             entry_id = entry.decode()
             found.append(
                 new_delivery(
                     s.topic, s.group, consumer, PRIVATE_TAG + entry_id if s.private else entry_id,
-                    message_id.decode("utf-8", "replace"), body, count,
+                    message_id.decode("utf-8", "replace"), body, count, duplicate == 1,
                 )
             )
         drained = {s.key: text(tail) for s, tail in zip(streams, tails, strict=False)} if tails else None

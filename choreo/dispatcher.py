@@ -97,6 +97,17 @@ class Dispatcher:
             except DecodeError as exc:
                 await self._dead_letter(delivery, route, None, f"undecodable message: {exc}", started)
                 return
+            if event.id != delivery.message_id:
+                # Brokers dedupe on the entry's id: one that is not the event's
+                # would let a copy of an event run twice, or hide another event.
+                reason = f"id mismatch: the entry's id {delivery.message_id!r} is not the event's id {event.id!r}"
+                await self._dead_letter(delivery, route, None, reason, started)
+                return
+            if delivery.duplicate:
+                # The same event again (a producer's retried publish): already
+                # settled here, so the commit only acks it (DUPLICATE, logged).
+                await self.outbox.settle(delivery, route.group)
+                return
             ctx = Context(event, route.service, route.name, self.scope)
             token = logs.enter(event, delivery.group)  # log records carry the event's ids (group: the route's)
             try:

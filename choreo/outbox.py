@@ -114,6 +114,6 @@ class Outbox:
         elif status is CommitStatus.LEASE_LOST:
             log.warning("%s: lease on %s was lost; another consumer owns it now", group, delivery.entry_id)
         elif status is CommitStatus.DUPLICATE:
-            log.info("%s: %s duplicates message %s, settled meanwhile; dropped", group, delivery.entry_id,
+            log.info("%s: %s duplicates message %s, settled already; dropped", group, delivery.entry_id,
                      delivery.message_id)
         return status

@@ -292,15 +292,87 @@ async def test_group_targeted_message_reaches_only_that_group(broker: Broker) ->
 
 
 async def test_duplicate_message_id_settled_once_per_group(broker: Broker) -> None:
-    """A message id already settled in a group is dropped there, but other groups still get it."""
-    await broker.subscribe([G1, G2])
+    """A message id already settled in a group comes back there marked as a
+    duplicate (never dropped unseen); its commit acks it and applies nothing.
+    Other groups get both copies as ordinary deliveries."""
+    await broker.subscribe([G1, G2, OUT])
+    await broker.publish([msg(1)])
+    (first,) = await collect(broker, "c", [G1], 1)
+    assert not first.duplicate
+    assert await broker.commit(first) is CommitStatus.OK
+    await broker.publish([msg(1)])
+    (again,) = await collect(broker, "c", [G1], 1)
+    assert again.duplicate and again.message_id == "m1" and again.body == b"body-1"
+    assert await broker.commit(again, publish=[msg(2, topic=OUT.topic)]) is CommitStatus.DUPLICATE
+    await assert_nothing(broker, "c", [G1, OUT])
+    assert (await broker.backlog([G1]))[0].idle
+    assert [(d.message_id, d.duplicate) for d in await collect(broker, "c", [G2], 2)] == [("m1", False)] * 2
+
+
+async def test_a_duplicate_can_still_be_dead_lettered(broker: Broker) -> None:
+    """A delivery marked duplicate whose body is another message (a reused id)
+    is dead-lettered by its consumer: the dead letter is kept, never refused."""
+    await broker.subscribe([G1])
     await broker.publish([msg(1)])
     (first,) = await collect(broker, "c", [G1], 1)
     assert await broker.commit(first) is CommitStatus.OK
-    await broker.publish([msg(1)])
-    await assert_nothing(broker, "c", [G1])
+    await broker.publish([Message(TOPIC, "m1", b"another message")])
+    (again,) = await collect(broker, "c", [G1], 1)
+    assert again.duplicate
+    assert await broker.commit(again, dead_letter="id mismatch") is CommitStatus.OK
+    [dead] = await broker.dead_letters()
+    assert (dead.body, dead.reason, dead.group) == (b"another message", "id mismatch", G1.group)
     assert (await broker.backlog([G1]))[0].idle
-    assert [d.message_id for d in await collect(broker, "c", [G2], 2)] == ["m1", "m1"]
+
+
+# -- where a new group starts --------------------------------------------------
+
+
+async def test_groups_on_a_topic_nobody_reads_yet_start_at_its_beginning(broker: Broker) -> None:
+    """Messages published before the first consumers subscribed reach every group created then."""
+    await broker.publish([msg(1), msg(2)])
+    await broker.subscribe([G1, G2])
+    for sub in (G1, G2):
+        assert [d.message_id for d in await collect(broker, "c", [sub], 2)] == ["m1", "m2"]
+
+
+async def test_a_group_added_beside_others_starts_at_the_end(broker: Broker) -> None:
+    """On a topic other groups already read, a new group sees new messages only."""
+    await broker.subscribe([G1])
+    await broker.publish([msg(1)])
+    await broker.subscribe([G2])
+    await broker.publish([msg(2)])
+    assert [d.message_id for d in await collect(broker, "c", [G2], 2, timeout=0.5)] == ["m2"]
+    assert [d.message_id for d in await collect(broker, "c", [G1], 2)] == ["m1", "m2"]
+
+
+async def test_start_beginning_replays_history_and_start_end_skips_it(broker: Broker) -> None:
+    """``start="beginning"`` takes what the topic holds even beside other groups;
+    ``start="end"`` skips it even on a topic nobody reads."""
+    await broker.publish([msg(1, topic=OUT.topic)])
+    ending = Subscription(OUT.topic, "audit.tail", start="end")
+    await broker.subscribe([ending])
+    await broker.subscribe([G1])
+    await broker.publish([msg(2), msg(3, topic=OUT.topic)])
+    replaying = Subscription(TOPIC, "audit.replay", start="beginning")
+    await broker.subscribe([replaying])
+    assert [d.message_id for d in await collect(broker, "c", [replaying], 1)] == ["m2"]
+    assert [d.message_id for d in await collect(broker, "c", [ending], 2, timeout=0.5)] == ["m3"]
+
+
+async def test_an_existing_group_keeps_its_position_whatever_its_start(broker: Broker) -> None:
+    """Subscribing again (a restart) never moves a group."""
+    await broker.subscribe([G1])
+    await broker.publish([msg(1)])
+    (first,) = await collect(broker, "c", [G1], 1)
+    assert await broker.commit(first) is CommitStatus.OK
+    await broker.subscribe([Subscription(G1.topic, G1.group, start="beginning")])
+    await assert_nothing(broker, "c", [G1])
+
+
+def test_a_subscription_start_is_one_of_three() -> None:
+    with pytest.raises(ValueError, match="not one of auto, beginning, end"):
+        Subscription(TOPIC, "g", start="latest")  # type: ignore[arg-type]
 
 
 async def test_concurrent_copies_of_one_message_id_commit_once(fast_broker_url: str) -> None:

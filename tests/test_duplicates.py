@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from brokers import Message
-from choreo import Event
+from choreo import App, Event
+from choreo.events import encode_event
 from choreo.testing import TestEnv, run_apps
 from tests import ledger
 from tests.apps.lab import app
@@ -125,3 +126,60 @@ async def test_raw_duplicate_entry_is_acked_without_effect(broker_url: str) -> N
         await env.broker.publish([Message(message.topic, message.id, message.body)])
         await env.settle(timeout=10)
         assert ledger.check([event.data["job"]], effects(env, broker_url)).ok
+
+
+# -- the entry's id and the event's id ---------------------------------------------
+
+
+def _ledger_app() -> tuple[App, list[str]]:
+    ran: list[str] = []
+    service = App("audit")
+
+    @service.on_event("audit.recorded")
+    async def record(event: Event) -> None:
+        ran.append(event.id)
+
+    return service, ran
+
+
+async def test_one_event_written_under_two_entry_ids_takes_effect_once(broker_url: str) -> None:
+    """A copy of an event under another entry id is dead-lettered as a mismatch, never run twice."""
+    service, ran = _ledger_app()
+    event = Event(type="audit.recorded", data={"n": 1})
+    body = encode_event(event)
+    async with run_apps(service, broker=broker_url) as env:
+        await env.broker.publish([Message("audit.recorded", event.id, body)])
+        await env.broker.publish([Message("audit.recorded", "another-entry-id", body)])
+        await env.settle()
+    assert ran == [event.id]
+    [dead] = env.dead_letters()
+    assert "id mismatch" in dead.reason and "'another-entry-id'" in dead.reason and event.id in dead.reason
+    assert dead.raw == body and dead.attempts == 1
+
+
+async def test_two_events_written_under_one_entry_id_lose_neither_silently(broker_url: str) -> None:
+    """A second event reusing a settled entry id is dead-lettered with the reason, not dropped as a duplicate."""
+    service, ran = _ledger_app()
+    first, second = Event(type="audit.recorded", data={"n": 1}), Event(type="audit.recorded", data={"n": 2})
+    async with run_apps(service, broker=broker_url) as env:
+        await env.broker.publish([Message("audit.recorded", first.id, encode_event(first))])
+        await env.settle()
+        await env.broker.publish([Message("audit.recorded", first.id, encode_event(second))])
+        await env.settle()
+    assert ran == [first.id]
+    [dead] = env.dead_letters()
+    assert "id mismatch" in dead.reason and second.id in dead.reason
+    assert dead.raw == encode_event(second)
+
+
+async def test_a_true_duplicate_after_settling_is_acked_without_running_the_handler(broker_url: str) -> None:
+    """The same event again, after it was handled: acked, no second run, no dead letter, nothing pending."""
+    service, ran = _ledger_app()
+    event = Event(type="audit.recorded", data={"n": 1})
+    async with run_apps(service, broker=broker_url) as env:
+        await env.broker.publish([Message("audit.recorded", event.id, encode_event(event))])
+        await env.settle()
+        await env.broker.publish([Message("audit.recorded", event.id, encode_event(event))])
+        await env.settle()
+    assert ran == [event.id]
+    assert env.dead_letters() == []
