@@ -9,6 +9,7 @@ imported only when asked for.
 from __future__ import annotations
 
 from brokers.base import (
+    STARTS,
     TOPIC_PATTERN,
     Broker,
     BrokerError,
@@ -22,6 +23,7 @@ from brokers.base import (
     Inspection,
     Message,
     PendingEntry,
+    Start,
     State,
     StateWrite,
     Subscription,
@@ -31,6 +33,7 @@ from brokers.base import (
 from brokers.options import BrokerOptions, parse_url, redact_url
 
 __all__ = (
+    "STARTS",
     "TOPIC_PATTERN",
     "Broker",
     "BrokerError",
@@ -45,6 +48,7 @@ __all__ = (
     "Inspection",
     "Message",
     "PendingEntry",
+    "Start",
     "State",
     "StateWrite",
     "Subscription",

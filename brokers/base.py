@@ -58,7 +58,7 @@ import re
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-from brokers.messages import Delivery, Message, Subscription, new_delivery, new_message
+from brokers.messages import STARTS, Delivery, Message, Start, Subscription, new_delivery, new_message
 from brokers.records import (
     CommitStatus,
     DeadLetterRecord,
@@ -73,6 +73,7 @@ from brokers.records import (
 from brokers.speedups import remember
 
 __all__ = (
+    "STARTS",
     "Broker",
     "BrokerError",
     "CommitStatus",
@@ -85,6 +86,7 @@ __all__ = (
     "Inspection",
     "Message",
     "PendingEntry",
+    "Start",
     "State",
     "StateWrite",
     "Subscription",

@@ -10,7 +10,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from brokers import Broker, BrokerError, Inspection
+from brokers import Broker, BrokerError, Inspection, Start, Subscription, Transport
 from choreo.codec import decode_json
 from choreo.dead_letters import DeadLetter
 from choreo.errors import BrokerUnavailable, ChoreoError, DecodeError
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = (
     "connected",
+    "create_groups",
     "dead_letters",
     "find_dead_letter",
     "list_sagas",
@@ -95,6 +96,28 @@ async def publish(
 
     async with run(broker=broker) as runtime:
         return await runtime.publish(type, data, delay=delay, **ids)
+
+
+async def create_groups(broker: Transport, apps: Sequence[App], start: Start | None = None) -> list[Subscription]:
+    """Create the consumer group of every handler of ``apps`` (ahead of a
+    deploy: what is published from then on waits for the handlers). Groups
+    that exist keep their position.
+
+    Args:
+        broker: A connected broker.
+        apps: The apps about to be deployed.
+        start: Where new groups start (``"auto"``, ``"beginning"``, ``"end"``);
+            ``None``: each handler's own ``start``.
+
+    Raises:
+        BrokerUnavailable: the broker failed.
+    """
+    subscriptions = [Subscription(r.event, r.group, start or r.start) for app in apps for r in app.routes]
+    try:
+        await broker.subscribe(subscriptions)
+    except BrokerError as exc:
+        raise BrokerUnavailable(f"{broker.url}: {exc}") from None
+    return subscriptions
 
 
 def route_rows(apps: Sequence[App]) -> list[dict[str, str]]:

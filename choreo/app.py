@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from brokers import Start
 from choreo.errors import ChoreoError, ConfigurationError
 from choreo.events import Event
 from choreo.lifecycle import Lifespan, Publisher
@@ -61,6 +62,7 @@ class App:
         retry_delay: float = 1.0,
         timeout: float | None = None,
         concurrency: int | None = None,
+        start: Start = "auto",
     ) -> Callable[[Handler], Handler]:
         """Subscribe the decorated handler to ``event``; returns it unchanged.
 
@@ -72,13 +74,20 @@ class App:
                 waits ``retry_delay * 2**(k-1)`` times a jitter in [0.75, 1.25].
             timeout: Seconds per attempt; a timeout is a failed attempt.
             concurrency: Most attempts of this handler running at once per worker.
+            start: Where the handler's consumer group starts the first time it
+                is created: ``"auto"`` (the stream's beginning if no handler
+                reads it yet, so events published before the first workers
+                are delivered; else its end), ``"beginning"`` (replay what
+                the stream holds, e.g. for a new projection) or ``"end"``
+                (new events only). An existing group goes on from where it is.
 
         Raises:
             ConfigurationError: invalid names or options, a duplicate handler,
                 or a parameter that cannot be injected.
         """
         return self.router.on_event(
-            event, name=name, retries=retries, retry_delay=retry_delay, timeout=timeout, concurrency=concurrency
+            event, name=name, retries=retries, retry_delay=retry_delay, timeout=timeout, concurrency=concurrency,
+            start=start,
         )
 
     @staticmethod

@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from choreo.cli_admin import dlq_app, saga_app
+from choreo.cli_admin import dlq_app, groups_app, saga_app
 from choreo.cli_support import (
     BrokerOption,
     GraphFormat,
@@ -41,6 +41,7 @@ app = typer.Typer(
 )
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(saga_app, name="saga")
+app.add_typer(groups_app, name="groups")
 
 # -- running -------------------------------------------------------------------
 

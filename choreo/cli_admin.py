@@ -9,13 +9,46 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from choreo.cli_support import BrokerOption, errors, fail, load_targets, render_table
+from choreo.cli_support import BrokerOption, GroupStart, TargetsArgument, errors, fail, load_targets, render_table
 
 if TYPE_CHECKING:
     from choreo.saga import SagaResult, StepResult
 
 dlq_app = typer.Typer(help="Inspect, replay and purge dead letters.", no_args_is_help=True)
 saga_app = typer.Typer(help="Inspect and resume sagas.", no_args_is_help=True)
+groups_app = typer.Typer(help="Create consumer groups ahead of a deploy.", no_args_is_help=True)
+
+
+# -- consumer groups ---------------------------------------------------------------
+
+
+@groups_app.command("create")
+def groups_create(
+    targets: TargetsArgument,
+    broker: BrokerOption = None,
+    start: Annotated[
+        GroupStart | None,
+        typer.Option(help="Where new groups start: auto, beginning or end (default: each handler's own start)."),
+    ] = None,
+) -> None:
+    """Create the consumer group of every handler of TARGETS, so that events
+    published from now on wait for them even before their workers start.
+    Existing groups keep their position."""
+    from choreo import admin
+    from choreo.worker import broker_url_from_env
+
+    async def go() -> list[Any]:
+        async with admin.connected(broker) as instance:
+            return await admin.create_groups(instance, apps, None if start is None else start.value)
+
+    with errors():
+        apps = load_targets(targets)
+        if broker_url_from_env(broker).startswith("memory:"):
+            raise fail("memory:// lives in one process: groups created here would vanish; give --broker")
+        created = asyncio.run(go())
+    for sub in created:
+        typer.echo(f"{sub.topic} -> {sub.group} (start: {sub.start})")
+    typer.echo(f"{len(created)} groups ready")
 
 
 # -- sagas -------------------------------------------------------------------------

@@ -37,6 +37,12 @@ class GraphFormat(enum.StrEnum):
     dot = "dot"
 
 
+class GroupStart(enum.StrEnum):
+    auto = "auto"
+    beginning = "beginning"
+    end = "end"
+
+
 class TraceFormat(enum.StrEnum):
     tree = "tree"
     mermaid = "mermaid"

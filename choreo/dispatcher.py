@@ -26,7 +26,8 @@ from choreo.errors import DecodeError, EmitNotDeclared, PayloadValidationError, 
 from choreo.events import Event, child_event, decode_event
 from choreo.middleware import Outcome
 from choreo.outbox import Outbox
-from choreo.routing import Emit, Route, handler_arguments
+from choreo.params import handler_arguments
+from choreo.routing import Emit, Route
 from choreo.threads import run_in_daemon_thread
 
 __all__ = ("Dispatcher", "backoff_delay")

@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from brokers import STARTS, Start
 from choreo.actions import ACTION_INTERCEPTOR, Compensation, ReplyTopics, command_topic, reply_to_command
 from choreo.errors import ConfigurationError, DecodeError, error_info
 from choreo.events import Event, validate_event_type
-from choreo.payloads import build_payload
+from choreo.params import INJECTABLE, Param, handler_arguments, inspect_params
 from choreo.threads import run_in_daemon_thread
 
 if TYPE_CHECKING:
@@ -29,9 +30,6 @@ if TYPE_CHECKING:
 __all__ = ("INJECTABLE", "Emit", "Handler", "Param", "Route", "Router", "emits", "handler_arguments")
 
 Handler = Callable[..., Any]
-
-#: Parameter names a handler can ask for, and what it receives.
-INJECTABLE = ("data", "event", "ctx", "saga_id", "correlation_id")
 
 log = logging.getLogger("choreo.saga")
 
@@ -59,15 +57,6 @@ class Emit:
 
 
 @attrs.frozen
-class Param:
-    """How one handler parameter is filled: an injectable name or an attrs class."""
-
-    name: str
-    source: str  # one of INJECTABLE, or "model"
-    model: type[Any] | None = None
-
-
-@attrs.frozen
 class Route:
     """One handler subscribed to one event type.
 
@@ -82,6 +71,9 @@ class Route:
         retry_delay: Base of the exponential backoff, seconds.
         timeout: Seconds per attempt, or ``None``.
         concurrency: Most attempts running at once in one worker, or ``None``.
+        start: Where its consumer group starts when it is first created
+            (``brokers.Subscription.start``): ``"auto"``, ``"beginning"``
+            (replay what the stream holds) or ``"end"``.
         params: How its parameters are injected.
     """
 
@@ -94,6 +86,7 @@ class Route:
     retry_delay: float = 1.0
     timeout: float | None = None
     concurrency: int | None = None
+    start: Start = "auto"
     params: tuple[Param, ...] = attrs.field(default=(), eq=False, repr=False)
 
     @property
@@ -114,86 +107,6 @@ def _check_type(event_type: str, what: str) -> str:
         return validate_event_type(event_type)
     except DecodeError as exc:
         raise ConfigurationError(f"{what}: {exc}") from None
-
-
-def inspect_params(handler: Handler) -> tuple[Param, ...]:
-    """Work out how to call ``handler``.
-
-    A parameter annotated with an attrs class (other than ``Event``) receives
-    that class built from the payload, whatever its name (``data`` included:
-    the annotation wins); any other parameter is injected by its name.
-
-    Raises:
-        ConfigurationError: a parameter is neither injectable by name nor
-            annotated with an attrs class.
-    """
-    hints = _annotations(handler)
-    params = []
-    for parameter in inspect.signature(handler).parameters.values():
-        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
-            raise ConfigurationError(f"handler {handler.__qualname__}: *args/**kwargs cannot be injected")
-        annotation = hints.get(parameter.name)
-        if isinstance(annotation, type) and attrs.has(annotation) and annotation is not Event:
-            params.append(Param(parameter.name, "model", annotation))
-        elif parameter.name in INJECTABLE:
-            params.append(Param(parameter.name, parameter.name))
-        else:
-            raise ConfigurationError(
-                f"handler {handler.__qualname__}: cannot inject parameter {parameter.name!r}; "
-                f"use one of {', '.join(INJECTABLE)} or annotate it with an attrs class"
-            )
-    return tuple(params)
-
-
-def _annotations(handler: Handler) -> dict[str, Any]:
-    """The handler's annotations, resolved where possible.
-
-    ``typing.get_type_hints`` gives up on all of them if one does not resolve
-    (``ctx: Context`` imported only under ``TYPE_CHECKING``); then each string
-    annotation is resolved on its own, so ``order: Order`` beside it still
-    names the class.
-    """
-    try:
-        return typing.get_type_hints(handler)
-    except Exception:
-        pass
-    raw = dict(getattr(handler, "__annotations__", None) or {})
-    namespace = getattr(inspect.unwrap(handler), "__globals__", {})
-    for name, annotation in raw.items():
-        # Twice for a quoted annotation under ``from __future__ import annotations``.
-        for _ in range(2):
-            if isinstance(annotation, str):
-                with contextlib.suppress(Exception):
-                    annotation = eval(annotation, namespace)  # what get_type_hints does, one name at a time
-        raw[name] = annotation
-    return raw
-
-
-def handler_arguments(params: Sequence[Param], event: Event, ctx: Context, data: dict[str, Any]) -> dict[str, Any]:
-    """The keyword arguments that call a handler with ``params`` for ``event``.
-
-    ``data`` is the payload the handler sees (the event's data, or a part of it).
-
-    Raises:
-        PayloadValidationError: an attrs-typed parameter does not fit ``data``.
-    """
-    kwargs: dict[str, Any] = {}
-    for param in params:
-        source = param.source
-        if source == "data":
-            kwargs[param.name] = dict(data)
-        elif source == "event":
-            kwargs[param.name] = event
-        elif source == "ctx":
-            kwargs[param.name] = ctx
-        elif source == "saga_id":
-            kwargs[param.name] = event.saga_id
-        elif source == "correlation_id":
-            kwargs[param.name] = event.correlation_id
-        else:
-            assert param.model is not None
-            kwargs[param.name] = build_payload(param.model, data)
-    return kwargs
 
 
 class Router:
@@ -238,6 +151,8 @@ class Router:
             raise ConfigurationError(f"handler {route.name!r}: timeout must be positive")
         if route.concurrency is not None and route.concurrency < 1:
             raise ConfigurationError(f"handler {route.name!r}: concurrency must be >= 1")
+        if route.start not in STARTS:
+            raise ConfigurationError(f"handler {route.name!r}: start must be one of {', '.join(STARTS)}")
         key = (route.event, route.name)
         if key in self._routes and not replace:
             raise ConfigurationError(
@@ -266,6 +181,7 @@ class Router:
         retry_delay: float = 1.0,
         timeout: float | None = None,
         concurrency: int | None = None,
+        start: Start = "auto",
     ) -> Callable[[Handler], Handler]:
         """Subscribe the decorated function to ``event`` (see ``App.on_event``)."""
 
@@ -283,6 +199,7 @@ class Router:
                     retry_delay=retry_delay,
                     timeout=timeout,
                     concurrency=concurrency,
+                    start=start,
                 )
             )
             return handler

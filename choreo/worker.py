@@ -88,7 +88,7 @@ class Runtime:
         self.hooks = Hooks(options.middleware)
         self.outbox = Outbox(broker, self.hooks, max_size=options.max_size)
         self.routes = tuple(route for app in apps for route in app.routes)
-        self.subscriptions = tuple(Subscription(route.event, route.group) for route in self.routes)
+        self.subscriptions = tuple(Subscription(route.event, route.group, route.start) for route in self.routes)
         self.dispatcher = Dispatcher(self.routes, self.outbox, extensions=self.extensions, settled=self._release)
         self._limits = {r.group: asyncio.Semaphore(r.concurrency) for r in self.routes if r.concurrency}
         #: Handlers running now: task, delivery and start time, by the delivery's id().
