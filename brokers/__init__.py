@@ -9,6 +9,7 @@ imported only when asked for.
 from __future__ import annotations
 
 from brokers.base import (
+    DEAD_LETTER_KEPT,
     STARTS,
     TOPIC_PATTERN,
     Broker,
@@ -33,6 +34,7 @@ from brokers.base import (
 from brokers.options import BrokerOptions, parse_url, redact_url
 
 __all__ = (
+    "DEAD_LETTER_KEPT",
     "STARTS",
     "TOPIC_PATTERN",
     "Broker",

@@ -54,12 +54,14 @@ Semantics every adapter gives (the contract tests in ``tests/`` hold them to it)
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from brokers.messages import STARTS, Delivery, Message, Start, Subscription, new_delivery, new_message
 from brokers.records import (
+    DEAD_LETTER_KEPT,
     CommitStatus,
     DeadLetterRecord,
     DelayedMessage,
@@ -73,6 +75,7 @@ from brokers.records import (
 from brokers.speedups import remember
 
 __all__ = (
+    "DEAD_LETTER_KEPT",
     "STARTS",
     "Broker",
     "BrokerError",
@@ -94,6 +97,7 @@ __all__ = (
     "Versioned",
     "TOPIC_PATTERN",
     "check_name",
+    "log_dead_letter",
     "new_delivery",
     "new_message",
 )
@@ -115,6 +119,12 @@ def check_name(kind: str, name: str) -> None:
     if not isinstance(name, str) or not TOPIC_PATTERN.fullmatch(name):
         raise BrokerError(f"invalid {kind} name {name!r}: use letters, digits and ._-: (at most 200)")
     remember(_valid_names, name, name)
+
+
+def log_dead_letter(log: logging.Logger, topic: str, group: str, entry_id: str, reason: str) -> None:
+    """The log line of a dead letter an adapter made by itself (the consumer
+    never saw the entry, so nobody else can say it)."""
+    log.error("dead-lettered entry %s on %s for %s: %s", entry_id or "-", topic or "-", group or "-", reason)
 
 
 class BrokerError(Exception):
@@ -177,15 +187,19 @@ class Transport(Protocol):
         *,
         limit: int,
         timeout: float,
+        max_size: int | None = None,
     ) -> list[Delivery]:
         """Hand out up to ``limit`` deliveries to ``consumer``.
 
         Waits up to ``timeout`` seconds for the first one, then returns what it
         has (possibly nothing). Along the way the broker moves due delayed
         messages, reclaims deliveries idle past ``visibility_timeout``,
-        dead-letters those past ``max_deliveries`` and drops duplicates of
+        dead-letters those past ``max_deliveries`` and marks duplicates of
         messages already settled in the group. Entries the broker cannot read
-        at all are dead-lettered, never returned.
+        at all, and (with ``max_size``) bodies over ``max_size`` bytes, are
+        dead-lettered, never returned: an oversized one keeps only its first
+        ``DEAD_LETTER_KEPT`` bytes, its size and its SHA-1. Whatever the broker
+        dead-letters by itself is logged (logger ``brokers``) with the reason.
 
         Raises:
             BrokerError: not connected, a name is invalid, or a configuration
@@ -320,6 +334,11 @@ class Inspection(Protocol):
 
         Returns:
             ``False`` if no such dead letter exists.
+
+        Raises:
+            BrokerError: the dead letter keeps only part of an oversized
+                entry (``DeadLetterRecord.size``): there is nothing whole to
+                publish again.
         """
         ...
 

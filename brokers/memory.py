@@ -17,12 +17,15 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import hashlib
 import heapq
 import itertools
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 
 from brokers.base import (
+    DEAD_LETTER_KEPT,
     BrokerError,
     CommitStatus,
     DeadLetterRecord,
@@ -31,6 +34,7 @@ from brokers.base import (
     StateWrite,
     Subscription,
     Versioned,
+    log_dead_letter,
     new_delivery,
 )
 from brokers.memory_inspection import MemoryInspection
@@ -46,6 +50,8 @@ from brokers.memory_records import (
 from brokers.options import BrokerOptions
 
 __all__ = ("MemoryBroker",)
+
+log = logging.getLogger("brokers.memory")
 
 #: Real seconds between re-checks while delayed work or leases are outstanding:
 #: the clock may be virtual and move without telling anyone.
@@ -125,10 +131,16 @@ class MemoryBroker(MemoryInspection):
                 topic.groups[sub.group] = Group(cursor=topic.last_seq if at_end else 0)
 
     async def fetch(
-        self, consumer: str, subscriptions: Sequence[Subscription], *, limit: int, timeout: float
+        self,
+        consumer: str,
+        subscriptions: Sequence[Subscription],
+        *,
+        limit: int,
+        timeout: float,
+        max_size: int | None = None,
     ) -> list[Delivery]:
         """Hand out up to ``limit`` deliveries, waiting up to ``timeout`` real
-        seconds for the first; see ``Broker.fetch``.
+        seconds for the first; see ``Transport.fetch``.
 
         Raises:
             BrokerError: not connected, or a name is invalid. A fetch already
@@ -141,7 +153,7 @@ class MemoryBroker(MemoryInspection):
         deadline = loop.time() + max(0.0, timeout)
         while True:
             changed = self._changed
-            found = self._take(consumer, subs, limit)
+            found = self._take(consumer, subs, limit, max_size)
             if found or not self._connected:
                 return found
             wait = deadline - loop.time()
@@ -305,13 +317,24 @@ class MemoryBroker(MemoryInspection):
                 return
             del group.settled[message_id]
 
-    def _add_dead_letter(self, topic: str, group: str, entry: Entry, reason: str, deliveries: int) -> None:
+    def _add_dead_letter(
+        self, topic: str, group: str, entry: Entry, reason: str, deliveries: int, *, by_broker: bool = False
+    ) -> None:
+        """Record a dead letter; ``by_broker``: made here, not asked for by a
+        consumer, so logged here (the consumer never saw the entry)."""
         dead_id = f"dl-{next(self._counter)}"
+        body, size, sha1 = entry.body, None, None
+        if len(body) > DEAD_LETTER_KEPT and by_broker:
+            body, size, sha1 = body[:DEAD_LETTER_KEPT], len(body), hashlib.sha1(body).hexdigest()
         self._dead[dead_id] = DeadLetterRecord(
-            dead_id, topic, group, entry.message_id, entry.body, reason, deliveries, time.time()
+            dead_id, topic, group, entry.message_id, body, reason, deliveries, time.time(), size, sha1
         )
+        if by_broker:
+            log_dead_letter(log, topic, group, entry.entry_id, reason)
 
-    def _take(self, consumer: str, subs: Sequence[Subscription], limit: int) -> list[Delivery]:
+    def _take(
+        self, consumer: str, subs: Sequence[Subscription], limit: int, max_size: int | None = None
+    ) -> list[Delivery]:
         now = self._clock()
         self._release_due(now)
         if not subs or limit <= 0:
@@ -320,7 +343,7 @@ class MemoryBroker(MemoryInspection):
         # different subscription each call, so no topic starves another.
         start = self._turn % len(subs)
         self._turn += 1
-        sources = [self._hand_out(consumer, sub, now) for sub in [*subs[start:], *subs[:start]]]
+        sources = [self._hand_out(consumer, sub, now, max_size) for sub in [*subs[start:], *subs[:start]]]
         found: list[Delivery] = []
         while sources and len(found) < limit:
             for source in list(sources):
@@ -333,7 +356,7 @@ class MemoryBroker(MemoryInspection):
                     break
         return found
 
-    def _hand_out(self, consumer: str, sub: Subscription, now: float) -> Iterator[Delivery]:
+    def _hand_out(self, consumer: str, sub: Subscription, now: float, max_size: int | None) -> Iterator[Delivery]:
         """Deliveries for one group, lazily: reclaimed leases first, then the
         group's private queue, then the topic's log."""
         topic = self._topic(sub.topic)
@@ -342,13 +365,19 @@ class MemoryBroker(MemoryInspection):
         for lease in [lease for lease in group.pending.values() if lease.deadline <= now]:
             del group.pending[lease.entry.entry_id]
             if lease.deliveries >= self.max_deliveries:
-                self._add_dead_letter(sub.topic, sub.group, lease.entry, MAX_DELIVERIES_REASON, lease.deliveries)
+                self._add_dead_letter(
+                    sub.topic, sub.group, lease.entry, MAX_DELIVERIES_REASON, lease.deliveries, by_broker=True
+                )
                 continue
             yield self._lease(consumer, sub, group, lease.entry, lease.deliveries + 1, now)
         while True:
             entry = self._next_new(topic, group)
             if entry is None:
                 return
+            if max_size is not None and len(entry.body) > max_size:
+                reason = f"oversized entry: {len(entry.body)} bytes, over the {max_size}-byte limit"
+                self._add_dead_letter(sub.topic, sub.group, entry, reason, 1, by_broker=True)
+                continue
             yield self._lease(consumer, sub, group, entry, 1, now)
 
     def _next_new(self, topic: Topic, group: Group) -> Entry | None:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from brokers.base import (
+    BrokerError,
     DeadLetterRecord,
     DelayedMessage,
     GroupBacklog,
@@ -134,9 +135,15 @@ class MemoryInspection:
         """Republish a dead letter to its group (or topic), forget that the
         group settled it, and remove it; ``False`` if there is no such one."""
         self._require_connected()
-        record = self._dead.pop(dead_letter_id, None)
+        record = self._dead.get(dead_letter_id)
         if record is None:
             return False
+        if record.size is not None:
+            raise BrokerError(
+                f"dead letter {dead_letter_id} keeps only the first {len(record.body)} of {record.size} bytes "
+                "of an oversized entry: it cannot be replayed"
+            )
+        del self._dead[dead_letter_id]
         message_id = record.message_id or record.id
         if record.group:
             self._group(self._topic(record.topic), record.group).settled.pop(message_id, None)

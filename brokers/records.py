@@ -16,6 +16,7 @@ import enum
 import attrs
 
 __all__ = (
+    "DEAD_LETTER_KEPT",
     "CommitStatus",
     "DeadLetterRecord",
     "DelayedMessage",
@@ -78,6 +79,11 @@ def _position(entry_id: str) -> tuple[int, int]:
     return int(ms or 0), int(seq or 0)
 
 
+#: Bytes a dead letter keeps of an entry over the consumer's size limit: a
+#: person can still see what it was, and the dead-letter store stays small.
+DEAD_LETTER_KEPT = 4096
+
+
 @attrs.frozen
 class DeadLetterRecord:
     """A message that will not be processed again unless replayed.
@@ -91,6 +97,10 @@ class DeadLetterRecord:
         reason: Why it was dead-lettered, in words.
         deliveries: How many times it had been delivered.
         dead_at: Unix time of dead-lettering.
+        size: For an oversized entry, its size in bytes: ``body`` then
+            keeps only its first ``DEAD_LETTER_KEPT`` bytes, and such a
+            dead letter cannot be replayed. ``None`` when ``body`` is whole.
+        sha1: The SHA-1 (hex) of the whole entry, when ``size`` is set.
     """
 
     id: str
@@ -101,6 +111,8 @@ class DeadLetterRecord:
     reason: str
     deliveries: int
     dead_at: float
+    size: int | None = None
+    sha1: str | None = None
 
 
 @attrs.frozen

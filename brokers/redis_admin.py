@@ -206,7 +206,12 @@ class RedisAdmin:
         """Republish a dead letter and forget its dedupe record (one script)."""
         if not is_stream_id(dead_letter_id):
             return False
-        return bool(await self._run("REPLAY", [dead_letter_id]))
+        replayed = await self._run("REPLAY", [dead_letter_id])
+        if replayed == -1:
+            raise BrokerError(
+                f"dead letter {dead_letter_id} keeps only a prefix of an oversized entry: it cannot be replayed"
+            )
+        return bool(replayed)
 
     async def purge_dead_letters(self: _Host, ids: Sequence[str] | None = None) -> int:
         """Delete the given dead letters (all if ``None``); return how many."""
@@ -245,6 +250,7 @@ if #found == 0 then return 0 end
 local f = {}
 local flat = found[1][2]
 for i = 1, #flat, 2 do f[flat[i]] = flat[i + 1] end
+if f.size then return -1 end  -- only a prefix of an oversized entry was kept
 local group = f.group or ''
 local fields = {'body', f.body or ''}
 if f.message_id then

@@ -94,9 +94,19 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
-local function dead_letter(topic, group, message_id, body, reason, deliveries, at_ms)
-  local fields = {'topic', topic, 'group', group, 'body', body, 'reason', reason,
+-- ``keep``: with a body longer than this, only its first ``keep`` bytes are
+-- recorded, beside its size and SHA-1 (an oversized entry).
+local function dead_letter(topic, group, message_id, body, reason, deliveries, at_ms, keep)
+  local kept = body
+  if keep and #body > keep then kept = string.sub(body, 1, keep) end
+  local fields = {'topic', topic, 'group', group, 'body', kept, 'reason', reason,
                   'deliveries', tostring(deliveries), 'dead_at', string.format('%.3f', at_ms / 1000)}
+  if kept ~= body then
+    fields[#fields + 1] = 'size'
+    fields[#fields + 1] = tostring(#body)
+    fields[#fields + 1] = 'sha1'
+    fields[#fields + 1] = redis.sha1hex(body)
+  end
   if message_id then
     fields[#fields + 1] = 'message_id'
     fields[#fields + 1] = message_id
@@ -124,23 +134,29 @@ end
 """
 
 # ARGV: consumer, limit, max_deliveries, move_delayed (0/1), min_idle_ms,
-# then per stream: key, topic, group, claim (0/1), XAUTOCLAIM cursor.
-# Returns {deliveries, read_any, missing, cursors, tails, next_due_ms}; each
-# delivery is {stream index, entry id, message id, body, deliveries, duplicate}; tails
-# (each stream's last entry id) only if every stream was read to its end.
+# max_size (0: none), bytes kept of an oversized entry, then per stream: key,
+# topic, group, claim (0/1), XAUTOCLAIM cursor.
+# Returns {deliveries, read_any, missing, cursors, tails, next_due_ms, buried};
+# each delivery is {stream index, entry id, message id, body, deliveries,
+# duplicate}; tails (each stream's last entry id) only if every stream was
+# read to its end; buried lists what this call dead-lettered, each as
+# {topic, group, entry id, reason}, for the caller to log.
 FETCH = COMMON + r"""
 local consumer = ARGV[1]
 local remaining = tonumber(ARGV[2])
 local max_deliveries = tonumber(ARGV[3])
 local move_delayed = ARGV[4] == '1'
 local min_idle = tonumber(ARGV[5])
+local max_size = tonumber(ARGV[6])
+local keep = tonumber(ARGV[7])
 local streams = {}
-for i = 6, #ARGV, 5 do
+for i = 8, #ARGV, 5 do
   streams[#streams + 1] = {key = ARGV[i], topic = ARGV[i + 1], group = ARGV[i + 2],
                            claim = ARGV[i + 3] == '1', cursor = ARGV[i + 4]}
 end
 local now = now_ms()
 local next_due = -1
+local buried = {}
 
 if move_delayed then
   local dkey = delayed_key()
@@ -155,7 +171,8 @@ if move_delayed then
       redis.call('XADD', stream_key(head[1], group), '*', 'id', head[3],
                  'body', string.sub(member, cut + 1))
     else
-      dead_letter('', '', false, member, 'unreadable delayed message', 0, now)
+      dead_letter('', '', false, member, 'unreadable delayed message', 0, now, keep)
+      buried[#buried + 1] = {'', '', '', 'unreadable delayed message'}
     end
     redis.call('ZREM', dkey, member)
   end
@@ -170,12 +187,21 @@ local function examine(index, s, eid, flat, count)
   for i = 1, #flat, 2 do
     if flat[i] == 'id' then mid = flat[i + 1] elseif flat[i] == 'body' then body = flat[i + 1] end
   end
-  if mid == nil or body == nil then
-    local reason = 'unreadable entry: missing field "body"'
-    if mid == nil then reason = 'unreadable entry: missing field "id"' end
-    dead_letter(s.topic, s.group, mid or false, body or '', reason, count, now)
+  local reason
+  if mid == nil then
+    reason = 'unreadable entry: missing field "id"'
+  elseif body == nil then
+    reason = 'unreadable entry: missing field "body"'
+  elseif max_size > 0 and #body > max_size then
+    -- Redis hands a script whole entries, but the consumer never gets this one.
+    reason = 'oversized entry: ' .. #body .. ' bytes, over the ' .. max_size .. '-byte limit'
   elseif count > max_deliveries then
-    dead_letter(s.topic, s.group, mid, body, 'max deliveries exceeded', count - 1, now)
+    reason = 'max deliveries exceeded'
+    count = count - 1
+  end
+  if reason then
+    dead_letter(s.topic, s.group, mid or false, body or '', reason, count, now, keep)
+    buried[#buried + 1] = {s.topic, s.group, eid, reason}
   else
     -- An id already settled in this group is handed out marked (1), not
     -- dropped: only the consumer can read the body and see whether it is
@@ -242,7 +268,7 @@ if drained and remaining > 0 and #missing == 0 then
     if #last > 0 then tails[index] = last[1][1] else tails[index] = '0-0' end
   end
 end
-return {out, read_any, missing, cursors, tails, next_due}
+return {out, read_any, missing, cursors, tails, next_due, buried}
 """
 
 # One commit's arguments (``commit_args``), seen as ``ARGV`` inside ``commit``.

@@ -67,6 +67,7 @@ from redis import exceptions as rexc
 from brokers import redis_admin
 from brokers import redis_scripts as lua
 from brokers.base import (
+    DEAD_LETTER_KEPT,
     BrokerError,
     CommitStatus,
     Delivery,
@@ -74,6 +75,7 @@ from brokers.base import (
     StateWrite,
     Subscription,
     check_name,
+    log_dead_letter,
     new_delivery,
 )
 from brokers.messages import Start
@@ -297,8 +299,9 @@ class RedisStreamsBroker(redis_admin.RedisAdmin):
         *,
         limit: int,
         timeout: float,
+        max_size: int | None = None,
     ) -> list[Delivery]:
-        """Hand out up to ``limit`` deliveries (see ``Broker.fetch``).
+        """Hand out up to ``limit`` deliveries (see ``Transport.fetch``).
 
         Connection trouble (Redis down, loading, busy) is logged once per
         outage and backed off; meanwhile ``fetch`` returns ``[]``.
@@ -322,7 +325,7 @@ class RedisStreamsBroker(redis_admin.RedisAdmin):
                 # fewer per hand-out while events trickle in).
                 tails = self._drained.pop(slot_set := self._slot_set(streams), None)
                 if tails is None or self._timers_due(streams, time.monotonic()):
-                    found, tails = await self._fetch_once(consumer, streams, limit)
+                    found, tails = await self._fetch_once(consumer, streams, limit, max_size)
                     self._outage.ended()
                     if found:
                         if tails is not None:
@@ -338,7 +341,7 @@ class RedisStreamsBroker(redis_admin.RedisAdmin):
                 if wait > 0:
                     # Block on XREAD and have the same connection read through
                     # the groups the moment it wakes: one round trip.
-                    args, _ = self._fetch_args(consumer, streams, limit, now, False)
+                    args, _ = self._fetch_args(consumer, streams, limit, max_size, now, False)
                     reply = await wait_then_fetch(self._free_line(), tails, wait, self._fetch_sha, args)
                     if reply is not None:
                         found, tails = await self._fetch_reply(consumer, streams, reply, False)
@@ -379,14 +382,14 @@ class RedisStreamsBroker(redis_admin.RedisAdmin):
         return any(now >= due.get(slot(s), now) for s in streams)
 
     def _fetch_args(
-        self, consumer: str, streams: list[Stream], limit: int, now: float, timers: bool
+        self, consumer: str, streams: list[Stream], limit: int, max_size: int | None, now: float, timers: bool
     ) -> tuple[list[Any], bool]:
         """FETCH's ARGV, and whether it moves delayed messages; without
         ``timers`` it only reads (no delayed moves, no reclaims)."""
         move_delayed = timers and now >= self._delayed_due
         args: list[Any] = [
             consumer, limit, self.max_deliveries, int(move_delayed),
-            round(self.visibility_timeout * 1000),
+            round(self.visibility_timeout * 1000), max_size or 0, DEAD_LETTER_KEPT,
         ]
         for s in streams:
             key = slot(s)
@@ -397,10 +400,10 @@ class RedisStreamsBroker(redis_admin.RedisAdmin):
         return args, move_delayed
 
     async def _fetch_once(
-        self, consumer: str, streams: list[Stream], limit: int
+        self, consumer: str, streams: list[Stream], limit: int, max_size: int | None
     ) -> tuple[list[Delivery], dict[str, str] | None]:
         now = time.monotonic()
-        args, move_delayed = self._fetch_args(consumer, streams, limit, now, True)
+        args, move_delayed = self._fetch_args(consumer, streams, limit, max_size, now, True)
         if self.options.maxlen is not None and now >= self._trim_due:
             self._trim_due = now + _TRIM_INTERVAL
             await self.trim()
@@ -416,7 +419,9 @@ class RedisStreamsBroker(redis_admin.RedisAdmin):
         self, consumer: str, streams: list[Stream], reply: Any, move_delayed: bool
     ) -> tuple[list[Delivery], dict[str, str] | None]:
         """Deliveries from a FETCH reply, and the stream tails if it drained them."""
-        out, read_any, missing, cursors, tails, next_due = reply
+        out, read_any, missing, cursors, tails, next_due, buried = reply
+        for topic, group, entry, reason in buried:
+            log_dead_letter(log, text(topic), text(group), text(entry), text(reason))
         for s, cursor in zip(streams, cursors, strict=True):
             self._cursors[slot(s)] = text(cursor)
         if move_delayed:

@@ -150,6 +150,8 @@ def dead_letter_record(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLette
         reason=text(fields.get(b"reason", b"")),
         deliveries=int(fields.get(b"deliveries", b"0")),
         dead_at=float(fields.get(b"dead_at", b"0")),
+        size=int(fields[b"size"]) if b"size" in fields else None,
+        sha1=text(fields[b"sha1"]) if b"sha1" in fields else None,
     )
 
 

@@ -168,10 +168,17 @@ async def replay_dead_letters(
     group that gave up on them.
 
     ``progress(item, replayed)`` is called after each one. Returns how many
-    were replayed and the ids that did not exist.
+    were replayed and the ids that did not exist. Replaying every one skips
+    those that keep only a prefix of an oversized entry (nothing whole to
+    publish again); naming one raises.
+
+    Raises:
+        BrokerUnavailable: the broker failed, or refused a named dead letter.
     """
     replayed, missing = 0, []
-    targets: Sequence[DeadLetter | str] = await dead_letters(broker, MAX_LISTED) if ids is None else ids
+    targets: Sequence[DeadLetter | str] = ids if ids is not None else [
+        d for d in await dead_letters(broker, MAX_LISTED) if d.size is None
+    ]
     for item in targets:
         key = item.id if isinstance(item, DeadLetter) else item
         done = await broker.replay(key)

@@ -194,6 +194,8 @@ def dlq_show(dead_letter_id: Annotated[str, typer.Argument(metavar="ID")], broke
         letter = asyncio.run(go())
     typer.echo(f"id:        {letter.id}\ntopic:     {letter.topic}\ngroup:     {letter.group or '-'}")
     typer.echo(f"attempts:  {letter.attempts}\nreason:    {letter.reason}")
+    if letter.size is not None:
+        typer.echo(f"size:      {letter.size} bytes (the first {len(letter.raw)} kept)\nsha1:      {letter.sha1}")
     if letter.event is None:
         typer.echo(f"raw:       {letter.raw[:2000]!r}")
         return

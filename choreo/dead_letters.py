@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import attrs
 
 from brokers import DeadLetterRecord
@@ -20,9 +22,12 @@ class DeadLetter:
         topic: The event type (stream) it came from.
         group: The consumer group (``service.handler``) that gave up on it.
         event: The decoded event, or ``None`` if the bytes are not a valid event.
-        raw: The original bytes.
+        raw: The original bytes (only the first ``brokers.DEAD_LETTER_KEPT``
+            of an oversized entry: then ``size`` and ``sha1`` are set).
         reason: Why, in words.
         attempts: How many times it had been delivered or tried.
+        size: The whole entry's size in bytes when ``raw`` is a prefix of it.
+        sha1: The whole entry's SHA-1 (hex) when ``raw`` is a prefix of it.
     """
 
     id: str
@@ -32,15 +37,20 @@ class DeadLetter:
     raw: bytes = attrs.field(repr=False)
     reason: str
     attempts: int
+    size: int | None = None
+    sha1: str | None = None
 
     def __str__(self) -> str:
         return f"{self.topic} ({self.group or 'no group'}): {self.reason}"
 
     @classmethod
     def from_record(cls, record: DeadLetterRecord) -> DeadLetter:
-        try:
-            event: Event | None = decode_event(record.body)
-        except DecodeError:
-            event = None
+        event: Event | None = None
+        if record.size is None:  # a prefix of an oversized entry is no event
+            with contextlib.suppress(DecodeError):
+                event = decode_event(record.body)
         attempts = max(record.deliveries, event.attempt if event else 0)
-        return cls(record.id, record.topic, record.group, event, record.body, record.reason, attempts)
+        return cls(
+            record.id, record.topic, record.group, event, record.body, record.reason, attempts, record.size,
+            record.sha1,
+        )

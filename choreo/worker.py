@@ -194,7 +194,8 @@ class Runtime:
                 continue
             try:
                 deliveries = await self.broker.fetch(
-                    self.consumer, self.subscriptions, limit=min(free, 100), timeout=self.poll_interval
+                    self.consumer, self.subscriptions, limit=min(free, 100), timeout=self.poll_interval,
+                    max_size=self.outbox.max_size,
                 )
                 if ACTIVE and deliveries:
                     await hit("worker.after_fetch")

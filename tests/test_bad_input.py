@@ -3,14 +3,15 @@ letter (or a clear exception at publish time), and good events keep flowing."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from typing import Any
 
 import pytest
 
-from brokers import Message
-from choreo import App, DecodeError
+from brokers import DEAD_LETTER_KEPT, BrokerError, Message
+from choreo import App, DecodeError, admin
 from choreo.testing import run_apps
 
 
@@ -92,6 +93,29 @@ async def test_oversized_message_is_dead_lettered_before_parsing(broker_url: str
     [dead] = env.dead_letters()
     assert "over the 1024-byte limit" in dead.reason
     assert [d["n"] for d in seen] == [0]
+
+
+async def test_an_oversized_entry_leaves_a_bounded_dead_letter_with_its_size_and_digest(
+    broker_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 3 MB entry over the 1 MiB limit never reaches the worker: the broker
+    dead-letters its first bytes, size and SHA-1, logs it, refuses to replay
+    it, and the events around it flow."""
+    app, seen = counting_app()
+    big = json.dumps({"type": "payment.recorded", "id": "big", "data": {"blob": "x" * 3_000_000}}).encode()
+    async with run_apps(app, broker=broker_url) as env:
+        await env.broker.publish([Message("payment.recorded", "big", big)])
+        await env.broker.publish([Message("payment.recorded", "good-0", good(0))])
+        await env.settle()
+        [dead] = env.dead_letters()
+        with pytest.raises(BrokerError, match="cannot be replayed"):
+            await env.broker.replay(dead.id)
+        assert [d.id for d in await admin.dead_letters(env.broker)] == [dead.id]
+    assert [d["n"] for d in seen] == [0]
+    assert dead.raw == big[:DEAD_LETTER_KEPT] and dead.event is None
+    assert (dead.size, dead.sha1) == (len(big), hashlib.sha1(big).hexdigest())
+    assert dead.reason == f"oversized entry: {len(big)} bytes, over the 1048576-byte limit"
+    assert any(dead.reason in r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
 
 
 async def test_publish_refuses_what_cannot_go_on_the_wire(broker_url: str) -> None:

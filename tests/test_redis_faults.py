@@ -526,6 +526,10 @@ def test_malformed_entries_are_dead_lettered_on_first_delivery_and_the_worker_ke
     check_exactly_once(server, ledger, first + later)
     assert worker.process.poll() is None and worker.process.pid == pid
     assert not [line for line in worker.lines if "Traceback" in line], worker.output
+    # What the fetch script dead-letters by itself is logged as well, one line each.
+    for reason in {fields["reason"] for fields in dead}:
+        expected = sum(fields["reason"] == reason for fields in dead)
+        assert sum(reason in line for line in worker.lines) == expected, (reason, worker.output)
 
 
 # -- T3: SIGTERM with handlers in flight ----------------------------------------------------
