@@ -8,7 +8,7 @@ import attrs
 
 from brokers.base import BrokerError
 
-__all__ = ("BrokerOptions", "parse_url", "redact_url")
+__all__ = ("REDIS_CONNECTION_OPTIONS", "BrokerOptions", "parse_url", "redact_url")
 
 
 @attrs.frozen
@@ -51,22 +51,39 @@ _CONVERTERS = {
 }
 
 
+#: Connection options of redis-py that a ``redis://`` / ``rediss://`` URL may
+#: carry beside choreo's own (TLS files, timeouts, the client name...).
+REDIS_CONNECTION_OPTIONS = frozenset({
+    "db", "client_name", "health_check_interval", "max_connections", "protocol", "retry_on_timeout",
+    "socket_connect_timeout", "socket_keepalive", "socket_timeout", "ssl_ca_certs", "ssl_ca_data", "ssl_ca_path",
+    "ssl_cert_reqs", "ssl_certfile", "ssl_check_hostname", "ssl_ciphers", "ssl_keyfile", "ssl_min_version",
+    "ssl_password",
+})
+_ADAPTER_OPTIONS = {"redis": REDIS_CONNECTION_OPTIONS, "rediss": REDIS_CONNECTION_OPTIONS}
+
+
 def parse_url(url: str) -> tuple[str, BrokerOptions]:
     """Split a broker URL into its scheme and delivery options.
 
-    Unknown query parameters are left for the adapter (e.g. Redis TLS options)
-    only if the adapter asks for them; here they are ignored.
+    Query parameters are choreo's options (``BrokerOptions``) or, on Redis,
+    redis-py's connection options (``REDIS_CONNECTION_OPTIONS``), which the
+    adapter passes on; anything else is refused by name.
 
     Raises:
-        BrokerError: no scheme, or an option that does not parse or is out of range.
+        BrokerError: no scheme, an unknown option, or an option that does
+            not parse or is out of range.
     """
     parts = urlsplit(url)
     if not parts.scheme:
         raise BrokerError(f"broker URL {url!r} has no scheme: use memory://, redis:// or rediss://")
+    passed_on = _ADAPTER_OPTIONS.get(parts.scheme, frozenset())
     values: dict[str, object] = {}
-    for name, raw in parse_qsl(parts.query):
+    for name, raw in parse_qsl(parts.query, keep_blank_values=True):
         convert = _CONVERTERS.get(name)
         if convert is None:
+            if name not in passed_on:
+                known = sorted({*_CONVERTERS, *passed_on})
+                raise BrokerError(f"unknown broker option {name!r} in {redact_url(url)}; known: {', '.join(known)}")
             continue
         try:
             values[name] = convert(raw)

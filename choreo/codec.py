@@ -109,7 +109,10 @@ def validate_event_type(event_type: object) -> str:
         return event_type
     if len(event_type) > MAX_TYPE_LENGTH or not EVENT_TYPE_PATTERN.fullmatch(event_type):
         shown = repr(event_type)[:80]
-        raise DecodeError(f"invalid event type {shown}: use dotted names of letters, digits, '_' and '-'")
+        raise DecodeError(
+            f"invalid event type {shown}: use dotted names of letters, digits, '_' and '-', "
+            "starting with a letter or digit"
+        )
     return remember(_valid_types, event_type, event_type)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 import time
@@ -157,15 +158,16 @@ class Runtime:
         ``causation_id``, ``saga_id`` and ``headers``.
 
         Raises:
-            DecodeError: invalid type name, data that is not JSON, or over the size limit.
+            DecodeError: invalid type name or id, data that is not JSON, or over the size limit.
+            ConfigurationError: a negative or non-finite ``delay``.
             BrokerUnavailable: the broker refused or failed.
         """
         validate_event_type(type)
         unknown = set(ids) - {"id", "correlation_id", "causation_id", "saga_id", "headers"}
         if unknown:
             raise TypeError(f"publish() got unexpected keyword arguments {sorted(unknown)}")
-        if delay is not None and delay < 0:
-            raise ValueError("delay must be >= 0")
+        if delay is not None and not 0 <= delay < math.inf:
+            raise ConfigurationError(f"delay must be a number of seconds >= 0, not {delay}")
         event = Event(type=type, data=data or {}, **{k: v for k, v in ids.items() if v is not None})
         await self.outbox.commit([(event, delay)])
         return event

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from tests.apps.lab import app
 from tests.redis_server import RedisServer, free_port
 from tests.test_network_faults import drained
 from tests.worker_process import WorkerProcess, scrape
+
+OPERATIONS = Path(__file__).resolve().parent.parent / "docs" / "operations.md"
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -144,3 +147,35 @@ async def test_worker_acl_user_works_cannot_overreach_and_leaks_no_secret(acl_se
         assert "worker:***@" in worker.output  # the URL is logged, redacted
     finally:
         worker.kill()
+
+
+TRACE_RULES = (
+    "on >r3ader-s3cret resetkeys %R~choreo:* resetchannels -@all +ping +hello +scan +xrange +xinfo|groups"
+    " +xpending +xlen +zrange +time +multi +exec"
+)
+
+
+def trace(url: str, correlation_id: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "choreo", "trace", correlation_id, "--broker", url],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+
+
+async def test_trace_says_in_one_line_what_a_user_may_not_run_and_works_read_only(acl_server: RedisServer) -> None:
+    """`choreo trace` with the worker's user (no SCAN) fails in one line naming the command;
+    with the read-only user docs/operations.md gives, it rebuilds a transaction."""
+    worker_url = f"redis://worker:w0rker-s3cret@127.0.0.1:{acl_server.port}/0"
+    async with run_apps(app, broker=worker_url) as env:
+        event = await env.publish("lab.job", {"job": "t1"})
+        await env.settle()
+    denied = trace(worker_url, event.correlation_id)
+    lines = denied.stderr.strip().splitlines()
+    assert denied.returncode == 1 and len(lines) == 1 and "Traceback" not in denied.stderr, denied.stderr
+    assert "no permissions to run the 'scan' command" in lines[0] and "w0rker-s3cret" not in lines[0]
+
+    acl_server.command("ACL", "SETUSER", "reader", *TRACE_RULES.split())
+    allowed = trace(f"redis://reader:r3ader-s3cret@127.0.0.1:{acl_server.port}/0", event.correlation_id)
+    assert allowed.returncode == 0, allowed.stderr
+    assert "lab.job" in allowed.stdout
+    assert "+scan +xrange +xinfo\\|groups +xpending +xlen +zrange +time" in OPERATIONS.read_text()
