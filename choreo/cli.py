@@ -66,7 +66,9 @@ def worker(
         int, typer.Option(help="First threshold of Python's garbage collector; 0 leaves Python's default (700).")
     ] = WORKER_GC_THRESHOLD,
 ) -> None:
-    """Run apps until SIGINT/SIGTERM, then drain in-flight handlers and exit 0."""
+    """Run apps until SIGINT/SIGTERM, then drain in-flight handlers and exit: 0 after a
+    clean drain, 3 if handlers still running after --grace were cancelled (their
+    events are redelivered), 2 on a configuration error, 1 on any other failure."""
     from choreo.logs import configure_logging
     from choreo.supervisor import WorkerOptions, run_worker, supervise
 
@@ -81,10 +83,7 @@ def worker(
         health_interval=health_interval, gc_threshold=gc_threshold,
     )
     with errors():
-        if workers == 1:
-            run_worker(options)
-            return
-        code = supervise(options, workers)
+        code = run_worker(options) if workers == 1 else supervise(options, workers)
     if code:
         raise typer.Exit(code)
 

@@ -34,12 +34,16 @@ if TYPE_CHECKING:
     from choreo.lifecycle import Running
     from choreo.metrics import MetricsServer
 
-__all__ = ("WORKER_GC_THRESHOLD", "WorkerOptions", "run_worker", "supervise", "tune_collector")
+__all__ = ("CUT_SHORT_EXIT", "WORKER_GC_THRESHOLD", "WorkerOptions", "run_worker", "supervise", "tune_collector")
 
 log = logging.getLogger("choreo.supervisor")
 
 #: Exit code of a child that was misconfigured: restarting it cannot help.
 CONFIG_EXIT = 2
+#: Exit code of a worker whose drain outlived ``--grace``: it cancelled
+#: handlers (their events are redelivered, nothing is lost), so the stop was
+#: not clean; a supervisor can act on it (alert, lengthen the stop timeout).
+CUT_SHORT_EXIT = 3
 #: Seconds between restarts of a crashed child.
 RESTART_DELAY = 1.0
 
@@ -115,8 +119,12 @@ def _serve_metrics(registry: object, options: WorkerOptions) -> MetricsServer | 
     return server
 
 
-def run_worker(options: WorkerOptions) -> None:
+def run_worker(options: WorkerOptions) -> int:
     """Run the apps in this process until SIGTERM/SIGINT, then drain.
+
+    Returns:
+        The process's exit code: 0 after a clean drain, ``CUT_SHORT_EXIT``
+        when handlers were cancelled past the grace period.
 
     Raises:
         ConfigurationError: a target cannot be loaded, or the metrics port cannot be bound.
@@ -147,10 +155,15 @@ def run_worker(options: WorkerOptions) -> None:
         runtime = attrs.evolve(runtime, middleware=(metrics, SagaMetrics(metrics), *runtime.middleware),
                                lifespan=(*runtime.lifespan, watch_health))
     try:
-        asyncio.run(serve(apps, broker=options.broker, options=runtime))
+        cancelled = asyncio.run(serve(apps, broker=options.broker, options=runtime))
     finally:
         if server is not None:
             server.close()
+    if cancelled:
+        log.warning("exiting with code %d: %d handlers were cancelled past the grace period", CUT_SHORT_EXIT,
+                    cancelled)
+        return CUT_SHORT_EXIT
+    return 0
 
 
 class _Children:

@@ -96,6 +96,9 @@ class Runtime:
         self._in_flight: dict[int, tuple[asyncio.Task[None], Delivery, float]] = {}
         self._slot_freed = asyncio.Event()
         self._stopping = False
+        #: Handlers cancelled by ``stop`` because they outlived the grace
+        #: period (their deliveries stay unacked and are redelivered).
+        self.cancelled = 0
         self._loops: list[asyncio.Task[None]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._lifespans = contextlib.AsyncExitStack()
@@ -256,6 +259,7 @@ class Runtime:
             log.info("draining %d in-flight handlers (grace %.1fs)", len(pending), grace)
             _, still = await asyncio.wait(pending, timeout=grace)
             if still:
+                self.cancelled = len(still)
                 log.warning("cancelling %d handlers still running after %.1fs; they will be redelivered",
                             len(still), grace)
                 left = await cancel_and_wait(still, _CANCEL_WAIT)
@@ -323,12 +327,16 @@ async def serve(
     options: RuntimeOptions | None = None,
     ready: asyncio.Event | None = None,
     **overrides: Any,
-) -> None:
+) -> int:
     """Run ``apps`` until SIGINT or SIGTERM, then drain and return.
 
     This is what ``choreo worker`` runs; signal handling lives here so tests
     can reach it. Options as for ``run``; work that runs beside the apps (a
     metrics poller) is a ``lifespan`` hook starting a task.
+
+    Returns:
+        How many handlers were cancelled because the drain outlived the
+        grace period (0: a clean drain).
     """
     import signal
 
@@ -353,3 +361,4 @@ async def serve(
     finally:
         for signum in installed:
             loop.remove_signal_handler(signum)
+    return runtime.cancelled

@@ -9,6 +9,7 @@ import pytest
 
 import brokers
 from brokers import Subscription
+from choreo.supervisor import CUT_SHORT_EXIT
 from tests.redis_server import RedisServer, free_port
 from tests.worker_process import WorkerProcess, choreo, sample, scrape, wait_until
 
@@ -136,7 +137,8 @@ def test_metrics_port_in_use_is_one_clear_line(redis_url: str) -> None:
 
 def test_sigterm_does_not_wait_for_a_sync_handler_past_the_grace_period(redis_url: str, tmp_path: Path) -> None:
     """A sync handler still blocking its thread after the grace period neither keeps
-    the worker alive nor is acked: the worker exits 0 promptly, the delivery stays pending."""
+    the worker alive nor is acked: the worker exits promptly with code 3 (a drain cut
+    short, not a clean one), the delivery stays pending."""
     ledger = tmp_path / "ledger"
     worker = WorkerProcess("tests.apps.blocking:app", "--broker", redis_url, "--grace", "0.5").start()
     try:
@@ -146,7 +148,7 @@ def test_sigterm_does_not_wait_for_a_sync_handler_past_the_grace_period(redis_ur
         wait_until(lambda: "started R-1" in lines(ledger), message="handler started")
     finally:
         code = worker.terminate(timeout=10)
-    assert code == 0, worker.output
+    assert code == CUT_SHORT_EXIT == 3, worker.output
     assert asyncio.run(pending(redis_url, "report.requested", "reports.build_report")) == 1
 
 

@@ -565,7 +565,8 @@ def test_sigterm_past_the_grace_period_leaves_the_rest_for_redelivery(
     server: RedisServer, fleet: Fleet, tmp_path: Path
 ) -> None:
     """Handlers still running when the grace period ends are cancelled without
-    an ack; the worker still exits 0, and a restarted worker finishes them."""
+    an ack; the worker exits with code 3 (cut short, not clean), and a
+    restarted worker finishes them."""
     ledger = Ledger(tmp_path / "ledger")
     visibility = 1.0
     url = url_of(server, f"visibility_timeout={visibility}")
@@ -576,8 +577,9 @@ def test_sigterm_past_the_grace_period_leaves_the_rest_for_redelivery(
     slow = publish_jobs(url, [{"ledger": str(ledger.path), "hold": str(hold)}] * 10)
     wait_until(lambda: set(slow) <= set(ledger.starts), message="slow handlers in flight")
     wait_until(lambda: set(quick) <= set(ledger.effects), message="quick handlers done")
-    assert worker.terminate(timeout=15) == 0, worker.output
+    assert worker.terminate(timeout=15) == 3, worker.output
     assert "cancelling 10 handlers still running" in worker.output
+    assert "exiting with code 3: 10 handlers were cancelled past the grace period" in worker.output
     assert not set(slow) & set(ledger.effects)
     hold.unlink()
 
