@@ -62,10 +62,13 @@ class SagaStep:
         action: The action to run.
         compensation: The action that undoes it, or ``None``.
         timeout: Seconds per attempt, from the moment the command is
-            published; no reply by then is a failed attempt.
+            published; no reply by then is a failed attempt. ``None`` waits
+            forever, on purpose (the default never hangs a saga).
         retry_count: Attempts after the first (for the action, the fallback
             and the compensation alike).
-        retry_delay: Base of the exponential backoff between attempts, seconds.
+        retry_delay: Base of the backoff between attempts, seconds: the
+            delay doubles after each failed attempt, with the handlers'
+            jitter (x0.75 to x1.25); ``0`` retries at once.
         fallback: An action to run once the action's attempts are spent
             (forward recovery); if it succeeds the step counts as done.
         compensatable: ``False`` for steps that cannot be undone (an email
@@ -93,9 +96,9 @@ class SagaStep:
         action: str,
         compensation: str | None = None,
         *,
-        timeout: float | None = None,
-        retry_count: int = 0,
-        retry_delay: float = 0.0,
+        timeout: float | None = 30.0,
+        retry_count: int = 3,
+        retry_delay: float = 1.0,
         fallback: str | None = None,
         compensatable: bool = True,
         **unknown: Any,

@@ -31,9 +31,11 @@ coordinator = SagaCoordinator(orders, sweep_interval=1.0)
 coordinator.define_saga(
     SAGA,
     [
-        SagaStep("create", "fault_participants", "create_order", "cancel_order"),
-        SagaStep("reserve", "fault_participants", "reserve_stock", "release_stock"),
-        SagaStep("pay", "fault_participants", "charge", "refund"),
+        # No step timeouts: a killed coordinator's sagas are finished by the
+        # survivor's redelivery and sweeper, and a declined charge is final.
+        SagaStep("create", "fault_participants", "create_order", "cancel_order", timeout=None, retry_count=0),
+        SagaStep("reserve", "fault_participants", "reserve_stock", "release_stock", timeout=None, retry_count=0),
+        SagaStep("pay", "fault_participants", "charge", "refund", timeout=None, retry_count=0),
     ],
 )
 
