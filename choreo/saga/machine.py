@@ -7,8 +7,8 @@ transition happens entirely or not at all.
 
 Every command carries a ``token``; the record remembers the token of the one
 command it waits for. A reply or timer with another token is stale (a late or
-duplicate reply) and changes nothing, except that a late success of a step
-that was given up on gets that step's compensation sent.
+duplicate reply) and changes nothing, except that a success the saga does not
+keep gets the step's compensation sent, once per reply (``choreo.saga.late``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 
 from choreo.dispatcher import backoff_delay
+from choreo.saga import late
 from choreo.saga.definition import SagaDefinition, SagaState, StepStatus
 from choreo.saga.record import Kind, Phase, SagaRecord
 from choreo.saga.topics import command_topic, lifecycle_topic, reply_topic, timeout_topic
@@ -99,10 +100,10 @@ class SagaRun:
             log.warning("[SAGA-%s] ignoring a reply for unknown step %r", self.saga_id, reply.get("step"))
             return []
         if kind == Kind.LATE:
-            return self._late_compensated(index, reply)
+            return self._finish() if late.on_late_compensated(self, index, reply) else []
         if self.state.terminal or reply.get("token") != self.record.token or index != self.record.cursor:
             if reply.get("outcome") == "succeeded" and kind in (Kind.ACTION, Kind.FALLBACK):
-                return self._late_success(index, reply)
+                return self._finish() if late.on_late_success(self, index, reply) else []
             log.info("[SAGA-%s] ignoring a stale or duplicate reply from step %s", self.saga_id, reply.get("step"))
             return []
         self.detail(
@@ -172,6 +173,8 @@ class SagaRun:
             return
         state.status = StepStatus.SUCCEEDED
         state.error = None
+        state.kept, state.kept_kind = self.record.token, self.record.kind
+        late.drop_held(state, self.record.kind or Kind.ACTION)
         suffix = " (fallback)" if self.record.kind is Kind.FALLBACK else ""
         self.trace(f"Step {index + 1}/{total}: {step.name} - COMPLETED{suffix}")
         if index + 1 < total:
@@ -211,6 +214,7 @@ class SagaRun:
 
     def _step_failed(self, index: int, error: dict[str, Any]) -> None:
         state = self.record.steps[index]
+        late.release_held(self, index)
         state.status = StepStatus.FAILED
         state.error = error
         state.finished_at = self.now
@@ -244,34 +248,6 @@ class SagaRun:
         else:
             self._end(SagaState.COMPENSATED, "Saga compensated successfully")
 
-    def _late_success(self, index: int, reply: dict[str, Any]) -> list[Out]:
-        """A step given up on (timed out) completed after all: undo it, once."""
-        step, state = self.definition.steps[index], self.record.steps[index]
-        if state.status is not StepStatus.FAILED or step.compensation is None or state.late is not None:
-            log.info("[SAGA-%s] ignoring a stale or duplicate reply from step %s", self.saga_id, step.name)
-            return []
-        state.late = StepStatus.COMPENSATING
-        log.warning("[SAGA-%s] step %s completed after it was given up on; compensating it", self.saga_id, step.name)
-        result = reply.get("result")
-        data = {**self.record.data, **(result if isinstance(result, dict) else {})}
-        self.out.append(self._command(index, Kind.LATE, 1, None, data=data))
-        return self._finish()
-
-    def _late_compensated(self, index: int, reply: dict[str, Any]) -> list[Out]:
-        state = self.record.steps[index]
-        if state.late is not StepStatus.COMPENSATING:
-            return []
-        succeeded = reply.get("outcome") == "succeeded"
-        state.late = StepStatus.COMPENSATED if succeeded else StepStatus.COMPENSATION_FAILED
-        if not succeeded:
-            log.error(
-                "[SAGA-%s] compensation of the late step %s failed: %s",
-                self.saga_id,
-                self.definition.steps[index].name,
-                (reply.get("error") or {}).get("message"),
-            )
-        return self._finish()
-
     def _end(self, state: SagaState, line: str) -> None:
         self.record.state = state
         self.record.phase = Phase.DONE
@@ -286,22 +262,25 @@ class SagaRun:
         step, state, record = self.definition.steps[index], self.record.steps[index], self.record
         record.token += 1
         record.cursor, record.kind, record.attempt = index, kind, attempt
+        if state.held:
+            late.release_held(self, index, keep_kind=kind)  # held successes of another command are not kept
         if kind is Kind.ACTION or kind is Kind.FALLBACK:
             state.status = StepStatus.RUNNING
             if count:
                 state.attempts += 1
             if state.started_at is None:
                 state.started_at = self.now
-        self.out.append(self._command(index, kind, attempt, delay))
+        self.out.append(self.command(index, kind, attempt, delay))
         record.due_at = None
         if step.timeout is not None:
             after = (delay or 0.0) + step.timeout
             record.due_at = self.now + after
             self.out.append(Out(timeout_topic(self.definition.name), self._timer_data("step", index), after))
 
-    def _command(
+    def command(
         self, index: int, kind: Kind, attempt: int, delay: float | None, data: dict[str, Any] | None = None
     ) -> Out:
+        """The command of step ``index`` running ``kind`` (with the saga's data, or ``data``)."""
         step = self.definition.steps[index]
         action = {
             Kind.ACTION: step.action,

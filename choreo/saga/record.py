@@ -60,9 +60,24 @@ class Phase(enum.StrEnum):
 class StepRecord:
     """One step of a stored saga.
 
+    A success reply the saga does not keep (late, after its attempt timed
+    out, or after the step's compensation began) is a *late success*: each
+    one is undone by its own compensation command (see ``choreo.saga.late``).
+
     Attributes:
-        late: Where undoing a late success stands (``compensating``,
-            ``compensated`` or ``compensation_failed``), or ``None``.
+        late: Where undoing the late successes stands (``compensating``
+            while any is outstanding, then ``compensated`` or
+            ``compensation_failed``), or ``None`` if there were none.
+        kept: The token of the command whose success the step kept.
+        kept_kind: What that command ran (``action`` or ``fallback``).
+        late_seen: Tokens of the late successes seen, so that a redelivered
+            reply is undone once.
+        held: Late successes of an attempt of the command still running
+            (``token``, ``kind``, ``result``): the same effect as that
+            command's (same idempotency key), so they are undone only if
+            the command does not succeed.
+        late_open: Compensation commands for late successes still unanswered.
+        late_failed: How many of those commands replied with a failure.
     """
 
     name: str
@@ -72,9 +87,15 @@ class StepRecord:
     started_at: float | None = None
     finished_at: float | None = None
     late: StepStatus | None = None
+    kept: int | None = None
+    kept_kind: str | None = None
+    late_seen: list[int] = attrs.Factory(list)
+    held: list[dict[str, Any]] = attrs.Factory(list)
+    late_open: int = 0
+    late_failed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "name": self.name,
             "status": self.status.value,
             "attempts": self.attempts,
@@ -83,6 +104,14 @@ class StepRecord:
             "finished_at": self.finished_at,
             "late": None if self.late is None else self.late.value,
         }
+        # Written only when set: most steps never see a late reply.
+        if self.kept is not None:
+            data.update(kept=self.kept, kept_kind=self.kept_kind)
+        if self.late_seen:
+            data.update(late_seen=self.late_seen, late_open=self.late_open, late_failed=self.late_failed)
+        if self.held:
+            data["held"] = self.held
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], name: str = "") -> StepRecord:
@@ -96,6 +125,12 @@ class StepRecord:
             data.get("started_at"),
             data.get("finished_at"),
             None if late is None else StepStatus(late),
+            data.get("kept"),
+            data.get("kept_kind"),
+            list(data.get("late_seen", ())),
+            list(data.get("held", ())),
+            data.get("late_open", 0),
+            data.get("late_failed", 0),
         )
 
 
