@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from brokers import CommitStatus, StateWrite
+from choreo import logs
 from choreo.context import Context
 from choreo.errors import ChoreoError, ConfigurationError
 from choreo.events import Event, new_event_id
@@ -179,12 +180,17 @@ class SagaCoordinator:
         saga_id: str | None = None,
         wait: bool = True,
         timeout: float | None = None,
+        correlation_id: str | None = None,
     ) -> SagaResult:
         """Start saga ``name`` with ``data``; the coordinator's app must be running.
 
         The record, the ``started`` event, the first command and its timer
         are committed in one step. A ``saga_id`` that exists already is not
         started again: the call returns (or waits for) that saga.
+
+        Every event of the saga (commands, replies, timers, lifecycle events)
+        carries ``correlation_id``; by default that of the event whose
+        handler is starting the saga, else the saga id.
 
         Returns:
             The saga when it ends (``wait=True``), or as started.
@@ -199,7 +205,10 @@ class SagaCoordinator:
         saga_id = saga_id or new_event_id()
         if not isinstance(saga_id, str) or not _SAGA_ID.match(saga_id):
             raise ConfigurationError(f"saga_id {saga_id!r} must be 1-128 letters, digits or '._:-'")
-        record = new_record(definition, saga_id, dict(data or {}), time.time())
+        if correlation_id is None:
+            handling = logs.current()
+            correlation_id = handling.correlation_id if handling is not None else None
+        record = new_record(definition, saga_id, dict(data or {}), time.time(), correlation_id)
         lines: list[tuple[str, str]] = []
         outs = SagaRun(definition, record, time.time(), lambda i, line: lines.append((i, line)), self._detail).start()
         future = self._waiters.add(saga_id) if wait else None
@@ -207,7 +216,7 @@ class SagaCoordinator:
             if ACTIVE:
                 await hit("saga.before_state_write", name)
             status = await runtime.commit(
-                self._events(outs, saga_id, correlation_id=saga_id),
+                self._events(outs, saga_id, correlation_id=record.correlation),
                 state=[StateWrite(self.key(saga_id), record.to_json(), 0)],
             )
             if ACTIVE:
@@ -270,7 +279,7 @@ class SagaCoordinator:
                 if ACTIVE:
                     await hit("saga.before_state_write", definition.name)
                 status = await runtime.commit(
-                    self._events(outs, saga_id, correlation_id=saga_id),
+                    self._events(outs, saga_id, correlation_id=record.correlation),
                     state=[StateWrite(self.key(saga_id), record.to_json(), stored.version)],
                 )
                 if ACTIVE:
@@ -307,7 +316,7 @@ class SagaCoordinator:
             log.warning("[SAGA-%s] overdue (%s); firing its timer", record.saga_id, kind)
             data = {"saga": record.name, "kind": kind, "token": record.token, "step": None}
             await runtime.publish(
-                timeout_topic(record.name), data, saga_id=record.saga_id, correlation_id=record.saga_id
+                timeout_topic(record.name), data, saga_id=record.saga_id, correlation_id=record.correlation
             )
             fired += 1
         return fired

@@ -220,6 +220,10 @@ class SagaResult:
         data: The start data with every action's returned dict merged in.
         error: Why it failed or compensated (``step``, ``type``, ``message``),
             or ``None``.
+        version: The version of the definition the saga runs on.
+        correlation_id: The correlation id of every event of the saga: the
+            one given to ``start_saga``, else that of the handler that
+            started it, else the saga id.
     """
 
     saga_id: str
@@ -228,6 +232,8 @@ class SagaResult:
     data: dict[str, Any]
     error: dict[str, Any] | None
     steps: tuple[StepResult, ...]
+    version: int = 1
+    correlation_id: str | None = None
 
     def step(self, name: str) -> StepResult:
         """The result of the step called ``name``.

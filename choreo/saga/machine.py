@@ -309,7 +309,13 @@ class SagaRun:
 
     def _lifecycle(self, what: str) -> None:
         record = self.record
-        data: dict[str, Any] = {"saga": self.definition.name, "saga_id": self.saga_id, "state": record.state.value}
+        data: dict[str, Any] = {
+            "saga": self.definition.name,
+            "saga_id": self.saga_id,
+            "state": record.state.value,
+            "version": record.version,
+            "correlation_id": record.correlation,
+        }
         if what != "started":
             data.update(
                 data=dict(record.data),

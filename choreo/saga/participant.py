@@ -100,7 +100,7 @@ def register_action(app: App, name: str, handler: Handler, *, service: str | Non
             interceptor = _interceptors.get(app.runtime) if _interceptors else None
             if interceptor is not None:
                 interceptor(service, name, dict(event.data))
-            kwargs = handler_arguments(params, event, ctx, event.data)
+            kwargs = handler_arguments(params, event, ActionContext.of(ctx, reply["attempt"]), event.data)
             if is_async:
                 result = await handler(**kwargs)
             else:
@@ -137,6 +137,29 @@ def register_action(app: App, name: str, handler: Handler, *, service: str | Non
         retry_delay=0.0,
     )
     return app.router.add(route)
+
+
+class ActionContext(Context):
+    """The context of an action: ``attempt`` is the step's attempt of this
+    action (1, 2, ...), not the broker's delivery count of this command."""
+
+    __slots__ = ("_attempt",)
+    _attempt: int
+
+    @classmethod
+    def of(cls, ctx: Context, attempt: int | None) -> Context:
+        """``ctx`` with the step's ``attempt``; staged state writes stay ``ctx``'s."""
+        if attempt is None:
+            return ctx
+        action = cls.__new__(cls)
+        for name in Context.__slots__:
+            setattr(action, name, getattr(ctx, name))  # the same staged-writes dict, not a copy
+        action._attempt = attempt
+        return action
+
+    @property
+    def attempt(self) -> int:
+        return self._attempt
 
 
 def _int(value: str | None) -> int | None:

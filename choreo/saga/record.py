@@ -149,6 +149,8 @@ class SagaRecord:
         deadline_at: When the whole saga times out, or ``None``.
         queue: Steps still to compensate, in order.
         schema: The record format (``SCHEMA`` once written by this release).
+        correlation_id: The correlation id of every event of the saga
+            (``None`` in records of the first release: the saga id).
     """
 
     saga_id: str
@@ -169,6 +171,12 @@ class SagaRecord:
     deadline_at: float | None = None
     queue: list[int] = attrs.Factory(list)
     schema: int = SCHEMA
+    correlation_id: str | None = None
+
+    @property
+    def correlation(self) -> str:
+        """The saga's correlation id (the saga id for records that stored none)."""
+        return self.correlation_id or self.saga_id
 
     def to_dict(self) -> dict[str, Any]:
         """The record as JSON-ready values, in the current schema."""
@@ -188,6 +196,7 @@ class SagaRecord:
             "due_at": self.due_at,
             "deadline_at": self.deadline_at,
             "queue": self.queue,
+            "correlation_id": self.correlation_id,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "steps": [step.to_dict() for step in self.steps],
@@ -228,6 +237,7 @@ class SagaRecord:
                 deadline_at=data.get("deadline_at"),
                 queue=list(data.get("queue", ())),
                 schema=schema,
+                correlation_id=data.get("correlation_id"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise DecodeError(f"invalid saga record: {type(exc).__name__}: {exc}") from None
@@ -255,8 +265,14 @@ class SagaRecord:
             self.schema = SCHEMA
 
 
-def new_record(definition: SagaDefinition, saga_id: str, data: dict[str, Any], now: float) -> SagaRecord:
-    """The stored record of a saga about to start."""
+def new_record(
+    definition: SagaDefinition,
+    saga_id: str,
+    data: dict[str, Any],
+    now: float,
+    correlation_id: str | None = None,
+) -> SagaRecord:
+    """The stored record of a saga about to start (its correlation id defaults to its id)."""
     return SagaRecord(
         saga_id=saga_id,
         name=definition.name,
@@ -265,6 +281,7 @@ def new_record(definition: SagaDefinition, saga_id: str, data: dict[str, Any], n
         created_at=now,
         updated_at=now,
         deadline_at=None if definition.deadline is None else now + definition.deadline,
+        correlation_id=correlation_id or saga_id,
     )
 
 
@@ -290,6 +307,8 @@ def to_result(definition: SagaDefinition | None, record: SagaRecord) -> SagaResu
         data=dict(record.data),
         error=record.error,
         steps=steps,
+        version=record.version,
+        correlation_id=record.correlation,
     )
 
 
@@ -309,4 +328,6 @@ def result_of_lifecycle(saga_id: str, data: Mapping[str, Any]) -> SagaResult:
         data=dict(data.get("data") or {}),
         error=data.get("error"),
         steps=tuple(_step_result(StepRecord.from_dict(step, f"step{i + 1}")) for i, step in enumerate(steps)),
+        version=data.get("version", DEFAULT_VERSION),
+        correlation_id=data.get("correlation_id") or saga_id,
     )
