@@ -45,6 +45,7 @@ def test_a_failed_saga_is_listed_shown_and_resumed_after_its_cause_is_fixed(redi
     assert "state:  failed" in status.stdout
     lines = {line.split()[0]: line.split() for line in status.stdout.splitlines()[4:]}
     assert lines["book_hotel"][1] == "compensation_failed"
+    assert lines["book_hotel"][6] == "1" and "provider is down" in " ".join(lines["book_hotel"][8:])
     assert lines["pay"][1] == "failed"
 
     marker.touch()  # the provider is back

@@ -95,6 +95,7 @@ async def test_saga_completes_and_another_compensates(broker_url: str) -> None:
         ("saga.order_processing.started", "order_processing", "ok"),
         ("saga.order_processing.completed", "order_processing", "ok"),
         ("saga.order_processing.started", "order_processing", "bad"),
+        ("saga.order_processing.compensating", "order_processing", "bad"),
         ("saga.order_processing.compensated", "order_processing", "bad"),
     ]
 

@@ -33,7 +33,7 @@ from choreo.saga.machine import Out, SagaRun
 from choreo.saga.metrics import SagaMetrics
 from choreo.saga.record import SagaRecord, new_record, to_result
 from choreo.saga.store import list_records, list_sagas, read_saga
-from choreo.saga.topics import lifecycle_topic, reply_topic, timeout_topic
+from choreo.saga.topics import COMPENSATING, lifecycle_topic, reply_topic, timeout_topic
 from choreo.saga.waiting import SagaWaiters
 
 if TYPE_CHECKING:
@@ -125,6 +125,7 @@ class SagaCoordinator:
         emits = (
             *definition.commands(),
             timeout_topic(name),
+            lifecycle_topic(name, COMPENSATING),
             *(lifecycle_topic(name, state.value) for state in TERMINAL_STATES),
         )
 

@@ -201,7 +201,15 @@ class StepResult:
         status: pending, running, succeeded, failed, compensating,
             compensated, skipped or compensation_failed.
         attempts: Runs of the action and fallback so far.
-        error: ``{"type", "message"}`` of the last failure, or ``None``.
+        error: ``{"type", "message"}`` of the last failure of the action or
+            fallback, or ``None``.
+        started_at: When the action was first commanded.
+        finished_at: When the action (or fallback) succeeded or failed for good.
+        compensation_attempts: Runs of the compensation so far (0: none).
+        compensation_error: The last failure of the compensation, or ``None``
+            (kept when a later attempt succeeded).
+        compensation_started_at: When the compensation was first commanded.
+        compensation_finished_at: When it succeeded or was given up on.
     """
 
     name: str
@@ -210,6 +218,10 @@ class StepResult:
     error: dict[str, Any] | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    compensation_attempts: int = 0
+    compensation_error: dict[str, Any] | None = None
+    compensation_started_at: datetime | None = None
+    compensation_finished_at: datetime | None = None
 
 
 @attrs.frozen

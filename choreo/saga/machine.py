@@ -23,7 +23,7 @@ from choreo.dispatcher import backoff_delay
 from choreo.saga import late
 from choreo.saga.definition import SagaDefinition, SagaState, StepStatus
 from choreo.saga.record import Kind, Phase, SagaRecord
-from choreo.saga.topics import command_topic, lifecycle_topic, reply_topic, timeout_topic
+from choreo.saga.topics import COMPENSATING, command_topic, lifecycle_topic, reply_topic, timeout_topic
 
 __all__ = ("Out", "SagaRun")
 
@@ -153,6 +153,7 @@ class SagaRun:
             self.record.state = SagaState.COMPENSATING
             self.record.phase = Phase.BACKWARD
             self.record.queue = failed
+            self._lifecycle(COMPENSATING)
             self._next_compensation()
             return self._finish()
         if self.state.terminal:
@@ -166,11 +167,12 @@ class SagaRun:
     def _succeeded(self, index: int, reply: dict[str, Any]) -> None:
         step, state = self.definition.steps[index], self.record.steps[index]
         total = len(self.definition.steps)
-        state.finished_at = self.now
         if self.record.kind is Kind.COMPENSATION:
             state.status = StepStatus.COMPENSATED
+            state.comp_finished_at = self.now
             self._next_compensation()
             return
+        state.finished_at = self.now
         state.status = StepStatus.SUCCEEDED
         state.error = None
         state.kept, state.kept_kind = self.record.token, self.record.kind
@@ -186,7 +188,10 @@ class SagaRun:
         step, state = self.definition.steps[index], self.record.steps[index]
         kind, attempt = self.record.kind or Kind.ACTION, self.record.attempt
         total = len(self.definition.steps)
-        state.error = error
+        if kind is Kind.COMPENSATION:
+            state.comp_error = error
+        else:
+            state.error = error
         if attempt < step.attempts:
             delay = backoff_delay(step.retry_delay, attempt) if step.retry_delay else None
             what = step.compensation if kind is Kind.COMPENSATION else step.name
@@ -195,7 +200,7 @@ class SagaRun:
             return
         if kind is Kind.COMPENSATION:
             state.status = StepStatus.COMPENSATION_FAILED
-            state.finished_at = self.now
+            state.comp_finished_at = self.now
             log.error(
                 "[SAGA-%s] Compensation failed: %s after %d attempts: %s; resume the saga once the cause is fixed",
                 self.saga_id,
@@ -223,6 +228,7 @@ class SagaRun:
         self.record.phase = Phase.BACKWARD
         steps = self.record.steps
         self.record.queue = [i for i in reversed(range(index)) if steps[i].status is StepStatus.SUCCEEDED]
+        self._lifecycle(COMPENSATING)
         self._next_compensation()
 
     def _next_compensation(self) -> None:
@@ -270,6 +276,12 @@ class SagaRun:
                 state.attempts += 1
             if state.started_at is None:
                 state.started_at = self.now
+        elif kind is Kind.COMPENSATION:
+            if count:
+                state.comp_attempts += 1
+            if state.comp_started_at is None:
+                state.comp_started_at = self.now
+            state.comp_finished_at = None
         self.out.append(self.command(index, kind, attempt, delay))
         record.due_at = None
         if step.timeout is not None:

@@ -2,10 +2,11 @@
 
 Names (public contract, see docs/metrics.md):
 
-* ``choreo_saga_{started,completed,compensated,failed}_total{saga}``: the
-  lifecycle events this process publishes (the coordinator's process).
-* ``choreo_saga_step_duration_seconds{saga,step}``: the duration a
-  participant measured and carried on its reply (the participant's process).
+* ``choreo_saga_{started,compensating,completed,compensated,failed}_total{saga}``:
+  the lifecycle events this process publishes (the coordinator's process).
+* ``choreo_saga_step_duration_seconds{saga,step}``: the duration of one
+  attempt of an action or compensation, as the participant measured it and
+  carried it on its reply (the participant's process).
 
 The metrics live in the registry of a core ``Metrics``, which hands them out;
 ``SagaMetrics.missing`` finds the ``Metrics`` of a runtime that have no saga
@@ -51,7 +52,7 @@ class SagaMetrics(Middleware):
         }
         self.step_duration = metrics.histogram(
             "choreo_saga_step_duration_seconds",
-            "Seconds a saga step took, from its first command to its final reply (retries included).",
+            "Seconds one attempt of a saga step's action or compensation took, as measured by the participant.",
             ["saga", "step"],
             STEP_BUCKETS,
         )

@@ -78,6 +78,10 @@ class StepRecord:
             the command does not succeed.
         late_open: Compensation commands for late successes still unanswered.
         late_failed: How many of those commands replied with a failure.
+        comp_attempts: Runs of the step's compensation so far.
+        comp_error: The last failure of the compensation, or ``None``.
+        comp_started_at: When the compensation was first commanded.
+        comp_finished_at: When it succeeded or was given up on.
     """
 
     name: str
@@ -93,6 +97,10 @@ class StepRecord:
     held: list[dict[str, Any]] = attrs.Factory(list)
     late_open: int = 0
     late_failed: int = 0
+    comp_attempts: int = 0
+    comp_error: dict[str, Any] | None = None
+    comp_started_at: float | None = None
+    comp_finished_at: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -111,6 +119,13 @@ class StepRecord:
             data.update(late_seen=self.late_seen, late_open=self.late_open, late_failed=self.late_failed)
         if self.held:
             data["held"] = self.held
+        if self.comp_attempts:
+            data.update(
+                comp_attempts=self.comp_attempts,
+                comp_error=self.comp_error,
+                comp_started_at=self.comp_started_at,
+                comp_finished_at=self.comp_finished_at,
+            )
         return data
 
     @classmethod
@@ -131,6 +146,10 @@ class StepRecord:
             list(data.get("held", ())),
             data.get("late_open", 0),
             data.get("late_failed", 0),
+            data.get("comp_attempts", 0),
+            data.get("comp_error"),
+            data.get("comp_started_at"),
+            data.get("comp_finished_at"),
         )
 
 
@@ -314,7 +333,16 @@ def to_result(definition: SagaDefinition | None, record: SagaRecord) -> SagaResu
 
 def _step_result(step: StepRecord, name: str | None = None) -> StepResult:
     return StepResult(
-        name or step.name, step.status, step.attempts, step.error, _time(step.started_at), _time(step.finished_at)
+        name or step.name,
+        step.status,
+        step.attempts,
+        step.error,
+        _time(step.started_at),
+        _time(step.finished_at),
+        step.comp_attempts,
+        step.comp_error,
+        _time(step.comp_started_at),
+        _time(step.comp_finished_at),
     )
 
 
