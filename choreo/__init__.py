@@ -18,7 +18,7 @@ from choreo.errors import (
 from choreo.events import Event
 from choreo.middleware import Middleware, Outcome
 from choreo.routing import Emit, Route, Router, emits
-from choreo.saga import SagaCoordinator, SagaResult, SagaState, SagaStep, StepResult
+from choreo.saga import Parallel, SagaCoordinator, SagaResult, SagaState, SagaStep, StepResult
 from choreo.worker import Runtime, run
 
 __all__ = (
@@ -40,6 +40,7 @@ __all__ = (
     "Route",
     "Router",
     "Runtime",
+    "Parallel",
     "SagaCoordinator",
     "SagaResult",
     "SagaState",

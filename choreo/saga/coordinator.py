@@ -28,7 +28,15 @@ from choreo.errors import ChoreoError, ConfigurationError
 from choreo.events import Event, new_event_id
 from choreo.failpoints import ACTIVE, hit
 from choreo.routing import Emit, Route
-from choreo.saga.definition import TERMINAL_STATES, SagaDefinition, SagaNotFound, SagaResult, SagaState, SagaStep
+from choreo.saga.definition import (
+    TERMINAL_STATES,
+    Parallel,
+    SagaDefinition,
+    SagaNotFound,
+    SagaResult,
+    SagaState,
+    SagaStep,
+)
 from choreo.saga.machine import Out, SagaRun
 from choreo.saga.metrics import SagaMetrics
 from choreo.saga.record import SagaRecord, new_record, to_result
@@ -106,7 +114,7 @@ class SagaCoordinator:
 
     # -- definitions -------------------------------------------------------------
 
-    def define_saga(self, name: str, steps: Sequence[SagaStep], **options: Any) -> SagaDefinition:
+    def define_saga(self, name: str, steps: Sequence[SagaStep | Parallel], **options: Any) -> SagaDefinition:
         """Define a saga and compile it into ``app``'s routing table.
 
         Args:

@@ -20,6 +20,7 @@ from choreo.saga.states import TERMINAL_STATES, SagaState, StepStatus
 from choreo.saga.topics import RESERVED_SAGA_NAMES, command_topic, lifecycle_topic, reply_topic, timeout_topic
 
 __all__ = (
+    "Parallel",
     "SagaDefinition",
     "SagaNotFound",
     "SagaResult",
@@ -140,46 +141,106 @@ class SagaStep:
         return tuple(a for a in (self.action, self.fallback, self.compensation) if a is not None)
 
 
+@attrs.frozen(init=False)
+class Parallel:
+    """Steps that may run at once, standing as one entry in a saga's step list.
+
+    The group succeeds when every branch succeeds. When a branch fails for
+    good, the group waits for the branches still running (they start no new
+    attempt), then every branch that succeeded and every earlier step is
+    compensated: branches in any order, earlier steps in reverse.
+
+    Example::
+
+        coordinator.define_saga("checkout", [
+            SagaStep("create_order", "orders", "create", "cancel"),
+            Parallel(
+                SagaStep("reserve_stock", "inventory", "reserve", "release"),
+                SagaStep("authorise_payment", "payments", "authorise", "void"),
+            ),
+            SagaStep("ship", "shipping", "ship", None),
+        ])
+
+    Raises:
+        ConfigurationError: fewer than two branches, or a branch that is not
+            a ``SagaStep`` (groups do not nest).
+    """
+
+    steps: tuple[SagaStep, ...]
+
+    def __init__(self, *steps: SagaStep) -> None:
+        if len(steps) < 2:
+            raise ConfigurationError(f"Parallel needs at least two steps, not {len(steps)}")
+        for step in steps:
+            if not isinstance(step, SagaStep):
+                raise ConfigurationError(f"Parallel: {step!r} is not a SagaStep (groups do not nest)")
+        self.__attrs_init__(tuple(steps))
+
+
 @attrs.frozen
 class SagaDefinition:
     """A named, validated list of steps, with saga-wide options.
 
     Attributes:
+        steps: Every step, branches of a ``Parallel`` group in place (the
+            order of ``SagaResult.steps``).
         deadline: Seconds from the start after which a saga still running is
             failed at its current step and compensated; ``None`` for none.
+        stages: The indexes of ``steps`` that run together, stage by stage:
+            one index for a plain step, several for a ``Parallel`` group.
+        version: The version of this definition (several can run at once).
     """
 
     name: str
     steps: tuple[SagaStep, ...]
     deadline: float | None = None
+    stages: tuple[tuple[int, ...], ...] = ()
+    version: int = 1
 
     @classmethod
-    def build(cls, name: str, steps: Sequence[SagaStep], **options: Any) -> SagaDefinition:
+    def build(cls, name: str, steps: Sequence[SagaStep | Parallel], **options: Any) -> SagaDefinition:
         """Validate and build a definition.
 
         Raises:
             ConfigurationError: a bad or reserved name, no steps, duplicate
-                step names, something that is not a ``SagaStep``, or an
-                unknown option.
+                step names, something that is not a ``SagaStep`` or
+                ``Parallel``, a bad version, or an unknown option.
         """
         deadline = options.pop("deadline", None)
+        version = options.pop("version", 1)
         if options:
             raise ConfigurationError(f"saga {name!r}: unknown options {', '.join(sorted(options))}")
         _check_name("saga name", name)
         if name in RESERVED_SAGA_NAMES:
             raise ConfigurationError(f"saga name {name!r} is reserved (it would clash with saga.{name}.* events)")
-        steps = tuple(steps)
-        if not steps:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ConfigurationError(f"saga {name!r}: version must be an integer >= 1, not {version!r}")
+        flat: list[SagaStep] = []
+        stages: list[tuple[int, ...]] = []
+        for entry in steps:
+            if isinstance(entry, Parallel):
+                stages.append(tuple(range(len(flat), len(flat) + len(entry.steps))))
+                flat.extend(entry.steps)
+            elif isinstance(entry, SagaStep):
+                stages.append((len(flat),))
+                flat.append(entry)
+            else:
+                raise ConfigurationError(f"saga {name!r}: {entry!r} is not a SagaStep or Parallel")
+        if not flat:
             raise ConfigurationError(f"saga {name!r} has no steps")
-        for step in steps:
-            if not isinstance(step, SagaStep):
-                raise ConfigurationError(f"saga {name!r}: {step!r} is not a SagaStep")
-        names = [step.name for step in steps]
+        names = [step.name for step in flat]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ConfigurationError(f"saga {name!r}: duplicate step names {', '.join(duplicates)}")
         _positive_or_none(f"saga {name!r}: deadline", deadline)
-        return cls(name, steps, deadline)
+        return cls(name, tuple(flat), deadline, tuple(stages), version)
+
+    def stage(self, index: int) -> tuple[int, ...]:
+        """The indexes of the steps that run together with step ``index`` (itself included)."""
+        for stage in self.stages:
+            if index in stage:
+                return stage
+        return (index,)
 
     def index(self, step: str) -> int | None:
         for i, candidate in enumerate(self.steps):

@@ -49,11 +49,13 @@ def on_late_success(run: SagaRun, index: int, reply: dict[str, Any]) -> bool:
     state.late_seen.append(token)
     result = reply.get("result")
     result = result if isinstance(result, dict) else {}
+    # A branch of a running Parallel group keeps its own awaited command.
+    plain = record.kind if record.cursor == index else None
+    awaited = state.wait.get("kind") if state.wait is not None else plain
     running = (
         not record.state.terminal
         and record.phase is Phase.FORWARD
-        and record.cursor == index
-        and record.kind == kind
+        and awaited == kind
         and state.status is StepStatus.RUNNING
     )
     if running:

@@ -20,7 +20,7 @@ from typing import Any
 import attrs
 
 from choreo.dispatcher import backoff_delay
-from choreo.saga import late
+from choreo.saga import late, parallel
 from choreo.saga.definition import SagaDefinition, SagaState, StepStatus
 from choreo.saga.record import Kind, Phase, SagaRecord
 from choreo.saga.topics import COMPENSATING, command_topic, lifecycle_topic, reply_topic, timeout_topic
@@ -89,7 +89,7 @@ class SagaRun:
         if self.record.deadline_at is not None:
             delay = max(self.record.deadline_at - self.now, 0.0)
             self.out.append(Out(timeout_topic(self.definition.name), self._timer_data("deadline", -1), delay or None))
-        self._dispatch(0, Kind.ACTION, 1)
+        self._enter(0)
         return self._finish()
 
     def on_reply(self, reply: dict[str, Any]) -> list[Out]:
@@ -101,6 +101,8 @@ class SagaRun:
             return []
         if kind == Kind.LATE:
             return self._finish() if late.on_late_compensated(self, index, reply) else []
+        if not self.state.terminal and parallel.in_group(self, index):
+            return self._finish() if parallel.on_reply(self, index, reply) else []
         if self.state.terminal or reply.get("token") != self.record.token or index != self.record.cursor:
             if reply.get("outcome") == "succeeded" and kind in (Kind.ACTION, Kind.FALLBACK):
                 return self._finish() if late.on_late_success(self, index, reply) else []
@@ -127,11 +129,17 @@ class SagaRun:
                 return []
             index = self.record.cursor
             message = f"saga deadline of {self.definition.deadline}s exceeded"
+            if parallel.in_group(self, index):
+                parallel.on_deadline(self, {"type": "TimeoutError", "message": message})
+                return self._finish()
             self.trace(
                 f"Step {index + 1}/{len(self.definition.steps)}: {self.definition.steps[index].name} - TIMED OUT"
             )
             self._step_failed(index, {"type": "TimeoutError", "message": message})
             return self._finish()
+        if parallel.in_group(self, self.record.cursor):
+            branch = self.definition.index(str(timer.get("step"))) if timer.get("kind") == "step" else None
+            return self._finish() if parallel.on_timer(self, branch, timer) else []
         if timer.get("token") != self.record.token:
             return []
         index = self.record.cursor
@@ -159,6 +167,9 @@ class SagaRun:
         if self.state.terminal:
             return []
         self.trace(f"Resuming saga: {self.definition.name}")
+        if parallel.in_group(self, self.record.cursor):
+            parallel.resend(self)
+            return self._finish()
         self._dispatch(self.record.cursor, self.record.kind or Kind.ACTION, max(self.record.attempt, 1), count=False)
         return self._finish()
 
@@ -179,10 +190,21 @@ class SagaRun:
         late.drop_held(state, self.record.kind or Kind.ACTION)
         suffix = " (fallback)" if self.record.kind is Kind.FALLBACK else ""
         self.trace(f"Step {index + 1}/{total}: {step.name} - COMPLETED{suffix}")
-        if index + 1 < total:
-            self._dispatch(index + 1, Kind.ACTION, 1)
-            return
-        self._end(SagaState.COMPLETED, "Saga completed successfully")
+        self.advance(index)
+
+    def advance(self, index: int) -> None:
+        """Step ``index`` (the last of its stage) is done: start the next stage, or complete."""
+        if index + 1 < len(self.definition.steps):
+            self._enter(index + 1)
+        else:
+            self._end(SagaState.COMPLETED, "Saga completed successfully")
+
+    def _enter(self, index: int) -> None:
+        stage = self.definition.stage(index)
+        if len(stage) > 1:
+            parallel.enter(self, stage)
+        else:
+            self._dispatch(index, Kind.ACTION, 1)
 
     def _failed(self, index: int, error: dict[str, Any]) -> None:
         step, state = self.definition.steps[index], self.record.steps[index]
@@ -224,10 +246,14 @@ class SagaRun:
         state.error = error
         state.finished_at = self.now
         self.record.error = {"step": self.definition.steps[index].name, **error}
+        self.compensate((index,))
+
+    def compensate(self, stage: tuple[int, ...]) -> None:
+        """The stage failed: compensate its succeeded steps, then every earlier one, in reverse."""
         self.record.state = SagaState.COMPENSATING
         self.record.phase = Phase.BACKWARD
         steps = self.record.steps
-        self.record.queue = [i for i in reversed(range(index)) if steps[i].status is StepStatus.SUCCEEDED]
+        self.record.queue = [i for i in reversed(range(max(stage) + 1)) if steps[i].status is StepStatus.SUCCEEDED]
         self._lifecycle(COMPENSATING)
         self._next_compensation()
 
@@ -287,7 +313,7 @@ class SagaRun:
         if step.timeout is not None:
             after = (delay or 0.0) + step.timeout
             record.due_at = self.now + after
-            self.out.append(Out(timeout_topic(self.definition.name), self._timer_data("step", index), after))
+            self.out.append(self.timer(index, after))
 
     def command(
         self, index: int, kind: Kind, attempt: int, delay: float | None, data: dict[str, Any] | None = None
@@ -314,6 +340,10 @@ class SagaRun:
             f"command {command_topic(step.service, action)} ({kind}, attempt {attempt}, token {headers['saga_token']})"
         )
         return Out(command_topic(step.service, action), dict(data or self.record.data), delay, headers)
+
+    def timer(self, index: int, after: float) -> Out:
+        """The timeout of the command just sent for step ``index``, ``after`` seconds from now."""
+        return Out(timeout_topic(self.definition.name), self._timer_data("step", index), after)
 
     def _timer_data(self, kind: str, index: int) -> dict[str, Any]:
         step = self.definition.steps[index].name if index >= 0 else None

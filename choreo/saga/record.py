@@ -82,6 +82,9 @@ class StepRecord:
         comp_error: The last failure of the compensation, or ``None``.
         comp_started_at: When the compensation was first commanded.
         comp_finished_at: When it succeeded or was given up on.
+        wait: The command a branch of a running ``Parallel`` group waits
+            for (``token``, ``kind``, ``attempt``, ``due_at``), or ``None``;
+            a plain step's command is the record's ``token``/``kind``.
     """
 
     name: str
@@ -101,6 +104,7 @@ class StepRecord:
     comp_error: dict[str, Any] | None = None
     comp_started_at: float | None = None
     comp_finished_at: float | None = None
+    wait: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -119,6 +123,8 @@ class StepRecord:
             data.update(late_seen=self.late_seen, late_open=self.late_open, late_failed=self.late_failed)
         if self.held:
             data["held"] = self.held
+        if self.wait is not None:
+            data["wait"] = self.wait
         if self.comp_attempts:
             data.update(
                 comp_attempts=self.comp_attempts,
@@ -150,6 +156,7 @@ class StepRecord:
             data.get("comp_error"),
             data.get("comp_started_at"),
             data.get("comp_finished_at"),
+            data.get("wait"),
         )
 
 
@@ -299,6 +306,7 @@ def new_record(
         data=dict(data),
         created_at=now,
         updated_at=now,
+        version=definition.version,
         deadline_at=None if definition.deadline is None else now + definition.deadline,
         correlation_id=correlation_id or saga_id,
     )
