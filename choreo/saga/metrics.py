@@ -4,6 +4,8 @@ Names (public contract, see docs/metrics.md):
 
 * ``choreo_saga_{started,compensating,completed,compensated,failed}_total{saga}``:
   the lifecycle events this process publishes (the coordinator's process).
+* ``choreo_saga_version_missing_total{saga,version}``: replies, timers and
+  resumes for a saga version this process no longer defines.
 * ``choreo_saga_step_duration_seconds{saga,step}``: the duration of one
   attempt of an action or compensation, as the participant measured it and
   carried it on its reply (the participant's process).
@@ -56,6 +58,18 @@ class SagaMetrics(Middleware):
             ["saga", "step"],
             STEP_BUCKETS,
         )
+        self.version_missing = metrics.counter(
+            "choreo_saga_version_missing_total",
+            "Replies, timers and resumes for a saga version no longer defined (the saga was left as it is).",
+            ["saga", "version"],
+        )
+
+    @staticmethod
+    def count_version_missing(middleware: Sequence[Middleware], saga: str, version: int) -> None:
+        """Count, in every ``SagaMetrics`` of ``middleware``, an event for a version not defined."""
+        for observer in middleware:
+            if isinstance(observer, SagaMetrics):
+                observer.version_missing.labels(saga, str(version)).inc()
 
     @classmethod
     def missing(cls, middleware: Sequence[Middleware]) -> list[SagaMetrics]:

@@ -27,6 +27,7 @@ __all__ = (
     "command_topic",
     "is_lifecycle",
     "is_reply",
+    "is_timeout",
     "lifecycle_topic",
     "parse_lifecycle",
     "parse_reply",
@@ -93,3 +94,8 @@ def parse_reply(topic: str) -> str | None:
 def is_reply(topic: str) -> bool:
     """Whether ``topic`` is a reply topic of some saga (``saga.reply.<saga>``)."""
     return parse_reply(topic) is not None
+
+
+def is_timeout(topic: str) -> bool:
+    """Whether ``topic`` is the timer topic of some saga (``saga.timeout.<saga>``)."""
+    return topic.startswith(TIMEOUT_PREFIX) and len(topic) > len(TIMEOUT_PREFIX)
