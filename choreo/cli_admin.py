@@ -87,7 +87,8 @@ def saga_status(
     with errors():
         apps = load_targets(targets or [])
         result = asyncio.run(go())
-    typer.echo(f"saga:   {result.saga_id}\nname:   {result.name}\nstate:  {result.state.value}")
+    typer.echo(f"saga:   {result.saga_id}\nname:   {result.name} (version {result.version})\n"
+               f"state:  {result.state.value}\ncorrelation: {result.correlation_id}")
     if result.error:
         where = f" (step {result.error['step']})" if result.error.get("step") else ""
         typer.echo(f"error:  {result.error.get('type', '')}: {result.error.get('message', '')}{where}")
