@@ -176,3 +176,20 @@ async def test_the_coordinator_and_the_admin_list_the_same_sagas(broker_url: str
     assert [r.saga_id for r in mine] == [r.saga_id for r in theirs] == ["S-running", "a-ok", "b-declined"]
     assert mine[1:] == theirs[1:]
     assert [r.saga_id for r in compensated] == [r.saga_id for r in shouted] == ["b-declined"]
+
+
+def test_a_record_with_every_optional_step_field_round_trips() -> None:
+    """Fields written only when set (late replies, compensation details, a branch's wait) load back as written."""
+    saga = definition("trip")
+    record = new_record(saga, "S-2", {}, 1_700_000_000.0, correlation_id="req-1")
+    step = record.steps[0]
+    step.kept, step.kept_kind, step.late_seen, step.late_open, step.late_failed = 4, "fallback", [2, 3], 1, 1
+    step.held = [{"token": 5, "kind": "action", "result": {"ref": "x"}}]
+    step.comp_attempts, step.comp_error, step.comp_started_at, step.comp_finished_at = 2, {"message": "m"}, 1.0, 2.0
+    step.wait = {"token": 6, "kind": "action", "attempt": 1, "due_at": None}
+    record.steps[1].kept, record.steps[1].kept_kind = 7, "action"  # the usual kind: not written
+    loaded = SagaRecord.from_json(record.to_json())
+    assert loaded == record and b'"kept_kind":"action"' not in record.to_json()
+    assert (loaded.correlation, loaded.steps[1].kept_kind, loaded.steps[2].kept_kind) == ("req-1", "action", None)
+    plain = new_record(saga, "S-3", {}, 1_700_000_000.0)
+    assert plain.correlation == "S-3" and b"correlation_id" not in plain.to_json()

@@ -196,6 +196,12 @@ class SagaDefinition:
     deadline: float | None = None
     stages: tuple[tuple[int, ...], ...] = ()
     version: int = 1
+    #: The stage of each step, by index (looked up on every reply).
+    _stage_of: tuple[tuple[int, ...], ...] = attrs.field(init=False, repr=False, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        stage_of = {index: stage for stage in self.stages for index in stage}
+        object.__setattr__(self, "_stage_of", tuple(stage_of.get(i, (i,)) for i in range(len(self.steps))))
 
     @classmethod
     def build(cls, name: str, steps: Sequence[SagaStep | Parallel], **options: Any) -> SagaDefinition:
@@ -237,10 +243,7 @@ class SagaDefinition:
 
     def stage(self, index: int) -> tuple[int, ...]:
         """The indexes of the steps that run together with step ``index`` (itself included)."""
-        for stage in self.stages:
-            if index in stage:
-                return stage
-        return (index,)
+        return self._stage_of[index]
 
     def index(self, step: str) -> int | None:
         for i, candidate in enumerate(self.steps):

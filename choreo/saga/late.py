@@ -82,7 +82,8 @@ def release_held(run: SagaRun, index: int, keep_kind: Kind | None = None) -> Non
 
 def drop_held(state: StepRecord, kind: Kind) -> None:
     """The command of ``kind`` succeeded and is kept: its held late successes were the same effect."""
-    state.held = [h for h in state.held if h.get("kind") != kind]
+    if state.held:
+        state.held = [h for h in state.held if h.get("kind") != kind]
 
 
 def on_late_compensated(run: SagaRun, index: int, reply: dict[str, Any]) -> bool:

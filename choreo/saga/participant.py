@@ -81,6 +81,7 @@ def register_action(app: App, name: str, handler: Handler, *, service: str | Non
     service = service or app.name
     topic = command_topic(service, name)
     is_async = inspect.iscoroutinefunction(handler)
+    wants_ctx = any(param.source == "ctx" for param in params)  # else no action context to build
 
     async def run_action(event: Event, ctx: Context) -> Emit:
         headers = event.headers
@@ -100,7 +101,8 @@ def register_action(app: App, name: str, handler: Handler, *, service: str | Non
             interceptor = _interceptors.get(app.runtime) if _interceptors else None
             if interceptor is not None:
                 interceptor(service, name, dict(event.data))
-            kwargs = handler_arguments(params, event, ActionContext.of(ctx, reply["attempt"]), event.data)
+            action_ctx = ActionContext.of(ctx, reply["attempt"]) if wants_ctx else ctx
+            kwargs = handler_arguments(params, event, action_ctx, event.data)
             if is_async:
                 result = await handler(**kwargs)
             else:

@@ -118,7 +118,9 @@ class StepRecord:
         }
         # Written only when set: most steps never see a late reply.
         if self.kept is not None:
-            data.update(kept=self.kept, kept_kind=self.kept_kind)
+            data["kept"] = self.kept
+            if self.kept_kind != "action":  # the usual kind is not written
+                data["kept_kind"] = self.kept_kind
         if self.late_seen:
             data.update(late_seen=self.late_seen, late_open=self.late_open, late_failed=self.late_failed)
         if self.held:
@@ -138,7 +140,8 @@ class StepRecord:
     def from_dict(cls, data: Mapping[str, Any], name: str = "") -> StepRecord:
         """A step from its stored form; schema 1 stored no name, so ``name`` stands in."""
         late = data.get("late")
-        return cls(
+        kept = data.get("kept")
+        step = cls(
             data.get("name") or name,
             StepStatus(data["status"]),
             data.get("attempts", 0),
@@ -146,18 +149,27 @@ class StepRecord:
             data.get("started_at"),
             data.get("finished_at"),
             None if late is None else StepStatus(late),
-            data.get("kept"),
-            data.get("kept_kind"),
-            list(data.get("late_seen", ())),
-            list(data.get("held", ())),
-            data.get("late_open", 0),
-            data.get("late_failed", 0),
-            data.get("comp_attempts", 0),
-            data.get("comp_error"),
-            data.get("comp_started_at"),
-            data.get("comp_finished_at"),
-            data.get("wait"),
+            kept,
+            None if kept is None else "action",
         )
+        # The other fields are written only when set, which few steps are:
+        # decoding them only then keeps the common reply cheap.
+        if len(data) > _COMMON_FIELDS + (kept is not None):
+            step.kept_kind = data.get("kept_kind", step.kept_kind)
+            step.late_seen = list(data.get("late_seen", ()))
+            step.held = list(data.get("held", ()))
+            step.late_open = data.get("late_open", 0)
+            step.late_failed = data.get("late_failed", 0)
+            step.comp_attempts = data.get("comp_attempts", 0)
+            step.comp_error = data.get("comp_error")
+            step.comp_started_at = data.get("comp_started_at")
+            step.comp_finished_at = data.get("comp_finished_at")
+            step.wait = data.get("wait")
+        return step
+
+
+#: Fields every stored step has (schema 2): name, status, attempts, error, started_at, finished_at, late.
+_COMMON_FIELDS = 7
 
 
 @attrs.define
@@ -222,10 +234,11 @@ class SagaRecord:
             "due_at": self.due_at,
             "deadline_at": self.deadline_at,
             "queue": self.queue,
-            "correlation_id": self.correlation_id,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "steps": [step.to_dict() for step in self.steps],
+            # Written only when it is not the saga id (the usual case).
+            **({} if self.correlation_id is None else {"correlation_id": self.correlation_id}),
         }
 
     def to_json(self) -> bytes:
@@ -298,7 +311,7 @@ def new_record(
     now: float,
     correlation_id: str | None = None,
 ) -> SagaRecord:
-    """The stored record of a saga about to start (its correlation id defaults to its id)."""
+    """The stored record of a saga about to start (its correlation id defaults to its id, stored as ``None``)."""
     return SagaRecord(
         saga_id=saga_id,
         name=definition.name,
@@ -308,7 +321,7 @@ def new_record(
         updated_at=now,
         version=definition.version,
         deadline_at=None if definition.deadline is None else now + definition.deadline,
-        correlation_id=correlation_id or saga_id,
+        correlation_id=correlation_id if correlation_id != saga_id else None,
     )
 
 
