@@ -38,8 +38,9 @@ def _saga_row(result: SagaResult) -> dict[str, str]:
 
     done = sum(1 for s in result.steps if s.status == StepStatus.SUCCEEDED)
     error = result.error or {}
-    return {"saga_id": result.saga_id, "name": result.name, "state": result.state.value,
-            "steps": f"{done}/{len(result.steps)}", "error": str(error.get("message", "")) or "-"}
+    return {"saga_id": result.saga_id, "name": result.name, "version": str(result.version),
+            "state": result.state.value, "steps": f"{done}/{len(result.steps)}",
+            "error": str(error.get("message", "")) or "-"}
 
 
 @saga_app.command("list")
@@ -66,7 +67,7 @@ def saga_list(
     elif not rows:
         typer.echo("no sagas" + (f" in state {state}" if state else ""))
     else:
-        typer.echo(render_table(rows, ("saga_id", "name", "state", "steps", "error")))
+        typer.echo(render_table(rows, ("saga_id", "name", "version", "state", "steps", "error")))
 
 
 @saga_app.command("status")
