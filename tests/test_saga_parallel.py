@@ -130,3 +130,93 @@ def test_parallel_is_validated() -> None:
     shop = App("shop")
     with pytest.raises(ConfigurationError, match="duplicate step names a"):
         SagaCoordinator(shop).define_saga("s", [step, Parallel(SagaStep("a", "x", "y"), SagaStep("b", "x", "z"))])
+
+
+async def test_a_branch_that_times_out_is_retried_then_fails_the_group_on_the_virtual_clock() -> None:
+    """A silent branch costs its attempts of `timeout` each; the other branch and the earlier step are compensated."""
+    from choreo.testing import SagaTestHarness
+
+    shop = App("shop")
+    SagaCoordinator(shop).define_saga(
+        "checkout",
+        [
+            SagaStep("create_order", "orders", "create", "cancel"),
+            Parallel(
+                SagaStep("reserve_stock", "inventory", "reserve", "release"),
+                SagaStep("authorise_payment", "payments", "authorise", "void", timeout=30.0, retry_count=1),
+            ),
+        ],
+    )
+    silent = App("payments")
+
+    @silent.on_event("saga.cmd.payments.authorise")
+    async def swallow(event: Any) -> None:
+        """Takes the command, never replies."""
+
+    async with SagaTestHarness(shop, silent) as harness:
+        began = harness.clock()
+        result = await harness.start_saga("checkout", {}, timeout=10)
+        spent = harness.clock() - began
+    assert result.state is SagaState.COMPENSATED
+    assert result.step("authorise_payment").attempts == 2
+    assert result.step("authorise_payment").error == {"type": "TimeoutError", "message": "no reply within 30.0s"}
+    assert [result.step(n).status for n in ("create_order", "reserve_stock")] == ["compensated", "compensated"]
+    assert 60 <= spent < 70
+
+
+async def test_the_deadline_gives_up_on_running_branches_and_compensates() -> None:
+    """Past the saga's deadline, branches still running are failed and the succeeded ones compensated."""
+    from choreo.testing import SagaTestHarness
+
+    shop = App("shop")
+    SagaCoordinator(shop).define_saga(
+        "checkout",
+        [
+            Parallel(
+                SagaStep("reserve_stock", "inventory", "reserve", "release"),
+                SagaStep("authorise_payment", "payments", "authorise", "void", timeout=None),
+            )
+        ],
+        deadline=120.0,
+    )
+    silent = App("payments")
+
+    @silent.on_event("saga.cmd.payments.authorise")
+    async def swallow(event: Any) -> None:
+        """Takes the command, never replies."""
+
+    async with SagaTestHarness(shop, silent) as harness:
+        result = await harness.start_saga("checkout", {}, timeout=10)
+    assert result.state is SagaState.COMPENSATED
+    assert result.step("authorise_payment").status == "failed"
+    assert "deadline" in result.step("authorise_payment").error["message"]  # type: ignore[index]
+    assert result.step("reserve_stock").status == "compensated"
+
+
+def test_sweep_and_resume_of_a_running_group() -> None:
+    """The machine: a sweep fails only overdue branches; a resume resends every waiting branch with new tokens."""
+    from choreo.saga import SagaDefinition
+    from choreo.saga.machine import SagaRun
+    from choreo.saga.record import new_record
+
+    definition = SagaDefinition.build(
+        "g",
+        [
+            Parallel(
+                SagaStep("a", "svc", "do_a", "undo_a", timeout=10.0, retry_count=0),
+                SagaStep("b", "svc", "do_b", "undo_b", timeout=100.0, retry_count=0),
+            )
+        ],
+    )
+    record = new_record(definition, "G-1", {}, 0.0)
+    outs = SagaRun(definition, record, 0.0, lambda i, line: None).start()
+    assert sorted(o.type for o in outs if o.type.startswith("saga.cmd.")) == ["saga.cmd.svc.do_a", "saga.cmd.svc.do_b"]
+    assert record.due_at == 10.0
+    tokens = {s.name: s.wait["token"] for s in record.steps if s.wait}  # type: ignore[index]
+    resent = SagaRun(definition, record, 1.0, lambda i, line: None).resume()
+    assert len([o for o in resent if o.type.startswith("saga.cmd.")]) == 2
+    assert all(s.wait["token"] != tokens[s.name] for s in record.steps if s.wait)  # type: ignore[index]
+    assert [s.attempts for s in record.steps] == [1, 1]  # a resend is not a new attempt
+    SagaRun(definition, record, 50.0, lambda i, line: None).on_timer({"kind": "sweep", "token": record.token})
+    assert [s.status for s in record.steps] == ["failed", "running"]  # only a was overdue; b still runs
+    assert record.state is SagaState.RUNNING and record.due_at is not None
