@@ -19,7 +19,7 @@ from choreo.events import Event
 from choreo.middleware import Middleware, Outcome
 from choreo.options import RuntimeOptions
 from choreo.routing import Emit, Route, Router, emits
-from choreo.saga import SagaCoordinator, SagaResult, SagaState, SagaStep, StepResult
+from choreo.saga import Parallel, SagaCoordinator, SagaResult, SagaState, SagaStep, StepResult
 from choreo.worker import Runtime, run
 
 __all__ = (
@@ -35,6 +35,7 @@ __all__ = (
     "Event",
     "Middleware",
     "Outcome",
+    "Parallel",
     "PayloadValidationError",
     "Reject",
     "Retry",

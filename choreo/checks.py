@@ -13,20 +13,29 @@ are declared with ``entry`` and ``terminal``. Without declarations, a single
 event that nothing emits is taken as the entry, and success events nobody
 handles as terminal (``strict`` turns both inferences off). Failure events are
 never assumed terminal: declare them if dropping them is intended. Saga
-lifecycle events (``saga.<name>.started|completed|compensated|failed``) are
-terminal by nature.
+lifecycle events (``saga.<name>.started|compensating|completed|compensated|failed``)
+are terminal by nature.
+
+With a broker, ``stranded_sagas`` adds the deploy gate: sagas in flight on a
+version of their definition that none of the apps defines any more.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import attrs
 
 from choreo.graph import EventGraph
-from choreo.saga.topics import is_lifecycle
+from choreo.saga.topics import is_lifecycle, is_timeout
 
-__all__ = ("CheckReport", "Finding", "check")
+if TYPE_CHECKING:
+    from brokers import Broker
+    from choreo.app import App
+    from choreo.saga.versions import Stranded
+
+__all__ = ("CheckReport", "Finding", "check", "stranded_sagas")
 
 @attrs.frozen
 class Finding:
@@ -162,6 +171,8 @@ def check(
             ))
 
     for cycle in _cycles(graph):
+        if len(cycle) == 2 and is_timeout(cycle[0]):
+            continue  # a saga's timer handler arms the next timer: a clock, not a loop
         findings.append(Finding("cycle", cycle[0], "events loop: " + " -> ".join(cycle)))
 
     for event in (*entries, *terminals):
@@ -169,3 +180,25 @@ def check(
             findings.append(Finding("unknown", event, f"declared event {event!r} appears nowhere in the system"))
     return CheckReport(tuple(findings), entries, terminals, tuple(inferred))
 
+
+
+async def stranded_sagas(broker: Broker, apps: Sequence[App]) -> list[Stranded]:
+    """Sagas stored on ``broker`` and still in flight on a ``(name, version)``
+    that no coordinator of ``apps`` defines: shipping ``apps`` would leave
+    them waiting. Pass every app that coordinates sagas on this broker.
+    """
+    from choreo.saga.coordinator import coordinator_of
+    from choreo.saga.store import list_records
+    from choreo.saga.versions import stranded
+
+    defined: set[tuple[str, int]] = set()
+    prefixes = {"saga:"}
+    for app in apps:
+        coordinator = coordinator_of(app)
+        if coordinator is not None:
+            defined |= coordinator.versions.defined()
+            prefixes.add(coordinator.key_prefix)
+    found: list[Stranded] = []
+    for prefix in sorted(prefixes):
+        found.extend(stranded(await list_records(broker, prefix), defined))
+    return found

@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -31,6 +31,9 @@ from choreo.cli_support import (
 from choreo.errors import ChoreoError
 from choreo.options import RuntimeOptions
 from choreo.supervisor import WORKER_GC_THRESHOLD
+
+if TYPE_CHECKING:
+    from choreo.app import App
 
 app = typer.Typer(
     name="choreo",
@@ -169,25 +172,44 @@ def check(
     entry: Annotated[list[str] | None, typer.Option(help="An event published from outside (repeatable).")] = None,
     terminal: Annotated[list[str] | None, typer.Option(help="An event that ends a flow (repeatable).")] = None,
     strict: Annotated[bool, typer.Option(help="Infer no entry or terminal events: declare them all.")] = False,
+    broker: Annotated[
+        str | None,
+        typer.Option("--broker", "-b", help="Also fail on sagas stored there in flight on versions no target defines."),
+    ] = None,
 ) -> None:
     """Check the whole system's event flow; exit 1 if anything is found.
 
     Finds failure events nobody handles, events emitted that no handler takes,
-    handlers waiting for events nothing emits, and cycles.
+    handlers waiting for events nothing emits, and cycles. With ``--broker``,
+    also sagas in flight on a version the targets no longer define (a deploy
+    gate: shipping the targets would strand them).
     """
+    from choreo import admin
     from choreo.checks import check as run_check
+    from choreo.checks import stranded_sagas
     from choreo.graph import EventGraph
 
+    async def stranded(apps: list[App]) -> list[Any]:
+        async with admin.connected(broker) as instance:
+            return list(await stranded_sagas(instance, apps))
+
     with errors():
-        event_graph = EventGraph.from_apps(load_targets(targets))
+        apps = load_targets(targets)
+        event_graph = EventGraph.from_apps(apps)
         report = run_check(event_graph, entry=entry or (), terminal=terminal or (), strict=strict)
+        strands = asyncio.run(stranded(apps)) if broker is not None else []
     for finding in report.findings:
         typer.echo(str(finding))
+    for saga in strands:
+        typer.echo(str(saga))
+    if strands:
+        typer.echo(f"{len(strands)} saga(s) in flight on versions no target defines", err=True)
     summary = f"{len(event_graph.routes)} handlers, {len(event_graph.events)} events"
     if report.inferred:
         summary += f"; taken as entry/terminal: {', '.join(report.inferred)}"
     if report.findings:
         typer.echo(f"{len(report.findings)} finding(s) in {summary}", err=True)
+    if report.findings or strands:
         raise typer.Exit(1)
     typer.echo(f"ok: {summary}")
 

@@ -12,7 +12,9 @@ import typer
 from choreo.cli_support import BrokerOption, GroupStart, TargetsArgument, errors, fail, load_targets, render_table
 
 if TYPE_CHECKING:
-    from choreo.saga import SagaResult, StepResult
+    from datetime import datetime
+
+    from choreo.saga import SagaResult
 
 dlq_app = typer.Typer(help="Inspect, replay and purge dead letters.", no_args_is_help=True)
 saga_app = typer.Typer(help="Inspect and resume sagas.", no_args_is_help=True)
@@ -54,10 +56,14 @@ def groups_create(
 # -- sagas -------------------------------------------------------------------------
 
 
-def _duration(step: StepResult) -> str:
-    if step.started_at is None or step.finished_at is None:
+def _duration(started: datetime | None, finished: datetime | None) -> str:
+    if started is None or finished is None:
         return "-"
-    return f"{(step.finished_at - step.started_at).total_seconds():.3f}s"
+    return f"{(finished - started).total_seconds():.3f}s"
+
+
+def _message(error: dict[str, Any] | None) -> str:
+    return str(error.get("message", "-")) if error else "-"
 
 
 def _saga_row(result: SagaResult) -> dict[str, str]:
@@ -65,8 +71,9 @@ def _saga_row(result: SagaResult) -> dict[str, str]:
 
     done = sum(1 for s in result.steps if s.status == StepStatus.SUCCEEDED)
     error = result.error or {}
-    return {"saga_id": result.saga_id, "name": result.name, "state": result.state.value,
-            "steps": f"{done}/{len(result.steps)}", "error": str(error.get("message", "")) or "-"}
+    return {"saga_id": result.saga_id, "name": result.name, "version": str(result.version),
+            "state": result.state.value, "steps": f"{done}/{len(result.steps)}",
+            "error": str(error.get("message", "")) or "-"}
 
 
 @saga_app.command("list")
@@ -93,7 +100,7 @@ def saga_list(
     elif not rows:
         typer.echo("no sagas" + (f" in state {state}" if state else ""))
     else:
-        typer.echo(render_table(rows, ("saga_id", "name", "state", "steps", "error")))
+        typer.echo(render_table(rows, ("saga_id", "name", "version", "state", "steps", "error")))
 
 
 @saga_app.command("status")
@@ -114,18 +121,24 @@ def saga_status(
     with errors():
         apps = load_targets(targets or [])
         result = asyncio.run(go())
-    typer.echo(f"saga:   {result.saga_id}\nname:   {result.name}\nstate:  {result.state.value}")
+    typer.echo(f"saga:   {result.saga_id}\nname:   {result.name} (version {result.version})\n"
+               f"state:  {result.state.value}\ncorrelation: {result.correlation_id}")
     if result.error:
         where = f" (step {result.error['step']})" if result.error.get("step") else ""
         typer.echo(f"error:  {result.error.get('type', '')}: {result.error.get('message', '')}{where}")
+    # The compensation columns: its runs, how long it took, its last failure.
     rows = [
         {"step": step.name, "status": str(step.status), "attempts": str(step.attempts),
          "started": step.started_at.strftime("%H:%M:%S.%f")[:-3] if step.started_at else "-",
-         "duration": _duration(step),
-         "error": (step.error or {}).get("message", "-") if step.error else "-"}
+         "duration": _duration(step.started_at, step.finished_at),
+         "error": _message(step.error),
+         "compensations": str(step.compensation_attempts),
+         "comp_duration": _duration(step.compensation_started_at, step.compensation_finished_at),
+         "comp_error": _message(step.compensation_error)}
         for step in result.steps
     ]
-    typer.echo(render_table(rows, ("step", "status", "attempts", "started", "duration", "error")))
+    typer.echo(render_table(rows, ("step", "status", "attempts", "started", "duration", "error",
+                                   "compensations", "comp_duration", "comp_error")))
 
 
 @saga_app.command("resume")

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from brokers import Broker
     from choreo.events import Event
 
-__all__ = ("Context", "Scope", "StateValue")
+__all__ = ("ActionContext", "Context", "Scope", "StateValue")
 
 
 @attrs.frozen
@@ -128,3 +128,26 @@ class Context:
     def reset(self) -> None:
         """Forget staged writes (before the handler runs again after a conflict)."""
         self._writes.clear()
+
+
+class ActionContext(Context):
+    """The context of a saga action: ``attempt`` is the step's attempt of
+    this action (1, 2, ...), not the broker's delivery count of the command."""
+
+    __slots__ = ("_attempt",)
+    _attempt: int
+
+    @classmethod
+    def of(cls, ctx: Context, attempt: int | None) -> Context:
+        """``ctx`` with the step's ``attempt``; staged state writes stay ``ctx``'s."""
+        if attempt is None:
+            return ctx
+        action = cls.__new__(cls)
+        for name in Context.__slots__:
+            setattr(action, name, getattr(ctx, name))  # the same staged-writes dict, not a copy
+        action._attempt = attempt
+        return action
+
+    @property
+    def attempt(self) -> int:
+        return self._attempt

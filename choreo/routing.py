@@ -13,19 +13,17 @@ import logging
 import time
 import typing
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 
 from brokers import STARTS, Start
 from choreo.actions import ACTION_INTERCEPTOR, Compensation, ReplyTopics, command_topic, reply_to_command
+from choreo.context import ActionContext, Context
 from choreo.errors import ConfigurationError, DecodeError, error_info
 from choreo.events import Event, validate_event_type
 from choreo.params import INJECTABLE, Param, handler_arguments, inspect_params
 from choreo.threads import run_in_daemon_thread
-
-if TYPE_CHECKING:
-    from choreo.context import Context
 
 __all__ = ("INJECTABLE", "Emit", "Handler", "Param", "Route", "Router", "emits", "handler_arguments")
 
@@ -311,6 +309,7 @@ def emits(success: str, *others: str) -> Callable[[Handler], Handler]:
 def _action_handler(action: str, service: str, handler: Handler, params: Sequence[Param]) -> Handler:
     """The route handler running ``handler`` for a saga command: whatever happens is one reply."""
     is_async = inspect.iscoroutinefunction(handler)
+    wants_ctx = any(param.source == "ctx" for param in params)  # else no action context to build
 
     async def run_action(event: Event, ctx: Context) -> Emit:
         reply_to, reply = reply_to_command(event, action)
@@ -319,7 +318,8 @@ def _action_handler(action: str, service: str, handler: Handler, params: Sequenc
             interceptor = ctx.extensions.get(ACTION_INTERCEPTOR)
             if interceptor is not None:
                 interceptor(service, action, dict(event.data))
-            kwargs = handler_arguments(params, event, ctx, event.data)
+            action_ctx = ActionContext.of(ctx, reply["attempt"]) if wants_ctx else ctx
+            kwargs = handler_arguments(params, event, action_ctx, event.data)
             result = await handler(**kwargs) if is_async else await run_in_daemon_thread(handler, **kwargs)
             if inspect.isawaitable(result):
                 result = await result

@@ -55,7 +55,9 @@ def build_travel(bookings: Bookings) -> tuple[SagaCoordinator, list[App]]:
         "book_trip",
         [
             SagaStep("flight", "flight_service", "book_flight", "cancel_flight", retry_count=2, retry_delay=0.05),
-            SagaStep("hotel", "hotel_service", "book_hotel", "cancel_hotel", timeout=0.5, retry_count=2),
+            SagaStep(
+                "hotel", "hotel_service", "book_hotel", "cancel_hotel", timeout=0.5, retry_count=2, retry_delay=0.05
+            ),
             SagaStep("car", "car_service", "rent_car", "return_car", retry_count=2, retry_delay=0.05),
         ],
         deadline=60.0,

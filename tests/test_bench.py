@@ -37,3 +37,4 @@ def test_redis_chain_reports_throughput_and_latency_ratios() -> None:
 def test_saga_throughput_runs_on_both_brokers() -> None:
     out = bench("saga_throughput.py", "--sagas", "20", "--concurrency", "5")
     assert "memory" in out and "redis" in out
+    assert "parallel" in out and "sequential" in out and "Redis commands/saga" in out and "CPU" in out

@@ -38,13 +38,15 @@ def test_a_failed_saga_is_listed_shown_and_resumed_after_its_cause_is_fixed(redi
     listed = runner.invoke(app, ["saga", "list", "--state", "failed", "--json", "--broker", redis_url])
     assert listed.exit_code == 0, listed.output
     [row] = [json.loads(line) for line in listed.stdout.splitlines()]
-    assert row["saga_id"] == "T-1" and row["name"] == "trip" and row["state"] == "failed"
+    assert row["saga_id"] == "T-1" and row["name"] == "trip" and row["state"] == "failed" and row["version"] == "1"
 
     status = runner.invoke(app, ["saga", "status", "T-1", "tests.apps.trip:app", "--broker", redis_url])
     assert status.exit_code == 0, status.output
     assert "state:  failed" in status.stdout
+    assert "name:   trip (version 1)" in status.stdout and "correlation: T-1" in status.stdout
     lines = {line.split()[0]: line.split() for line in status.stdout.splitlines()[4:]}
     assert lines["book_hotel"][1] == "compensation_failed"
+    assert lines["book_hotel"][6] == "1" and "provider is down" in " ".join(lines["book_hotel"][8:])
     assert lines["pay"][1] == "failed"
 
     marker.touch()  # the provider is back

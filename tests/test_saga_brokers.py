@@ -23,9 +23,18 @@ def build(ledger: dict[str, int], *, decline_over: float = 100.0, **options: Any
     coordinator.define_saga(
         "order_processing",
         [
-            SagaStep("create_order", "order_service", "create_order", "cancel_order"),
-            SagaStep("process_payment", "payment_service", "charge_card", "refund_card", retry_count=1),
-            SagaStep("ship", "order_service", "ship", None),
+            # Small step timeouts: ``settle`` waits for every step's timer to fire.
+            SagaStep("create_order", "order_service", "create_order", "cancel_order", timeout=1.0, retry_count=0),
+            SagaStep(
+                "process_payment",
+                "payment_service",
+                "charge_card",
+                "refund_card",
+                timeout=1.0,
+                retry_count=1,
+                retry_delay=0.0,
+            ),
+            SagaStep("ship", "order_service", "ship", None, timeout=1.0, retry_count=0),
         ],
     )
 
@@ -86,6 +95,7 @@ async def test_saga_completes_and_another_compensates(broker_url: str) -> None:
         ("saga.order_processing.started", "order_processing", "ok"),
         ("saga.order_processing.completed", "order_processing", "ok"),
         ("saga.order_processing.started", "order_processing", "bad"),
+        ("saga.order_processing.compensating", "order_processing", "bad"),
         ("saga.order_processing.compensated", "order_processing", "bad"),
     ]
 

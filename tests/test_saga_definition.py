@@ -29,7 +29,7 @@ def test_saga_names_are_exported_from_choreo() -> None:
 def test_saga_step_has_the_documented_defaults() -> None:
     """SagaStep takes name, service, action, compensation positionally with the documented defaults."""
     step = SagaStep("a", "svc", "do_a")
-    assert (step.compensation, step.timeout, step.retry_count, step.retry_delay) == (None, None, 0, 0.0)
+    assert (step.compensation, step.timeout, step.retry_count, step.retry_delay) == (None, 30.0, 3, 1.0)
     assert (step.fallback, step.compensatable) == (None, True)
     assert SagaState.COMPLETED.terminal and not SagaState.RUNNING.terminal
 

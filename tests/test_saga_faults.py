@@ -49,14 +49,14 @@ def participants(calls: Counter[str], gate: asyncio.Event | None = None) -> App:
     return app
 
 
-def coordinator(url: str, *args: str) -> subprocess.Popen[str]:
+def coordinator(url: str, *args: str, shape: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "tests.apps.saga_crash", url, *args],
         cwd=ROOT,
         text=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(shape or {})},
     )
 
 
@@ -80,11 +80,32 @@ async def wait_exit(process: subprocess.Popen[str], timeout: float) -> int:
     return process.returncode
 
 
-@pytest.mark.parametrize(("crash_at", "nth"), [("after_command", 7), ("after_reply", 7), ("during_compensation", 2)])
+#: How the saga is defined in the killed coordinator, and in the survivor.
+SHAPES = {
+    "sequential": ({}, {}),
+    "parallel": ({"SAGA_SHAPE": "parallel"}, {"SAGA_SHAPE": "parallel"}),
+    # Version 2 (parallel) deployed beside version 1 while version 1 sagas are in flight.
+    "versions": ({"SAGA_SHAPE": "versions", "SAGA_VERSIONS": "1"}, {"SAGA_SHAPE": "versions", "SAGA_VERSIONS": "1,2"}),
+}
+
+
+@pytest.mark.parametrize(
+    ("shape", "crash_at", "nth"),
+    [
+        ("sequential", "after_command", 7),
+        ("sequential", "after_reply", 7),
+        ("sequential", "during_compensation", 2),
+        ("parallel", "after_command", 7),
+        ("parallel", "after_reply", 7),
+        ("parallel", "during_compensation", 2),
+        ("versions", "after_reply", 7),
+    ],
+)
 async def test_killed_coordinator_sagas_all_finish_with_effects_once(
-    redis_server: RedisServer, crash_at: str, nth: int
+    redis_server: RedisServer, shape: str, crash_at: str, nth: int
 ) -> None:
-    """Every saga ends COMPLETED or COMPENSATED after the coordinator is killed, each effect called once."""
+    """Every saga ends COMPLETED or COMPENSATED after the coordinator is killed, each effect called once;
+    the same with reserve and pay as a Parallel group, and with version 2 deployed in the survivor."""
     redis_server.command("FLUSHALL")
     url = redis_server.url + "?visibility_timeout=1"
     calls: Counter[str] = Counter()
@@ -95,12 +116,12 @@ async def test_killed_coordinator_sagas_all_finish_with_effects_once(
         # the machine schedules the two processes.
         gate = asyncio.Event()
         async with run_apps(participants(calls, gate), broker=url) as env:
-            first = coordinator(url, str(SAGAS), crash_at, str(nth))
+            first = coordinator(url, str(SAGAS), crash_at, str(nth), shape=SHAPES[shape][0])
             assert first.stdout is not None
             assert (await asyncio.to_thread(first.stdout.readline)).strip() == "started"
             gate.set()
             assert await wait_exit(first, 90) == -signal.SIGKILL
-            survivor = coordinator(url)
+            survivor = coordinator(url, shape=SHAPES[shape][1])
             deadline = time.monotonic() + 90
             while True:
                 records = [json.loads(v.value) for v in (await env.broker.list_state("saga:")).values()]
@@ -113,6 +134,7 @@ async def test_killed_coordinator_sagas_all_finish_with_effects_once(
             if process is not None:
                 stop(process)
     states = {r["saga_id"]: r["state"] for r in records}
+    assert {r.get("version", 1) for r in records} == {1}
     for i in range(SAGAS):
         saga = f"s-{i}"
         if i % 4 == 0:

@@ -295,3 +295,46 @@ async def test_wait_false_returns_running_and_timeout_raises() -> None:
         final = await coordinator.start_saga("order_processing", {}, saga_id="w-1", timeout=10)
     assert final.state is SagaState.COMPLETED
     assert len(harness.calls("order_service", "create_order")) == 1
+
+
+async def test_absent_participant_compensates_within_the_default_timeout_budget() -> None:
+    """With the default step policy, a participant that never answers costs 4 attempts of 30 s
+    plus backoff on the virtual clock, then the saga compensates: nothing hangs."""
+    orders = App("order_service")
+    SagaCoordinator(orders).define_saga(
+        "order",
+        [SagaStep("reserve", "inventory", "reserve", "release"), SagaStep("pay", "payments", "charge", "refund")],
+    )
+    absent = App("payments")
+
+    @absent.on_event("saga.cmd.payments.charge")
+    async def swallow(event: Any) -> None:
+        """Takes the command and never replies: a participant that is gone or stuck."""
+
+    async with SagaTestHarness(orders, absent) as harness:
+        began_virtual, began_real = harness.clock(), time.monotonic()
+        result = await harness.start_saga("order", {}, timeout=10)
+        virtual, real = harness.clock() - began_virtual, time.monotonic() - began_real
+    assert result.state is SagaState.COMPENSATED
+    assert result.step("pay").attempts == 4 and result.step("pay").error["type"] == "TimeoutError"  # type: ignore[index]
+    assert result.step("reserve").status == "compensated"
+    # 4 x 30 s of timeouts and about 1 + 2 + 4 s of backoff (jitter x0.75 to x1.25).
+    assert 4 * 30 + 0.75 * 7 <= virtual <= 4 * 30 + 1.25 * 7 + 5
+    assert real < 5
+
+
+async def test_timeout_none_waits_for_a_slow_reply() -> None:
+    """timeout=None is the explicit way to wait as long as the participant takes."""
+    orders = App("order_service")
+    SagaCoordinator(orders).define_saga("order", [SagaStep("pay", "payments", "charge", "refund", timeout=None)])
+    payments = App("payments")
+
+    @payments.action("charge")
+    async def charge() -> dict[str, Any]:
+        await asyncio.sleep(0.3)
+        return {"paid": True}
+
+    async with SagaTestHarness(orders, payments) as harness:
+        result = await harness.start_saga("order", {}, timeout=10)
+    assert result.state is SagaState.COMPLETED and result.step("pay").attempts == 1
+    assert not harness.published("saga.timeout.order")

@@ -49,12 +49,22 @@ def view(result: SagaResult) -> dict[str, Any]:
 
 @pytest.mark.parametrize("label", LABELS)
 def test_records_written_by_the_first_release_load_with_the_same_public_view(label: str) -> None:
-    """A schema 1 record loads and gives the SagaResult the first release gave, with and without its definition."""
+    """A schema 1 record loads and gives the SagaResult the first release gave, with and without its definition;
+    the fields added since read version 1, the saga id as correlation id (what that release used) and no
+    separate compensation details."""
     record = SagaRecord.from_json(FIXTURE["records"][label].encode())
     expected = FIXTURE["results"][label]
     assert record.schema == 1
-    assert view(to_result(definition(record.name), record)) == expected["with_definition"]
-    assert view(to_result(None, record)) == expected["without_definition"]
+    for result, seen in (
+        (to_result(definition(record.name), record), expected["with_definition"]),
+        (to_result(None, record), expected["without_definition"]),
+    ):
+        shown = view(result)
+        assert (shown.pop("version"), shown.pop("correlation_id")) == (1, record.saga_id)
+        for step in shown["steps"]:  # the first release stored no separate compensation details
+            added = [step.pop(f"compensation_{field}") for field in ("attempts", "error", "started_at", "finished_at")]
+            assert added == [0, None, None, None]
+        assert shown == seen
 
 
 def test_the_fixture_covers_running_completed_compensated_and_failed_sagas() -> None:
@@ -166,3 +176,20 @@ async def test_the_coordinator_and_the_admin_list_the_same_sagas(broker_url: str
     assert [r.saga_id for r in mine] == [r.saga_id for r in theirs] == ["S-running", "a-ok", "b-declined"]
     assert mine[1:] == theirs[1:]
     assert [r.saga_id for r in compensated] == [r.saga_id for r in shouted] == ["b-declined"]
+
+
+def test_a_record_with_every_optional_step_field_round_trips() -> None:
+    """Fields written only when set (late replies, compensation details, a branch's wait) load back as written."""
+    saga = definition("trip")
+    record = new_record(saga, "S-2", {}, 1_700_000_000.0, correlation_id="req-1")
+    step = record.steps[0]
+    step.kept, step.kept_kind, step.late_seen, step.late_open, step.late_failed = 4, "fallback", [2, 3], 1, 1
+    step.held = [{"token": 5, "kind": "action", "result": {"ref": "x"}}]
+    step.comp_attempts, step.comp_error, step.comp_started_at, step.comp_finished_at = 2, {"message": "m"}, 1.0, 2.0
+    step.wait = {"token": 6, "kind": "action", "attempt": 1, "due_at": None}
+    record.steps[1].kept, record.steps[1].kept_kind = 7, "action"  # the usual kind: not written
+    loaded = SagaRecord.from_json(record.to_json())
+    assert loaded == record and b'"kept_kind":"action"' not in record.to_json()
+    assert (loaded.correlation, loaded.steps[1].kept_kind, loaded.steps[2].kept_kind) == ("req-1", "action", None)
+    plain = new_record(saga, "S-3", {}, 1_700_000_000.0)
+    assert plain.correlation == "S-3" and b"correlation_id" not in plain.to_json()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from choreo.saga.coordinator import SagaCoordinator
 from choreo.saga.definition import (
+    Parallel,
     SagaDefinition,
     SagaNotFound,
     SagaResult,
@@ -19,6 +20,7 @@ from choreo.saga.definition import (
 )
 
 __all__ = (
+    "Parallel",
     "SagaCoordinator",
     "SagaDefinition",
     "SagaNotFound",

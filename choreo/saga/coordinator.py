@@ -12,7 +12,6 @@ another finishes every saga from the broker.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -22,17 +21,28 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from brokers import CommitStatus, StateWrite
+from choreo import logs
 from choreo.context import Context
 from choreo.errors import ChoreoError, ConfigurationError
 from choreo.events import Event, new_event_id
 from choreo.failpoints import ACTIVE, hit
-from choreo.routing import Emit, Route
-from choreo.saga.definition import TERMINAL_STATES, SagaDefinition, SagaNotFound, SagaResult, SagaState, SagaStep
-from choreo.saga.machine import Out, SagaRun
+from choreo.routing import Emit
+from choreo.saga import sweeper
+from choreo.saga.definition import (
+    Parallel,
+    SagaDefinition,
+    SagaNotFound,
+    SagaResult,
+    SagaState,
+    SagaStep,
+)
+from choreo.saga.machine import SagaRun
 from choreo.saga.metrics import SagaMetrics
 from choreo.saga.record import SagaRecord, new_record, to_result
-from choreo.saga.store import list_records, list_sagas, read_saga
-from choreo.saga.topics import lifecycle_topic, reply_topic, timeout_topic
+from choreo.saga.routes import as_events, saga_routes
+from choreo.saga.run import Out
+from choreo.saga.store import list_sagas, read_saga
+from choreo.saga.versions import SagaVersions
 from choreo.saga.waiting import SagaWaiters
 
 if TYPE_CHECKING:
@@ -102,6 +112,7 @@ class SagaCoordinator:
         self.poll_interval = poll_interval
         self.key_prefix = key_prefix
         self.definitions: dict[str, SagaDefinition] = {}
+        self.versions = SagaVersions()
         self._waiters = SagaWaiters(self.get_saga_state)
         #: The runtimes running ``app`` now, most recent last.
         self._runtimes: list[Running] = []
@@ -113,53 +124,46 @@ class SagaCoordinator:
 
     # -- definitions -------------------------------------------------------------
 
-    def define_saga(self, name: str, steps: Sequence[SagaStep], **options: Any) -> SagaDefinition:
-        """Define a saga and compile it into ``app``'s routing table.
+    def define_saga(
+        self,
+        name: str,
+        steps: Sequence[SagaStep | Parallel],
+        *,
+        version: int = 1,
+        deadline: float | None = None,
+        **unknown: Any,
+    ) -> SagaDefinition:
+        """Define (a version of) a saga and compile it into ``app``'s routing table.
+
+        Several versions of one name may be defined at once: ``start_saga``
+        starts the highest, and a saga in flight finishes on its own.
 
         Args:
             name: The saga's name (``saga.<name>.*`` events).
-            steps: The steps, run in order and compensated in reverse.
-            options: ``deadline``: seconds after the start at which a saga
-                still running fails at its current step and compensates.
+            steps: The steps (and ``Parallel`` groups), run in order and
+                compensated in reverse.
+            version: The version of this definition (an integer >= 1).
+            deadline: Seconds after the start at which a saga still running
+                fails at its current step and compensates.
 
         Raises:
-            ConfigurationError: the saga is already defined, or the
-                definition is invalid (see ``SagaDefinition.build``).
+            ConfigurationError: that version of the saga is already defined,
+                or the definition is invalid (see ``SagaDefinition.build``).
         """
-        definition = SagaDefinition.build(name, steps, **options)
-        if name in self.definitions:
-            raise ConfigurationError(f"saga {name!r} is already defined on {self.app.name!r}")
-        emits = (
-            *definition.commands(),
-            timeout_topic(name),
-            *(lifecycle_topic(name, state.value) for state in TERMINAL_STATES),
-        )
+        definition = SagaDefinition.build(name, steps, version=version, deadline=deadline, **unknown)
+        if self.versions.get(name, version) is not None:
+            raise ConfigurationError(f"saga {name!r} version {version} is already defined on {self.app.name!r}")
+        self.versions.add(definition)
 
-        async def on_reply(event: Event, ctx: Context) -> list[Emit]:
-            return await self._transition(definition, event, ctx, lambda run: run.on_reply(event.data))
+        async def transition(event: Event, ctx: Context, step: Callable[[SagaRun], list[Out]]) -> list[Emit]:
+            return await self._transition(name, event, ctx, step)
 
-        async def on_timeout(event: Event, ctx: Context) -> list[Emit]:
-            return await self._transition(definition, event, ctx, lambda run: run.on_timer(event.data))
-
-        # State conflicts re-run a handler at once; these retries are for a
-        # broker that failed mid-transition.
-        for topic, handler, suffix in (
-            (reply_topic(name), on_reply, "reply"),
-            (timeout_topic(name), on_timeout, "timeout"),
-        ):
-            handler.__name__ = handler.__qualname__ = f"saga_{name}_{suffix}"
-            self.app.router.add(
-                Route(
-                    event=topic,
-                    service=self.app.name,
-                    name=handler.__name__,
-                    handler=handler,
-                    emits=emits,
-                    retries=5,
-                    retry_delay=0.5,
-                )
-            )
-        self.definitions[name] = definition
+        # A later version replaces the routes: they declare the commands of every version.
+        for route in saga_routes(self.app.name, name, self.versions.commands(name), transition):
+            self.app.router.add(route, replace=True)
+        latest = self.versions.latest(name)
+        assert latest is not None
+        self.definitions[name] = latest
         return definition
 
     def definition(self, name: str) -> SagaDefinition:
@@ -187,12 +191,17 @@ class SagaCoordinator:
         saga_id: str | None = None,
         wait: bool = True,
         timeout: float | None = None,
+        correlation_id: str | None = None,
     ) -> SagaResult:
         """Start saga ``name`` with ``data``; the coordinator's app must be running.
 
         The record, the ``started`` event, the first command and its timer
         are committed in one step. A ``saga_id`` that exists already is not
         started again: the call returns (or waits for) that saga.
+
+        Every event of the saga (commands, replies, timers, lifecycle events)
+        carries ``correlation_id``; by default that of the event whose
+        handler is starting the saga, else the saga id.
 
         Returns:
             The saga when it ends (``wait=True``), or as started.
@@ -207,7 +216,10 @@ class SagaCoordinator:
         saga_id = saga_id or new_event_id()
         if not isinstance(saga_id, str) or not _SAGA_ID.match(saga_id):
             raise ConfigurationError(f"saga_id {saga_id!r} must be 1-128 letters, digits or '._:-'")
-        record = new_record(definition, saga_id, dict(data or {}), time.time())
+        if correlation_id is None:
+            handling = logs.current()
+            correlation_id = handling.correlation_id if handling is not None else None
+        record = new_record(definition, saga_id, dict(data or {}), time.time(), correlation_id)
         lines: list[tuple[str, str]] = []
         outs = SagaRun(definition, record, time.time(), lambda i, line: lines.append((i, line)), self._detail).start()
         future = self._waiters.add(saga_id) if wait else None
@@ -215,7 +227,7 @@ class SagaCoordinator:
             if ACTIVE:
                 await hit("saga.before_state_write", name)
             status = await runtime.commit(
-                self._events(outs, saga_id, correlation_id=saga_id),
+                as_events(outs, saga_id, record.correlation),
                 state=[StateWrite(self.key(saga_id), record.to_json(), 0)],
             )
             if ACTIVE:
@@ -271,14 +283,19 @@ class SagaCoordinator:
                 if stored is None:
                     raise SagaNotFound(f"no saga {saga_id!r}")
                 record = SagaRecord.from_json(stored.value)
-                definition = self.definition(record.name)
+                self.definition(record.name)  # the saga must be defined here, in some version
+                found = self.versions.get(record.name, record.version)
+                if found is None:
+                    self._version_missing(runtime, record, "resume")
+                    return to_result(None, record)
+                definition = found
                 outs = SagaRun(definition, record, time.time(), self._trace, self._detail).resume()
                 if not outs:
                     return to_result(definition, record)
                 if ACTIVE:
                     await hit("saga.before_state_write", definition.name)
                 status = await runtime.commit(
-                    self._events(outs, saga_id, correlation_id=saga_id),
+                    as_events(outs, saga_id, record.correlation),
                     state=[StateWrite(self.key(saga_id), record.to_json(), stored.version)],
                 )
                 if ACTIVE:
@@ -298,33 +315,14 @@ class SagaCoordinator:
         """Fire the timer of every saga whose step or deadline is overdue by
         more than ``sweep_interval`` (its delayed event was lost). Harmless
         if the timer does fire: the first one wins. Returns how many fired."""
-        runtime = self._runtime()
-        grace = self.sweep_interval or 0.0
-        now = time.time()
-        fired = 0
-        for record in await list_records(runtime.broker, self.key_prefix):
-            if record.name not in self.definitions or record.state.terminal:
-                continue
-            kind = None
-            if record.deadline_at is not None and now > record.deadline_at + grace:
-                kind = "deadline"
-            elif record.due_at is not None and now > record.due_at + grace:
-                kind = "sweep"
-            if kind is None:
-                continue
-            log.warning("[SAGA-%s] overdue (%s); firing its timer", record.saga_id, kind)
-            data = {"saga": record.name, "kind": kind, "token": record.token, "step": None}
-            await runtime.publish(
-                timeout_topic(record.name), data, saga_id=record.saga_id, correlation_id=record.saga_id
-            )
-            fired += 1
-        return fired
+        return await sweeper.sweep(self._runtime(), self.versions, self.key_prefix, self.sweep_interval or 0.0)
 
     # -- internals -----------------------------------------------------------------
 
     async def _transition(
-        self, definition: SagaDefinition, event: Event, ctx: Context, step: Callable[[SagaRun], list[Out]]
+        self, name: str, event: Event, ctx: Context, step: Callable[[SagaRun], list[Out]]
     ) -> list[Emit]:
+        runtime = self._runtime()
         if not event.saga_id:
             log.warning("ignoring %s %s: it names no saga", event.type, event.id)
             return []
@@ -336,6 +334,13 @@ class SagaCoordinator:
         # Decoded once (by ctx.get_state) and encoded once (by ctx.set_state);
         # the machine says whether anything changed, so a stale reply writes nothing.
         record = SagaRecord.from_dict(stored.data)
+        definition = self.versions.get(name, record.version)
+        if definition is None:
+            # Left as it is. The step's timer (or a sweeper) of a coordinator
+            # that still defines the version moves it on: a lost reply is a
+            # timed-out attempt, which the step's policy already handles.
+            self._version_missing(runtime, record, event.type)
+            return []
         run = SagaRun(definition, record, time.time(), self._trace, self._detail)
         outs = step(run)
         if not run.changed and not outs:
@@ -346,21 +351,17 @@ class SagaCoordinator:
         ctx.set_state(key, record.to_dict() if keep else None, expected_version=stored.version)
         return [Emit(o.type, o.data, delay=o.delay, merge=False, headers=o.headers) for o in outs]
 
-    def _events(self, outs: Sequence[Out], saga_id: str, correlation_id: str) -> list[tuple[Event, float | None]]:
-        events: list[tuple[Event, float | None]] = []
-        cause: str | None = None
-        for out in outs:
-            event = Event(
-                type=out.type,
-                data=out.data,
-                saga_id=saga_id,
-                correlation_id=correlation_id,
-                causation_id=cause,
-                headers=dict(out.headers or {}),
-            )
-            cause = cause or event.id
-            events.append((event, out.delay))
-        return events
+    def _version_missing(self, runtime: Running, record: SagaRecord, what: str) -> None:
+        defined = ", ".join(str(d.version) for d in self.versions.of(record.name)) or "none"
+        log.warning(
+            "[SAGA-%s] %s for saga %s version %d, which is not defined here (defined: %s); the saga is left as it is",
+            record.saga_id,
+            what,
+            record.name,
+            record.version,
+            defined,
+        )
+        SagaMetrics.count_version_missing(runtime.middleware, record.name, record.version)
 
     def _trace(self, saga_id: str, line: str) -> None:
         log.info("[SAGA-%s] %s", saga_id, line)
@@ -382,17 +383,9 @@ class SagaCoordinator:
         for metrics in SagaMetrics.missing(runtime.middleware):
             runtime.add_middleware(metrics)
         if self.sweep_interval is not None:
-            runtime.start_task(self._sweeper(self.sweep_interval), name="choreo-saga-sweeper")
+            runtime.start_task(sweeper.sweep_every(self.sweep_interval, self.sweep), name="choreo-saga-sweeper")
         self._runtimes.append(runtime)
         try:
             yield
         finally:
             self._runtimes.remove(runtime)
-
-    async def _sweeper(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.sweep()
-            except Exception as exc:
-                log.warning("saga sweep failed, trying again in %ss: %s", interval, exc)

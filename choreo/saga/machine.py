@@ -7,8 +7,8 @@ transition happens entirely or not at all.
 
 Every command carries a ``token``; the record remembers the token of the one
 command it waits for. A reply or timer with another token is stale (a late or
-duplicate reply) and changes nothing, except that a late success of a step
-that was given up on gets that step's compensation sent.
+duplicate reply) and changes nothing, except that a success the saga does not
+keep gets the step's compensation sent, once per reply (``choreo.saga.late``).
 """
 
 from __future__ import annotations
@@ -17,26 +17,16 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import attrs
-
 from choreo.dispatcher import backoff_delay
+from choreo.saga import late, parallel
 from choreo.saga.definition import SagaDefinition, SagaState, StepStatus
 from choreo.saga.record import Kind, Phase, SagaRecord
-from choreo.saga.topics import command_topic, lifecycle_topic, reply_topic, timeout_topic
+from choreo.saga.run import Out
+from choreo.saga.topics import COMPENSATING, command_topic, lifecycle_topic, reply_topic, timeout_topic
 
 __all__ = ("Out", "SagaRun")
 
 log = logging.getLogger("choreo.saga")
-
-
-@attrs.frozen
-class Out:
-    """An event a transition publishes: a command, a timer or a lifecycle event."""
-
-    type: str
-    data: dict[str, Any]
-    delay: float | None = None
-    headers: dict[str, str] | None = None
 
 
 class SagaRun:
@@ -88,7 +78,7 @@ class SagaRun:
         if self.record.deadline_at is not None:
             delay = max(self.record.deadline_at - self.now, 0.0)
             self.out.append(Out(timeout_topic(self.definition.name), self._timer_data("deadline", -1), delay or None))
-        self._dispatch(0, Kind.ACTION, 1)
+        self._enter(0)
         return self._finish()
 
     def on_reply(self, reply: dict[str, Any]) -> list[Out]:
@@ -99,10 +89,12 @@ class SagaRun:
             log.warning("[SAGA-%s] ignoring a reply for unknown step %r", self.saga_id, reply.get("step"))
             return []
         if kind == Kind.LATE:
-            return self._late_compensated(index, reply)
+            return self._finish() if late.on_late_compensated(self, index, reply) else []
+        if not self.state.terminal and parallel.in_group(self, index):
+            return self._finish() if parallel.on_reply(self, index, reply) else []
         if self.state.terminal or reply.get("token") != self.record.token or index != self.record.cursor:
             if reply.get("outcome") == "succeeded" and kind in (Kind.ACTION, Kind.FALLBACK):
-                return self._late_success(index, reply)
+                return self._finish() if late.on_late_success(self, index, reply) else []
             log.info("[SAGA-%s] ignoring a stale or duplicate reply from step %s", self.saga_id, reply.get("step"))
             return []
         self.detail(
@@ -126,11 +118,17 @@ class SagaRun:
                 return []
             index = self.record.cursor
             message = f"saga deadline of {self.definition.deadline}s exceeded"
+            if parallel.in_group(self, index):
+                parallel.on_deadline(self, {"type": "TimeoutError", "message": message})
+                return self._finish()
             self.trace(
                 f"Step {index + 1}/{len(self.definition.steps)}: {self.definition.steps[index].name} - TIMED OUT"
             )
             self._step_failed(index, {"type": "TimeoutError", "message": message})
             return self._finish()
+        if parallel.in_group(self, self.record.cursor):
+            branch = self.definition.index(str(timer.get("step"))) if timer.get("kind") == "step" else None
+            return self._finish() if parallel.on_timer(self, branch, timer) else []
         if timer.get("token") != self.record.token:
             return []
         index = self.record.cursor
@@ -152,11 +150,15 @@ class SagaRun:
             self.record.state = SagaState.COMPENSATING
             self.record.phase = Phase.BACKWARD
             self.record.queue = failed
+            self._lifecycle(COMPENSATING)
             self._next_compensation()
             return self._finish()
         if self.state.terminal:
             return []
         self.trace(f"Resuming saga: {self.definition.name}")
+        if parallel.in_group(self, self.record.cursor):
+            parallel.resend(self)
+            return self._finish()
         self._dispatch(self.record.cursor, self.record.kind or Kind.ACTION, max(self.record.attempt, 1), count=False)
         return self._finish()
 
@@ -165,25 +167,42 @@ class SagaRun:
     def _succeeded(self, index: int, reply: dict[str, Any]) -> None:
         step, state = self.definition.steps[index], self.record.steps[index]
         total = len(self.definition.steps)
-        state.finished_at = self.now
         if self.record.kind is Kind.COMPENSATION:
             state.status = StepStatus.COMPENSATED
+            state.comp_finished_at = self.now
             self._next_compensation()
             return
+        state.finished_at = self.now
         state.status = StepStatus.SUCCEEDED
         state.error = None
+        state.kept, state.kept_kind = self.record.token, self.record.kind
+        late.drop_held(state, self.record.kind or Kind.ACTION)
         suffix = " (fallback)" if self.record.kind is Kind.FALLBACK else ""
         self.trace(f"Step {index + 1}/{total}: {step.name} - COMPLETED{suffix}")
-        if index + 1 < total:
-            self._dispatch(index + 1, Kind.ACTION, 1)
-            return
-        self._end(SagaState.COMPLETED, "Saga completed successfully")
+        self.advance(index)
+
+    def advance(self, index: int) -> None:
+        """Step ``index`` (the last of its stage) is done: start the next stage, or complete."""
+        if index + 1 < len(self.definition.steps):
+            self._enter(index + 1)
+        else:
+            self._end(SagaState.COMPLETED, "Saga completed successfully")
+
+    def _enter(self, index: int) -> None:
+        stage = self.definition.stage(index)
+        if len(stage) > 1:
+            parallel.enter(self, stage)
+        else:
+            self._dispatch(index, Kind.ACTION, 1)
 
     def _failed(self, index: int, error: dict[str, Any]) -> None:
         step, state = self.definition.steps[index], self.record.steps[index]
         kind, attempt = self.record.kind or Kind.ACTION, self.record.attempt
         total = len(self.definition.steps)
-        state.error = error
+        if kind is Kind.COMPENSATION:
+            state.comp_error = error
+        else:
+            state.error = error
         if attempt < step.attempts:
             delay = backoff_delay(step.retry_delay, attempt) if step.retry_delay else None
             what = step.compensation if kind is Kind.COMPENSATION else step.name
@@ -192,7 +211,7 @@ class SagaRun:
             return
         if kind is Kind.COMPENSATION:
             state.status = StepStatus.COMPENSATION_FAILED
-            state.finished_at = self.now
+            state.comp_finished_at = self.now
             log.error(
                 "[SAGA-%s] Compensation failed: %s after %d attempts: %s; resume the saga once the cause is fixed",
                 self.saga_id,
@@ -211,14 +230,20 @@ class SagaRun:
 
     def _step_failed(self, index: int, error: dict[str, Any]) -> None:
         state = self.record.steps[index]
+        late.release_held(self, index)
         state.status = StepStatus.FAILED
         state.error = error
         state.finished_at = self.now
         self.record.error = {"step": self.definition.steps[index].name, **error}
+        self.compensate((index,))
+
+    def compensate(self, stage: tuple[int, ...]) -> None:
+        """The stage failed: compensate its succeeded steps, then every earlier one, in reverse."""
         self.record.state = SagaState.COMPENSATING
         self.record.phase = Phase.BACKWARD
         steps = self.record.steps
-        self.record.queue = [i for i in reversed(range(index)) if steps[i].status is StepStatus.SUCCEEDED]
+        self.record.queue = [i for i in reversed(range(max(stage) + 1)) if steps[i].status is StepStatus.SUCCEEDED]
+        self._lifecycle(COMPENSATING)
         self._next_compensation()
 
     def _next_compensation(self) -> None:
@@ -244,34 +269,6 @@ class SagaRun:
         else:
             self._end(SagaState.COMPENSATED, "Saga compensated successfully")
 
-    def _late_success(self, index: int, reply: dict[str, Any]) -> list[Out]:
-        """A step given up on (timed out) completed after all: undo it, once."""
-        step, state = self.definition.steps[index], self.record.steps[index]
-        if state.status is not StepStatus.FAILED or step.compensation is None or state.late is not None:
-            log.info("[SAGA-%s] ignoring a stale or duplicate reply from step %s", self.saga_id, step.name)
-            return []
-        state.late = StepStatus.COMPENSATING
-        log.warning("[SAGA-%s] step %s completed after it was given up on; compensating it", self.saga_id, step.name)
-        result = reply.get("result")
-        data = {**self.record.data, **(result if isinstance(result, dict) else {})}
-        self.out.append(self._command(index, Kind.LATE, 1, None, data=data))
-        return self._finish()
-
-    def _late_compensated(self, index: int, reply: dict[str, Any]) -> list[Out]:
-        state = self.record.steps[index]
-        if state.late is not StepStatus.COMPENSATING:
-            return []
-        succeeded = reply.get("outcome") == "succeeded"
-        state.late = StepStatus.COMPENSATED if succeeded else StepStatus.COMPENSATION_FAILED
-        if not succeeded:
-            log.error(
-                "[SAGA-%s] compensation of the late step %s failed: %s",
-                self.saga_id,
-                self.definition.steps[index].name,
-                (reply.get("error") or {}).get("message"),
-            )
-        return self._finish()
-
     def _end(self, state: SagaState, line: str) -> None:
         self.record.state = state
         self.record.phase = Phase.DONE
@@ -286,22 +283,31 @@ class SagaRun:
         step, state, record = self.definition.steps[index], self.record.steps[index], self.record
         record.token += 1
         record.cursor, record.kind, record.attempt = index, kind, attempt
+        if state.held:
+            late.release_held(self, index, keep_kind=kind)  # held successes of another command are not kept
         if kind is Kind.ACTION or kind is Kind.FALLBACK:
             state.status = StepStatus.RUNNING
             if count:
                 state.attempts += 1
             if state.started_at is None:
                 state.started_at = self.now
-        self.out.append(self._command(index, kind, attempt, delay))
+        elif kind is Kind.COMPENSATION:
+            if count:
+                state.comp_attempts += 1
+            if state.comp_started_at is None:
+                state.comp_started_at = self.now
+            state.comp_finished_at = None
+        self.out.append(self.command(index, kind, attempt, delay))
         record.due_at = None
         if step.timeout is not None:
             after = (delay or 0.0) + step.timeout
             record.due_at = self.now + after
-            self.out.append(Out(timeout_topic(self.definition.name), self._timer_data("step", index), after))
+            self.out.append(self.timer(index, after))
 
-    def _command(
+    def command(
         self, index: int, kind: Kind, attempt: int, delay: float | None, data: dict[str, Any] | None = None
     ) -> Out:
+        """The command of step ``index`` running ``kind`` (with the saga's data, or ``data``)."""
         step = self.definition.steps[index]
         action = {
             Kind.ACTION: step.action,
@@ -324,13 +330,23 @@ class SagaRun:
         )
         return Out(command_topic(step.service, action), dict(data or self.record.data), delay, headers)
 
+    def timer(self, index: int, after: float) -> Out:
+        """The timeout of the command just sent for step ``index``, ``after`` seconds from now."""
+        return Out(timeout_topic(self.definition.name), self._timer_data("step", index), after)
+
     def _timer_data(self, kind: str, index: int) -> dict[str, Any]:
         step = self.definition.steps[index].name if index >= 0 else None
         return {"saga": self.definition.name, "kind": kind, "token": self.record.token, "step": step}
 
     def _lifecycle(self, what: str) -> None:
         record = self.record
-        data: dict[str, Any] = {"saga": self.definition.name, "saga_id": self.saga_id, "state": record.state.value}
+        data: dict[str, Any] = {
+            "saga": self.definition.name,
+            "saga_id": self.saga_id,
+            "state": record.state.value,
+            "version": record.version,
+            "correlation_id": record.correlation,
+        }
         if what != "started":
             data.update(
                 data=dict(record.data),

@@ -2,10 +2,13 @@
 
 Names (public contract, see docs/metrics.md):
 
-* ``choreo_saga_{started,completed,compensated,failed}_total{saga}``: the
-  lifecycle events this process publishes (the coordinator's process).
-* ``choreo_saga_step_duration_seconds{saga,step}``: the duration a
-  participant measured and carried on its reply (the participant's process).
+* ``choreo_saga_{started,compensating,completed,compensated,failed}_total{saga}``:
+  the lifecycle events this process publishes (the coordinator's process).
+* ``choreo_saga_version_missing_total{saga,version}``: replies, timers and
+  resumes for a saga version this process no longer defines.
+* ``choreo_saga_step_duration_seconds{saga,step}``: the duration of one
+  attempt of an action or compensation, as the participant measured it and
+  carried it on its reply (the participant's process).
 
 The metrics live in the registry of a core ``Metrics``, which hands them out;
 ``SagaMetrics.missing`` finds the ``Metrics`` of a runtime that have no saga
@@ -51,10 +54,22 @@ class SagaMetrics(Middleware):
         }
         self.step_duration = metrics.histogram(
             "choreo_saga_step_duration_seconds",
-            "Seconds a saga step took, from its first command to its final reply (retries included).",
+            "Seconds one attempt of a saga step's action or compensation took, as measured by the participant.",
             ["saga", "step"],
             STEP_BUCKETS,
         )
+        self.version_missing = metrics.counter(
+            "choreo_saga_version_missing_total",
+            "Replies, timers and resumes for a saga version no longer defined (the saga was left as it is).",
+            ["saga", "version"],
+        )
+
+    @staticmethod
+    def count_version_missing(middleware: Sequence[Middleware], saga: str, version: int) -> None:
+        """Count, in every ``SagaMetrics`` of ``middleware``, an event for a version not defined."""
+        for observer in middleware:
+            if isinstance(observer, SagaMetrics):
+                observer.version_missing.labels(saga, str(version)).inc()
 
     @classmethod
     def missing(cls, middleware: Sequence[Middleware]) -> list[SagaMetrics]:

@@ -60,9 +60,31 @@ class Phase(enum.StrEnum):
 class StepRecord:
     """One step of a stored saga.
 
+    A success reply the saga does not keep (late, after its attempt timed
+    out, or after the step's compensation began) is a *late success*: each
+    one is undone by its own compensation command (see ``choreo.saga.late``).
+
     Attributes:
-        late: Where undoing a late success stands (``compensating``,
-            ``compensated`` or ``compensation_failed``), or ``None``.
+        late: Where undoing the late successes stands (``compensating``
+            while any is outstanding, then ``compensated`` or
+            ``compensation_failed``), or ``None`` if there were none.
+        kept: The token of the command whose success the step kept.
+        kept_kind: What that command ran (``action`` or ``fallback``).
+        late_seen: Tokens of the late successes seen, so that a redelivered
+            reply is undone once.
+        held: Late successes of an attempt of the command still running
+            (``token``, ``kind``, ``result``): the same effect as that
+            command's (same idempotency key), so they are undone only if
+            the command does not succeed.
+        late_open: Compensation commands for late successes still unanswered.
+        late_failed: How many of those commands replied with a failure.
+        comp_attempts: Runs of the step's compensation so far.
+        comp_error: The last failure of the compensation, or ``None``.
+        comp_started_at: When the compensation was first commanded.
+        comp_finished_at: When it succeeded or was given up on.
+        wait: The command a branch of a running ``Parallel`` group waits
+            for (``token``, ``kind``, ``attempt``, ``due_at``), or ``None``;
+            a plain step's command is the record's ``token``/``kind``.
     """
 
     name: str
@@ -72,9 +94,20 @@ class StepRecord:
     started_at: float | None = None
     finished_at: float | None = None
     late: StepStatus | None = None
+    kept: int | None = None
+    kept_kind: str | None = None
+    late_seen: list[int] = attrs.Factory(list)
+    held: list[dict[str, Any]] = attrs.Factory(list)
+    late_open: int = 0
+    late_failed: int = 0
+    comp_attempts: int = 0
+    comp_error: dict[str, Any] | None = None
+    comp_started_at: float | None = None
+    comp_finished_at: float | None = None
+    wait: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "name": self.name,
             "status": self.status.value,
             "attempts": self.attempts,
@@ -83,12 +116,32 @@ class StepRecord:
             "finished_at": self.finished_at,
             "late": None if self.late is None else self.late.value,
         }
+        # Written only when set: most steps never see a late reply.
+        if self.kept is not None:
+            data["kept"] = self.kept
+            if self.kept_kind != "action":  # the usual kind is not written
+                data["kept_kind"] = self.kept_kind
+        if self.late_seen:
+            data.update(late_seen=self.late_seen, late_open=self.late_open, late_failed=self.late_failed)
+        if self.held:
+            data["held"] = self.held
+        if self.wait is not None:
+            data["wait"] = self.wait
+        if self.comp_attempts:
+            data.update(
+                comp_attempts=self.comp_attempts,
+                comp_error=self.comp_error,
+                comp_started_at=self.comp_started_at,
+                comp_finished_at=self.comp_finished_at,
+            )
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], name: str = "") -> StepRecord:
         """A step from its stored form; schema 1 stored no name, so ``name`` stands in."""
         late = data.get("late")
-        return cls(
+        kept = data.get("kept")
+        step = cls(
             data.get("name") or name,
             StepStatus(data["status"]),
             data.get("attempts", 0),
@@ -96,7 +149,27 @@ class StepRecord:
             data.get("started_at"),
             data.get("finished_at"),
             None if late is None else StepStatus(late),
+            kept,
+            None if kept is None else "action",
         )
+        # The other fields are written only when set, which few steps are:
+        # decoding them only then keeps the common reply cheap.
+        if len(data) > _COMMON_FIELDS + (kept is not None):
+            step.kept_kind = data.get("kept_kind", step.kept_kind)
+            step.late_seen = list(data.get("late_seen", ()))
+            step.held = list(data.get("held", ()))
+            step.late_open = data.get("late_open", 0)
+            step.late_failed = data.get("late_failed", 0)
+            step.comp_attempts = data.get("comp_attempts", 0)
+            step.comp_error = data.get("comp_error")
+            step.comp_started_at = data.get("comp_started_at")
+            step.comp_finished_at = data.get("comp_finished_at")
+            step.wait = data.get("wait")
+        return step
+
+
+#: Fields every stored step has (schema 2): name, status, attempts, error, started_at, finished_at, late.
+_COMMON_FIELDS = 7
 
 
 @attrs.define
@@ -114,6 +187,8 @@ class SagaRecord:
         deadline_at: When the whole saga times out, or ``None``.
         queue: Steps still to compensate, in order.
         schema: The record format (``SCHEMA`` once written by this release).
+        correlation_id: The correlation id of every event of the saga
+            (``None`` in records of the first release: the saga id).
     """
 
     saga_id: str
@@ -134,6 +209,12 @@ class SagaRecord:
     deadline_at: float | None = None
     queue: list[int] = attrs.Factory(list)
     schema: int = SCHEMA
+    correlation_id: str | None = None
+
+    @property
+    def correlation(self) -> str:
+        """The saga's correlation id (the saga id for records that stored none)."""
+        return self.correlation_id or self.saga_id
 
     def to_dict(self) -> dict[str, Any]:
         """The record as JSON-ready values, in the current schema."""
@@ -156,6 +237,8 @@ class SagaRecord:
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "steps": [step.to_dict() for step in self.steps],
+            # Written only when it is not the saga id (the usual case).
+            **({} if self.correlation_id is None else {"correlation_id": self.correlation_id}),
         }
 
     def to_json(self) -> bytes:
@@ -193,6 +276,7 @@ class SagaRecord:
                 deadline_at=data.get("deadline_at"),
                 queue=list(data.get("queue", ())),
                 schema=schema,
+                correlation_id=data.get("correlation_id"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise DecodeError(f"invalid saga record: {type(exc).__name__}: {exc}") from None
@@ -220,8 +304,14 @@ class SagaRecord:
             self.schema = SCHEMA
 
 
-def new_record(definition: SagaDefinition, saga_id: str, data: dict[str, Any], now: float) -> SagaRecord:
-    """The stored record of a saga about to start."""
+def new_record(
+    definition: SagaDefinition,
+    saga_id: str,
+    data: dict[str, Any],
+    now: float,
+    correlation_id: str | None = None,
+) -> SagaRecord:
+    """The stored record of a saga about to start (its correlation id defaults to its id, stored as ``None``)."""
     return SagaRecord(
         saga_id=saga_id,
         name=definition.name,
@@ -229,7 +319,9 @@ def new_record(definition: SagaDefinition, saga_id: str, data: dict[str, Any], n
         data=dict(data),
         created_at=now,
         updated_at=now,
+        version=definition.version,
         deadline_at=None if definition.deadline is None else now + definition.deadline,
+        correlation_id=correlation_id if correlation_id != saga_id else None,
     )
 
 
@@ -255,12 +347,23 @@ def to_result(definition: SagaDefinition | None, record: SagaRecord) -> SagaResu
         data=dict(record.data),
         error=record.error,
         steps=steps,
+        version=record.version,
+        correlation_id=record.correlation,
     )
 
 
 def _step_result(step: StepRecord, name: str | None = None) -> StepResult:
     return StepResult(
-        name or step.name, step.status, step.attempts, step.error, _time(step.started_at), _time(step.finished_at)
+        name or step.name,
+        step.status,
+        step.attempts,
+        step.error,
+        _time(step.started_at),
+        _time(step.finished_at),
+        step.comp_attempts,
+        step.comp_error,
+        _time(step.comp_started_at),
+        _time(step.comp_finished_at),
     )
 
 
@@ -274,4 +377,6 @@ def result_of_lifecycle(saga_id: str, data: Mapping[str, Any]) -> SagaResult:
         data=dict(data.get("data") or {}),
         error=data.get("error"),
         steps=tuple(_step_result(StepRecord.from_dict(step, f"step{i + 1}")) for i, step in enumerate(steps)),
+        version=data.get("version", DEFAULT_VERSION),
+        correlation_id=data.get("correlation_id") or saga_id,
     )

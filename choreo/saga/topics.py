@@ -3,8 +3,10 @@
 * ``saga.cmd.<service>.<action>``: a command to a participant's action.
 * ``saga.reply.<saga>``: a participant's answer to a saga's command.
 * ``saga.timeout.<saga>``: a delayed timer (a step's timeout, the deadline).
-* ``saga.<saga>.started|completed|compensated|failed``: lifecycle events,
-  for any service to handle.
+* ``saga.<saga>.started|compensating|completed|compensated|failed``:
+  lifecycle events, for any service to handle. ``compensating`` marks the
+  start of compensation (also when a resume retries failed compensations);
+  ``compensated`` or ``failed`` its end.
 
 Saga, service and action names are letters, digits, ``_`` and ``-`` (see
 ``SagaStep``), and ``cmd``, ``reply`` and ``timeout`` are not saga names, so
@@ -20,10 +22,13 @@ __all__ = (
     "LIFECYCLE_PHASES",
     "REPLY_PREFIX",
     "RESERVED_SAGA_NAMES",
+    "COMPENSATING",
+    "ENDS",
     "STARTED",
     "command_topic",
     "is_lifecycle",
     "is_reply",
+    "is_timeout",
     "lifecycle_topic",
     "parse_lifecycle",
     "parse_reply",
@@ -36,9 +41,11 @@ __all__ = (
 PREFIX = "saga."
 TIMEOUT_PREFIX = "saga.timeout."
 
-#: The last segment of a lifecycle event: ``started``, then the terminal state it ended in.
+#: The last segment of a lifecycle event: ``started``, ``compensating``, then the terminal state it ended in.
 STARTED = "started"
-LIFECYCLE_PHASES = (STARTED, *(state.value for state in TERMINAL_STATES))
+COMPENSATING = "compensating"
+ENDS = tuple(state.value for state in TERMINAL_STATES)
+LIFECYCLE_PHASES = (STARTED, COMPENSATING, *ENDS)
 #: Saga names that would collide with the coordinator's own event families.
 RESERVED_SAGA_NAMES = frozenset({"cmd", "reply", "timeout"})
 
@@ -83,3 +90,8 @@ def parse_reply(topic: str) -> str | None:
 def is_reply(topic: str) -> bool:
     """Whether ``topic`` is a reply topic of some saga (``saga.reply.<saga>``)."""
     return parse_reply(topic) is not None
+
+
+def is_timeout(topic: str) -> bool:
+    """Whether ``topic`` is the timer topic of some saga (``saga.timeout.<saga>``)."""
+    return topic.startswith(TIMEOUT_PREFIX) and len(topic) > len(TIMEOUT_PREFIX)

@@ -16,7 +16,7 @@ from choreo.events import Event
 from choreo.middleware import Middleware
 from choreo.saga.definition import SagaNotFound, SagaResult
 from choreo.saga.record import result_of_lifecycle
-from choreo.saga.topics import STARTED, parse_lifecycle
+from choreo.saga.topics import ENDS, parse_lifecycle
 
 __all__ = ("SagaWaiters",)
 
@@ -40,7 +40,7 @@ class SagaWaiters(Middleware):
         if event.saga_id is None or event.saga_id not in self.futures:
             return
         lifecycle = parse_lifecycle(event.type)
-        if lifecycle is None or lifecycle[1] == STARTED or event.data.get("saga") != lifecycle[0]:
+        if lifecycle is None or lifecycle[1] not in ENDS or event.data.get("saga") != lifecycle[0]:
             return
         result = result_of_lifecycle(event.saga_id, event.data)
         for future in self.futures.pop(event.saga_id, []):

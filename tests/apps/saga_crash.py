@@ -9,7 +9,11 @@ kills itself the Nth time it reaches that point:
 - ``after_reply``: holding a participant's reply, before committing its transition;
 - ``during_compensation``: before committing a transition that sends a compensation.
 
-The participants run elsewhere (the test process).
+The participants run elsewhere (the test process). ``SAGA_SHAPE`` in the
+environment picks the saga's definition: ``sequential`` (the default), or
+``parallel`` (reserve and pay as one ``Parallel`` group), or ``versions``
+(version 1 sequential; with ``SAGA_VERSIONS=1,2`` also version 2 parallel,
+so sagas started on version 1 finish on it after version 2 is deployed).
 """
 
 from __future__ import annotations
@@ -23,19 +27,26 @@ from collections.abc import Sequence
 from typing import Any
 
 from brokers import Delivery, Message
-from choreo import App, SagaCoordinator, SagaStep, run
+from choreo import App, Parallel, SagaCoordinator, SagaStep, run
 
 SAGA = "fault_order"
 orders = App("order_service")
 coordinator = SagaCoordinator(orders, sweep_interval=1.0)
-coordinator.define_saga(
-    SAGA,
-    [
-        SagaStep("create", "fault_participants", "create_order", "cancel_order"),
-        SagaStep("reserve", "fault_participants", "reserve_stock", "release_stock"),
-        SagaStep("pay", "fault_participants", "charge", "refund"),
-    ],
-)
+# No step timeouts: a killed coordinator's sagas are finished by the
+# survivor's redelivery and sweeper, and a declined charge is final.
+_POLICY: dict[str, Any] = {"timeout": None, "retry_count": 0}
+_CREATE = SagaStep("create", "fault_participants", "create_order", "cancel_order", **_POLICY)
+_RESERVE = SagaStep("reserve", "fault_participants", "reserve_stock", "release_stock", **_POLICY)
+_PAY = SagaStep("pay", "fault_participants", "charge", "refund", **_POLICY)
+SHAPE = os.environ.get("SAGA_SHAPE", "sequential")
+if SHAPE == "parallel":
+    coordinator.define_saga(SAGA, [_CREATE, Parallel(_RESERVE, _PAY)])
+elif SHAPE == "versions":
+    for version in (int(v) for v in os.environ.get("SAGA_VERSIONS", "1").split(",")):
+        steps = [_CREATE, _RESERVE, _PAY] if version == 1 else [_CREATE, Parallel(_RESERVE, _PAY)]
+        coordinator.define_saga(SAGA, steps, version=version)
+else:
+    coordinator.define_saga(SAGA, [_CREATE, _RESERVE, _PAY])
 
 
 def _kinds(messages: Sequence[Message]) -> set[str]:

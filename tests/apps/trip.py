@@ -13,8 +13,8 @@ from choreo.saga import SagaCoordinator, SagaStep
 app = App("trip_service")
 coordinator = SagaCoordinator(app, sweep_interval=None)
 coordinator.define_saga("trip", [
-    SagaStep("book_hotel", "trip_service", "book_hotel", "cancel_hotel"),
-    SagaStep("pay", "trip_service", "pay", "refund"),
+    SagaStep("book_hotel", "trip_service", "book_hotel", "cancel_hotel", timeout=5.0, retry_count=0),
+    SagaStep("pay", "trip_service", "pay", "refund", timeout=5.0, retry_count=0),
 ])
 
 
