@@ -285,4 +285,6 @@ class RedisFetch(redis_admin.RedisAdmin):
     async def _recover_groups(self, streams: Sequence[Stream]) -> None:
         self.group_recoveries += 1
         self._outage.note_nogroup(", ".join(sorted({f"{s.key} ({s.group})" for s in streams})))
-        await self._create_groups(streams)
+        # A lost group (destroyed, or FLUSHALL) lost its position: it goes on
+        # from the end rather than replay what its stream still holds.
+        await self._create_groups(streams, dict.fromkeys(streams, "end"))

@@ -55,7 +55,7 @@ async def run_step(broker: Broker, step: dict[str, Any], held: dict[str, list[De
     if op == "fetch":
         found = await fetch(broker, step)
         held[step["as"]] = found
-        return [[d.message_id, d.deliveries] for d in found]
+        return [[d.message_id, d.deliveries, *(["duplicate"] if d.duplicate else [])] for d in found]
     if op in ("commit", "extend"):
         name, index = step["ref"].split(".")
         delivery = held[name][int(index)]

@@ -142,7 +142,8 @@ async def test_expired_lease_is_reclaimed_on_virtual_time() -> None:
 
 
 async def test_dedupe_record_expires_after_ttl() -> None:
-    """A settled id is remembered for dedupe_ttl seconds, then a duplicate is delivered again."""
+    """A settled id is remembered for dedupe_ttl seconds (a copy comes back marked
+    duplicate and its commit only acks it), then a copy is an ordinary delivery again."""
     clock = FakeClock()
     broker = await virtual_broker(clock, dedupe_ttl=100.0)
     await broker.publish([Message(SUB.topic, "m1", b"x")])
@@ -150,10 +151,11 @@ async def test_dedupe_record_expires_after_ttl() -> None:
     assert await broker.commit(first) is CommitStatus.OK
     clock.advance(99)
     await broker.publish([Message(SUB.topic, "m1", b"x")])
-    assert await broker.fetch("c", [SUB], limit=1, timeout=0) == []
+    (copy,) = await broker.fetch("c", [SUB], limit=1, timeout=0)
+    assert copy.duplicate and await broker.commit(copy) is CommitStatus.DUPLICATE
     clock.advance(1)
     await broker.publish([Message(SUB.topic, "m1", b"x")])
-    assert [d.message_id for d in await broker.fetch("c", [SUB], limit=1, timeout=0)] == ["m1"]
+    assert [(d.message_id, d.duplicate) for d in await broker.fetch("c", [SUB], limit=1, timeout=0)] == [("m1", False)]
 
 
 async def test_maxlen_trims_entries_every_group_is_done_with() -> None:
