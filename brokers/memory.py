@@ -125,10 +125,7 @@ class MemoryBroker(MemoryInspection):
         # Read first, create after: groups created together decide together.
         read = {sub.topic: bool(self._topic(sub.topic).groups) for sub in subscriptions}
         for sub in subscriptions:
-            topic = self._topic(sub.topic)
-            if sub.group not in topic.groups:
-                at_end = sub.start == "end" or (sub.start == "auto" and read[sub.topic])
-                topic.groups[sub.group] = Group(cursor=topic.last_seq if at_end else 0)
+            self._topic(sub.topic).add_group(sub.group, sub.start, read[sub.topic])
 
     async def fetch(
         self,

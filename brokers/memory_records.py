@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import attrs
 
-from brokers.base import Message, Subscription, check_name
+from brokers.base import Message, Start, Subscription, check_name
 
 __all__ = (
     "COMPACT_EVERY",
@@ -80,6 +80,13 @@ class Topic:
     log: list[Entry] = attrs.Factory(list)
     groups: dict[str, Group] = attrs.Factory(dict)
     last_seq: int = 0
+
+    def add_group(self, name: str, start: Start, read: bool) -> None:
+        """Create group ``name`` if missing, where ``start`` says (``read``:
+        some group read this topic before; see ``Subscription.start``)."""
+        if name not in self.groups:
+            at_end = start == "end" or (start == "auto" and read)
+            self.groups[name] = Group(cursor=self.last_seq if at_end else 0)
 
     def trim(self, maxlen: int | None) -> None:
         """Apply retention after an append.
