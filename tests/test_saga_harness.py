@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from choreo import App, Context, SagaCoordinator, SagaState, SagaStep
+from choreo import App, ConfigurationError, Context, SagaCoordinator, SagaState, SagaStep
 from choreo.testing import SagaTestHarness
 
 
@@ -338,3 +338,38 @@ async def test_timeout_none_waits_for_a_slow_reply() -> None:
         result = await harness.start_saga("order", {}, timeout=10)
     assert result.state is SagaState.COMPLETED and result.step("pay").attempts == 1
     assert not harness.published("saga.timeout.order")
+
+
+# -- the seed's spellings ---------------------------------------------------------
+
+
+async def test_a_harness_with_no_apps_runs_the_coordinators_defined_so_far() -> None:
+    """`SagaTestHarness()` finds the coordinators of the apps already defined,
+    stubs their actions, and works as an async context manager."""
+    shipping = App("harness_found_shipping")
+    coordinator = SagaCoordinator(shipping, persistence_enabled=True, state_store=None, debug=False,
+                                  trace_enabled=False)
+    coordinator.define_saga("harness_found", [SagaStep("ship", "carrier_service", "book_carrier", "cancel_carrier")])
+    async with SagaTestHarness() as harness:
+        result = await harness.start_saga("harness_found", {"parcel": "P-1"})
+        assert result.state is SagaState.COMPLETED
+        assert harness.calls("carrier_service", "book_carrier") == [{"parcel": "P-1"}]
+
+
+async def test_close_stops_every_task_the_harness_started() -> None:
+    """Nothing the harness started (runtime loops, sweeper, virtual clock) outlives close()."""
+    before = asyncio.all_tasks()
+    orders, _ = order_saga()
+    harness = SagaTestHarness(orders)
+    await harness.start_saga("order_processing", {"total": 1})
+    assert asyncio.all_tasks() - before
+    await harness.close()
+    assert asyncio.all_tasks() - before == set()
+
+
+def test_persistence_enabled_is_the_seeds_name_for_persistence_and_only_the_broker_stores_state() -> None:
+    off = SagaCoordinator(App("seed_spelling_off"), persistence_enabled=False)
+    assert off.persistence is False
+    assert SagaCoordinator(App("seed_spelling_on"), persistence_enabled=True, state_store=None).persistence
+    with pytest.raises(ConfigurationError, match="keeps saga state in the broker"):
+        SagaCoordinator(App("seed_spelling_store"), state_store=object())

@@ -13,10 +13,12 @@ another finishes every saga from the broker.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import re
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +58,17 @@ log = logging.getLogger("choreo.saga")
 _SAGA_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 #: The coordinator's name among its app's ``extensions``.
 EXTENSION = "saga"
+#: Every coordinator still alive, by creation order: only for
+#: ``SagaTestHarness()`` with no apps ("the apps defined so far"). Weak, so it
+#: keeps nothing alive; apps find their coordinator in ``app.extensions``.
+_live: weakref.WeakValueDictionary[int, SagaCoordinator] = weakref.WeakValueDictionary()
+_serials = itertools.count()
+
+
+def live_coordinators() -> list[SagaCoordinator]:
+    """Every coordinator still alive, newest first (``SagaTestHarness()``
+    with no apps runs these: the apps defined so far)."""
+    return [_live[serial] for serial in sorted(_live.keys(), reverse=True) if serial in _live]
 
 
 def coordinator_of(app: App) -> SagaCoordinator | None:
@@ -73,6 +86,9 @@ class SagaCoordinator:
 
     Args:
         app: The service whose routing table gets the saga handlers.
+        persistence_enabled: The seed's name for ``persistence`` (wins when given).
+        state_store: Where saga records live; ``None`` (the only choice in
+            this release): in the broker's state, committed with the events.
         debug: Log the saga data on every transition (may contain personal data).
         trace_enabled: Log per-event detail (commands, replies, tokens).
         persistence: Keep finished sagas in the state store (``get_saga_state``
@@ -86,13 +102,16 @@ class SagaCoordinator:
         key_prefix: Prefix of the state keys (``saga:<id>``).
 
     Raises:
-        ConfigurationError: ``app`` already has a coordinator.
+        ConfigurationError: ``app`` already has a coordinator, or a
+            ``state_store`` other than ``None``.
     """
 
     def __init__(
         self,
         app: App,
         *,
+        persistence_enabled: bool | None = None,
+        state_store: object | None = None,
         debug: bool = False,
         trace_enabled: bool = False,
         persistence: bool = True,
@@ -102,6 +121,12 @@ class SagaCoordinator:
     ) -> None:
         if EXTENSION in app.extensions:
             raise ConfigurationError(f"app {app.name!r} already has a SagaCoordinator")
+        if persistence_enabled is not None:
+            persistence = persistence_enabled
+        if state_store is not None:
+            raise ConfigurationError(
+                f"state_store={state_store!r}: this release keeps saga state in the broker (state_store=None)"
+            )
         if sweep_interval is not None and sweep_interval <= 0:
             raise ConfigurationError("sweep_interval must be positive or None")
         self.app = app
@@ -118,6 +143,7 @@ class SagaCoordinator:
         self._runtimes: list[Running] = []
         app.extensions[EXTENSION] = self
         app.lifespan(self._lifespan)
+        _live[next(_serials)] = self
 
     def __repr__(self) -> str:
         return f"SagaCoordinator({self.app.name!r}, sagas={sorted(self.definitions)})"

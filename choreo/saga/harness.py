@@ -28,7 +28,7 @@ from choreo.events import Event
 from choreo.lifecycle import Running
 from choreo.middleware import Middleware
 from choreo.options import RuntimeOptions
-from choreo.saga.coordinator import SagaCoordinator, coordinator_of
+from choreo.saga.coordinator import SagaCoordinator, coordinator_of, live_coordinators
 from choreo.saga.definition import SagaResult
 from choreo.worker import Runtime
 
@@ -67,7 +67,9 @@ class SagaTestHarness:
     """Run apps (one holding a ``SagaCoordinator``) on a virtual clock.
 
     Works with no setup (the first ``start_saga`` starts it) and as
-    ``async with``. Pass apps or coordinators.
+    ``async with``; ``close()`` (or leaving the block) stops everything it
+    started. Pass apps or coordinators; with none, it runs the coordinators
+    of the apps defined so far (the newest one per service and saga name).
 
     Example::
 
@@ -81,6 +83,8 @@ class SagaTestHarness:
     __test__ = False  # not a pytest test class
 
     def __init__(self, *apps: App | SagaCoordinator, concurrency: int = 64) -> None:
+        if not apps:
+            apps = tuple(_defined_so_far())
         self.apps = [a.app if isinstance(a, SagaCoordinator) else a for a in apps]
         self.coordinators = [c for c in (coordinator_of(a) for a in self.apps) if c is not None]
         self.concurrency = concurrency
@@ -239,7 +243,8 @@ class SagaTestHarness:
         names = {app.name for app in self.apps}
         stubs: dict[str, App] = {}
         for coordinator in self.coordinators:
-            for definition in coordinator.definitions.values():
+            every_version = (d for name in coordinator.definitions for d in coordinator.versions.of(name))
+            for definition in every_version:
                 for step in definition.steps:
                     for action in step.actions():
                         topic = command_topic(step.service, action)
@@ -279,3 +284,20 @@ class SagaTestHarness:
 
 async def _stub() -> dict[str, Any]:
     return {}
+
+
+def _defined_so_far() -> list[SagaCoordinator]:
+    """The coordinators of the apps defined so far, newest first, one per
+    service name and saga name (the newest wins: a test module that defines
+    ``App("orders")`` again replaces an older one)."""
+    chosen: list[SagaCoordinator] = []
+    services: set[str] = set()
+    sagas: set[str] = set()
+    for coordinator in live_coordinators():
+        names = set(coordinator.definitions)
+        if coordinator.app.name in services or names & sagas:
+            continue
+        chosen.append(coordinator)
+        services.add(coordinator.app.name)
+        sagas |= names
+    return chosen
