@@ -13,12 +13,10 @@ another finishes every saga from the broker.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import logging
 import re
 import time
-import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +27,7 @@ from choreo.errors import ChoreoError, ConfigurationError
 from choreo.events import Event, new_event_id
 from choreo.failpoints import ACTIVE, hit
 from choreo.routing import Emit
-from choreo.saga import sweeper
+from choreo.saga import defined, sweeper
 from choreo.saga.definition import (
     Parallel,
     SagaDefinition,
@@ -44,7 +42,7 @@ from choreo.saga.record import SagaRecord, new_record, to_result
 from choreo.saga.routes import as_events, saga_routes
 from choreo.saga.run import Out
 from choreo.saga.store import list_sagas, read_saga
-from choreo.saga.versions import SagaVersions
+from choreo.saga.versions import SagaVersions, version_missing
 from choreo.saga.waiting import SagaWaiters
 
 if TYPE_CHECKING:
@@ -58,17 +56,6 @@ log = logging.getLogger("choreo.saga")
 _SAGA_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 #: The coordinator's name among its app's ``extensions``.
 EXTENSION = "saga"
-#: Every coordinator still alive, by creation order: only for
-#: ``SagaTestHarness()`` with no apps ("the apps defined so far"). Weak, so it
-#: keeps nothing alive; apps find their coordinator in ``app.extensions``.
-_live: weakref.WeakValueDictionary[int, SagaCoordinator] = weakref.WeakValueDictionary()
-_serials = itertools.count()
-
-
-def live_coordinators() -> list[SagaCoordinator]:
-    """Every coordinator still alive, newest first (``SagaTestHarness()``
-    with no apps runs these: the apps defined so far)."""
-    return [_live[serial] for serial in sorted(_live.keys(), reverse=True) if serial in _live]
 
 
 def coordinator_of(app: App) -> SagaCoordinator | None:
@@ -143,7 +130,7 @@ class SagaCoordinator:
         self._runtimes: list[Running] = []
         app.extensions[EXTENSION] = self
         app.lifespan(self._lifespan)
-        _live[next(_serials)] = self
+        defined.remember(self)
 
     def __repr__(self) -> str:
         return f"SagaCoordinator({self.app.name!r}, sagas={sorted(self.definitions)})"
@@ -312,7 +299,7 @@ class SagaCoordinator:
                 self.definition(record.name)  # the saga must be defined here, in some version
                 found = self.versions.get(record.name, record.version)
                 if found is None:
-                    self._version_missing(runtime, record, "resume")
+                    version_missing(self.versions, runtime, record, "resume")
                     return to_result(None, record)
                 definition = found
                 outs = SagaRun(definition, record, time.time(), self._trace, self._detail).resume()
@@ -365,7 +352,7 @@ class SagaCoordinator:
             # Left as it is. The step's timer (or a sweeper) of a coordinator
             # that still defines the version moves it on: a lost reply is a
             # timed-out attempt, which the step's policy already handles.
-            self._version_missing(runtime, record, event.type)
+            version_missing(self.versions, runtime, record, event.type)
             return []
         run = SagaRun(definition, record, time.time(), self._trace, self._detail)
         outs = step(run)
@@ -376,18 +363,6 @@ class SagaCoordinator:
         keep = self.persistence or not run.state.terminal
         ctx.set_state(key, record.to_dict() if keep else None, expected_version=stored.version)
         return [Emit(o.type, o.data, delay=o.delay, merge=False, headers=o.headers) for o in outs]
-
-    def _version_missing(self, runtime: Running, record: SagaRecord, what: str) -> None:
-        defined = ", ".join(str(d.version) for d in self.versions.of(record.name)) or "none"
-        log.warning(
-            "[SAGA-%s] %s for saga %s version %d, which is not defined here (defined: %s); the saga is left as it is",
-            record.saga_id,
-            what,
-            record.name,
-            record.version,
-            defined,
-        )
-        SagaMetrics.count_version_missing(runtime.middleware, record.name, record.version)
 
     def _trace(self, saga_id: str, line: str) -> None:
         log.info("[SAGA-%s] %s", saga_id, line)

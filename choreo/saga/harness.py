@@ -28,7 +28,8 @@ from choreo.events import Event
 from choreo.lifecycle import Running
 from choreo.middleware import Middleware
 from choreo.options import RuntimeOptions
-from choreo.saga.coordinator import SagaCoordinator, coordinator_of, live_coordinators
+from choreo.saga import defined
+from choreo.saga.coordinator import SagaCoordinator, coordinator_of
 from choreo.saga.definition import SagaResult
 from choreo.worker import Runtime
 
@@ -293,7 +294,8 @@ def _defined_so_far() -> list[SagaCoordinator]:
     chosen: list[SagaCoordinator] = []
     services: set[str] = set()
     sagas: set[str] = set()
-    for coordinator in live_coordinators():
+    for coordinator in defined.newest_first():
+        assert isinstance(coordinator, SagaCoordinator)
         names = set(coordinator.definitions)
         if coordinator.app.name in services or names & sagas:
             continue

@@ -12,15 +12,20 @@ so a deploy pipeline can refuse to ship.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import attrs
 
 from choreo.errors import ConfigurationError
+from choreo.lifecycle import Running
 from choreo.saga.definition import SagaDefinition
+from choreo.saga.metrics import SagaMetrics
 from choreo.saga.record import SagaRecord
 
-__all__ = ("SagaVersions", "Stranded", "stranded")
+__all__ = ("SagaVersions", "Stranded", "stranded", "version_missing")
+
+log = logging.getLogger("choreo.saga")
 
 
 class SagaVersions:
@@ -86,3 +91,14 @@ def stranded(records: Iterable[SagaRecord], defined: set[tuple[str, int]]) -> li
         for r in records
         if not r.state.terminal and (r.name, r.version) not in defined
     ]
+
+
+def version_missing(versions: SagaVersions, runtime: Running, record: SagaRecord, what: str) -> None:
+    """A reply, timer or resume found ``record`` on a version not defined
+    here: log it and count it; the saga is left as it is."""
+    defined = ", ".join(str(d.version) for d in versions.of(record.name)) or "none"
+    log.warning(
+        "[SAGA-%s] %s for saga %s version %d, which is not defined here (defined: %s); the saga is left as it is",
+        record.saga_id, what, record.name, record.version, defined,
+    )
+    SagaMetrics.count_version_missing(runtime.middleware, record.name, record.version)
