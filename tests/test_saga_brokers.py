@@ -12,6 +12,7 @@ import pytest
 from brokers import StateWrite
 from choreo import App, Context, SagaCoordinator, SagaState, SagaStep
 from choreo.events import Event
+from choreo.metrics import Metrics
 from choreo.saga import SagaNotFound, StepStatus
 from choreo.testing import run_apps
 
@@ -126,13 +127,17 @@ async def test_duplicate_and_unknown_replies_are_ignored(broker_url: str, caplog
     caplog.set_level(logging.INFO, logger="choreo.saga")
     ledger: dict[str, int] = {}
     coordinator, apps = build(ledger)
-    async with run_apps(*apps, broker=broker_url) as env:
+    metrics = Metrics()
+    async with run_apps(*apps, broker=broker_url, middleware=[metrics]) as env:
         done = await coordinator.start_saga("order_processing", {"total": 1}, saga_id="r-1", timeout=20)
         await env.settle(timeout=10)
         replies = env.published("saga.reply.order_processing")
         for reply in replies:
             await env.publish(reply.type, reply.data, saga_id=reply.saga_id)
         await env.publish(replies[0].type, replies[0].data, saga_id="ghost")
+        forged = {**replies[0].data, "token": 999, "outcome": "failed"}
+        await env.publish(replies[0].type, forged, saga_id="r-1")
+        await env.publish(replies[0].type, {**replies[0].data, "step": "no_such_step"}, saga_id="r-1")
         await env.settle(timeout=10)
         assert await coordinator.get_saga_state("r-1") == done
         assert env.dead_letters() == []
@@ -141,6 +146,14 @@ async def test_duplicate_and_unknown_replies_are_ignored(broker_url: str, caplog
     messages = [r.getMessage() for r in caplog.records]
     assert "[SAGA-ghost] ignoring saga.reply.order_processing for an unknown saga" in messages
     assert any("[SAGA-r-1] ignoring a stale or duplicate reply" in m for m in messages)
+    assert "[SAGA-r-1] ignoring a reply for unknown step 'no_such_step'" in messages
+
+    def ignored(reason: str) -> float | None:
+        labels = {"saga": "order_processing", "reason": reason}
+        return metrics.registry.get_sample_value("choreo_saga_replies_ignored_total", labels)
+
+    assert (ignored("unknown_saga"), ignored("unknown_step")) == (1.0, 1.0)
+    assert ignored("stale") == len(replies) + 1  # every replayed reply and the forged one
 
 
 async def test_concurrent_sagas_each_finish_with_effects_once(broker_url: str) -> None:

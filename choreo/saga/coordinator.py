@@ -343,6 +343,7 @@ class SagaCoordinator:
         stored = await ctx.get_state(key)
         if stored is None:
             log.warning("[SAGA-%s] ignoring %s for an unknown saga", event.saga_id, event.type)
+            SagaMetrics.count_ignored(runtime.middleware, name, "unknown_saga")
             return []
         # Decoded once (by ctx.get_state) and encoded once (by ctx.set_state);
         # the machine says whether anything changed, so a stale reply writes nothing.
@@ -356,6 +357,8 @@ class SagaCoordinator:
             return []
         run = SagaRun(definition, record, time.time(), self._trace, self._detail)
         outs = step(run)
+        if run.ignored is not None:
+            SagaMetrics.count_ignored(runtime.middleware, name, run.ignored)
         if not run.changed and not outs:
             return []
         if self.debug:

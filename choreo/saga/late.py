@@ -39,6 +39,7 @@ def on_late_success(run: Run, index: int, reply: dict[str, Any]) -> bool:
     token, kind = reply.get("token"), reply.get("kind")
     if not isinstance(token, int) or token < 0 or token == state.kept or token in state.late_seen:
         log.info("[SAGA-%s] ignoring a stale or duplicate reply from step %s", run.saga_id, step.name)
+        run.ignored = "stale"
         return False
     if state.status is StepStatus.SUCCEEDED and kind == state.kept_kind:
         # Same idempotency key as the success the step kept: the same effect.

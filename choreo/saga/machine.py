@@ -58,6 +58,8 @@ class SagaRun:
         self.now = now
         self.out: list[Out] = []
         self.changed = False
+        #: Why the reply or timer was ignored (``unknown_step``, ``stale``), if it was.
+        self.ignored: str | None = None
         self._trace = trace
         self._detail = detail
 
@@ -87,6 +89,7 @@ class SagaRun:
         kind = reply.get("kind")
         if index is None:
             log.warning("[SAGA-%s] ignoring a reply for unknown step %r", self.saga_id, reply.get("step"))
+            self.ignored = "unknown_step"
             return []
         if kind == Kind.LATE:
             return self._finish() if late.on_late_compensated(self, index, reply) else []
@@ -96,6 +99,7 @@ class SagaRun:
             if reply.get("outcome") == "succeeded" and kind in (Kind.ACTION, Kind.FALLBACK):
                 return self._finish() if late.on_late_success(self, index, reply) else []
             log.info("[SAGA-%s] ignoring a stale or duplicate reply from step %s", self.saga_id, reply.get("step"))
+            self.ignored = "stale"
             return []
         self.detail(
             f"reply {reply.get('kind')} {reply.get('step')} attempt {reply.get('attempt')}: {reply.get('outcome')}"

@@ -63,6 +63,11 @@ class SagaMetrics(Middleware):
             "Replies, timers and resumes for a saga version no longer defined (the saga was left as it is).",
             ["saga", "version"],
         )
+        self.replies_ignored = metrics.counter(
+            "choreo_saga_replies_ignored_total",
+            "Replies and timers a saga ignored: reason unknown_saga, unknown_step or stale (an old or forged token).",
+            ["saga", "reason"],
+        )
 
     @staticmethod
     def count_version_missing(middleware: Sequence[Middleware], saga: str, version: int) -> None:
@@ -70,6 +75,13 @@ class SagaMetrics(Middleware):
         for observer in middleware:
             if isinstance(observer, SagaMetrics):
                 observer.version_missing.labels(saga, str(version)).inc()
+
+    @staticmethod
+    def count_ignored(middleware: Sequence[Middleware], saga: str, reason: str) -> None:
+        """Count, in every ``SagaMetrics`` of ``middleware``, a reply or timer the saga ignored."""
+        for observer in middleware:
+            if isinstance(observer, SagaMetrics):
+                observer.replies_ignored.labels(saga, reason).inc()
 
     @classmethod
     def missing(cls, middleware: Sequence[Middleware]) -> list[SagaMetrics]:

@@ -52,6 +52,7 @@ def on_reply(run: Run, index: int, reply: dict[str, Any]) -> bool:
         if reply.get("outcome") == "succeeded" and kind in (Kind.ACTION, Kind.FALLBACK):
             return late.on_late_success(run, index, reply)
         log.info("[SAGA-%s] ignoring a stale or duplicate reply from step %s", run.saga_id, reply.get("step"))
+        run.ignored = "stale"
         return False
     run.detail(f"reply {kind} {reply.get('step')} attempt {reply.get('attempt')}: {reply.get('outcome')}")
     result = reply.get("result")

@@ -36,12 +36,14 @@ class Run(Protocol):
         record: The record, changed in place.
         now: The transition's time (Unix seconds).
         out: What the transition publishes, in order.
+        ignored: Why the reply or timer was ignored, if it was (a metric label).
     """
 
     definition: SagaDefinition
     record: SagaRecord
     now: float
     out: list[Out]
+    ignored: str | None
 
     @property
     def saga_id(self) -> str: ...
