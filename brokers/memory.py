@@ -190,9 +190,10 @@ class MemoryBroker(MemoryInspection):
         owned = self._owned(delivery) if delivery is not None else None
         if delivery is not None and owned is None:
             return CommitStatus.LEASE_LOST
-        if owned is not None and dead_letter is None and owned[1].entry.message_id in owned[0].settled:
-            # A duplicate that was in flight while the original settled: ack it,
-            # nothing else. A dead letter is about this entry, whatever its id.
+        marked = dead_letter is not None and delivery is not None and delivery.duplicate
+        if owned is not None and not marked and owned[1].entry.message_id in owned[0].settled:
+            # A duplicate in flight while the original settled: ack it, nothing else (one
+            # handed out marked may be dead-lettered: another message under the same id).
             del owned[0].pending[owned[1].entry.entry_id]
             self._notify()
             return CommitStatus.DUPLICATE
@@ -317,8 +318,7 @@ class MemoryBroker(MemoryInspection):
     def _add_dead_letter(
         self, topic: str, group: str, entry: Entry, reason: str, deliveries: int, *, by_broker: bool = False
     ) -> None:
-        """Record a dead letter; ``by_broker``: made here, not asked for by a
-        consumer, so logged here (the consumer never saw the entry)."""
+        """Record a dead letter; ``by_broker``: made here, so logged here (no consumer saw it)."""
         dead_id = f"dl-{next(self._counter)}"
         body, size, sha1 = entry.body, None, None
         if len(body) > DEAD_LETTER_KEPT and by_broker:

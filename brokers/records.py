@@ -66,9 +66,9 @@ class CommitStatus(enum.Enum):
     CONFLICT = "conflict"
     #: The delivery's message id was settled in its group already (a producer
     #: duplicate, handed out marked or handled at the same time as the
-    #: original): the delivery is acked, nothing else is written. A commit
-    #: that records a dead letter is never refused so: the dead letter is
-    #: about this entry, whatever id it carries.
+    #: original): the delivery is acked, nothing else is written. A delivery
+    #: handed out marked ``duplicate`` may still be dead-lettered: its
+    #: consumer found another message under the same id.
     DUPLICATE = "duplicate"
 
 

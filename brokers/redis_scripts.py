@@ -54,7 +54,7 @@ def commit_args(
         settle = (
             f'[{quote_name(key)},{quote_name(delivery.group)},{quote_name(delivery.consumer)},"{entry}",'
             f"{int(delivery.deliveries)},{quote(mid or '')},{_BOOL[mid is not None]},{_BOOL[bool(done)]},"
-            f"{dedupe_ms},{dead},{quote_name(delivery.topic)}]"
+            f"{dedupe_ms},{dead},{quote_name(delivery.topic)},{_BOOL[delivery.duplicate]}]"
         )
         if dead_letter is not None:
             blobs.append(delivery.body)
@@ -275,7 +275,7 @@ return {out, read_any, missing, cursors, tails, next_due, buried}
 # ARGV[1]: a JSON header [settle, writes, messages]:
 #   settle: false, or [stream key, group, consumer, entry id, deliveries,
 #     message id, has message id, done, dedupe ttl ms, dead reason,
-#     has dead letter, topic];
+#     has dead letter, topic, handed out marked duplicate];
 #   writes: [[state key, has value, expected version], ...];
 #   messages: [[topic, group, id, delay ms], ...].
 # ARGV[2...]: the bytes, in order: the dead letter's body (only with a dead
@@ -297,9 +297,10 @@ local function commit(ARGV)
   if settle then
     skey, group, eid, deliveries = settle[1], settle[2], settle[4], settle[5]
     if not owns(skey, group, settle[3], eid, deliveries) then return 'lease_lost' end
-    if settle[7] and not settle[11] and redis.call('EXISTS', seen_key(group, settle[6])) == 1 then
+    if settle[7] and not (settle[11] and settle[13]) and redis.call('EXISTS', seen_key(group, settle[6])) == 1 then
       -- A duplicate that was in flight while the original settled: ack it,
-      -- nothing else. A dead letter is about this entry, whatever its id.
+      -- nothing else. A delivery handed out marked as a duplicate may still
+      -- be dead-lettered: its consumer found another message under the id.
       redis.call('XACK', skey, group, eid)
       return 'duplicate'
     end

@@ -152,6 +152,7 @@ _deliveries = st.builds(
     message_id=st.none() | _text,
     body=st.binary(),
     deliveries=st.integers(min_value=1, max_value=2**40),
+    duplicate=st.booleans(),
 )
 _messages = st.builds(
     Message,
@@ -191,6 +192,7 @@ def test_commit_header_is_json_dumps(
         settle = [
             key, held.group, held.consumer, held.entry_id, held.deliveries, held.message_id or "",
             held.message_id is not None, done, dedupe_ms, dead_letter or "", dead_letter is not None, held.topic,
+            held.duplicate,
         ]
     expected = [
         settle,
