@@ -34,6 +34,13 @@ Semantics every adapter gives (the contract tests in ``tests/`` hold them to it)
 * **Atomic, fenced commit.** ``commit`` acks a delivery, publishes messages,
   records a dead letter and writes versioned state in one step, and only if the
   consumer still owns the delivery. Either all of it happens or none does.
+* **Concurrent commits keep their own outcome.** An adapter with a round
+  trip may send commits (and publishes) made while another is on the wire
+  together, in one call, as the Redis adapter does; each is still applied,
+  fenced and compare-and-set checked on its own, and its caller gets its own
+  status or error: one refused, conflicting or invalid commit leaves the
+  others of its batch alone, and a failed round trip fails each of them.
+  A caller cancelled before its commit was sent has nothing applied.
 * **Dedupe.** A message whose id was already settled (committed with
   ``done=True``) in a group is handed to that group once more marked
   ``Delivery.duplicate``, never silently dropped: the broker cannot read the
@@ -161,7 +168,8 @@ class Transport(Protocol):
         """Release connections and background tasks. Idempotent."""
 
     async def publish(self, messages: Sequence[Message]) -> None:
-        """Publish messages, all or none.
+        """Publish messages, all or none. Concurrent calls may share a round
+        trip, each with its own outcome (see the module doc).
 
         Raises:
             BrokerError: a topic or group name is invalid, or the transport
@@ -224,7 +232,8 @@ class Transport(Protocol):
         ``done`` records its message id as settled in the group (dedupe). A
         retry is ``done=False`` plus the same message republished to the group
         with a delay. Without a delivery: publishes and writes state atomically
-        (each ``StateWrite`` is a compare-and-set: see ``State``).
+        (each ``StateWrite`` is a compare-and-set: see ``State``). Concurrent
+        calls may share a round trip; each is applied or refused on its own.
 
         Returns:
             ``OK``, or why nothing was written.

@@ -38,3 +38,10 @@ def test_saga_throughput_runs_on_both_brokers() -> None:
     out = bench("saga_throughput.py", "--sagas", "20", "--concurrency", "5")
     assert "memory" in out and "redis" in out
     assert "parallel" in out and "sequential" in out and "Redis commands/saga" in out and "CPU" in out
+
+
+@pytest.mark.redis
+def test_publisher_benchmark_reports_round_trips_and_the_ratio() -> None:
+    out = bench("publish_redis.py", "--publishes", "500", "--concurrency", "20", "--repeat", "2")
+    assert "time ratio choreo/raw:" in out
+    assert "round trips/publish" in out and "per round" in out

@@ -7,6 +7,7 @@ leases use ``fast_broker_url`` (visibility_timeout=0.5, max_deliveries=3).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -265,6 +266,29 @@ async def test_state_compare_and_set(broker: Broker) -> None:
     assert await broker.get_state("saga:1") is None
     assert await broker.list_state("saga:") == {"saga:2": Versioned(b"new", 1)}
     assert await broker.list_state("other:") == {}
+
+
+async def test_concurrent_commits_each_get_their_own_outcome(broker: Broker) -> None:
+    """Commits made at once (which an adapter may send together) are applied or refused
+    each on its own: a conflict or an invalid name fails only its caller."""
+    await broker.subscribe([G1])
+    assert await broker.commit(state=[StateWrite("taken", b"v", 0)]) is CommitStatus.OK
+
+    async def commit(n: int) -> CommitStatus:
+        if n == 3:  # loses its compare-and-set
+            return await broker.commit(publish=[msg(n)], state=[StateWrite("taken", b"again", 0)])
+        if n == 5:  # refused before anything is written
+            return await broker.commit(publish=[msg(n), msg(n + 100, topic="bad topic!")])
+        return await broker.commit(publish=[msg(n)], state=[StateWrite(f"k{n}", b"v", 0)])
+
+    outcomes = await asyncio.gather(*(commit(n) for n in range(20)), return_exceptions=True)
+    assert outcomes[3] is CommitStatus.CONFLICT
+    assert isinstance(outcomes[5], BrokerError)
+    assert all(outcomes[n] is CommitStatus.OK for n in range(20) if n not in (3, 5))
+    delivered = sorted(d.message_id for d in await collect(broker, "c", [G1], 18))
+    assert delivered == sorted(f"m{n}" for n in range(20) if n not in (3, 5))
+    assert set(await broker.list_state("k")) == {f"k{n}" for n in range(20) if n not in (3, 5)}
+    await assert_nothing(broker, "c", [G1])
 
 
 # -- delays, targeting, dedupe ------------------------------------------------
