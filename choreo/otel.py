@@ -123,10 +123,14 @@ class TracingMiddleware(Middleware):
     @contextlib.contextmanager
     def _publishing(self, system: str, events: Sequence[Event]) -> Iterator[None]:
         spans = []
+        # One commit is one operation: its later events (a saga start's timer
+        # and lifecycle event) are children of the first one's span, so they
+        # stay in its trace even when no span is current.
+        batch: TraceContext | None = None
         for event in events:
             headers = event.headers
             # A caller that sets the trace context of its event chooses the parent.
-            parent = _PROPAGATOR.extract(headers, context=_ROOT) if "traceparent" in headers else None
+            parent = _PROPAGATOR.extract(headers, context=_ROOT) if "traceparent" in headers else batch
             attributes: dict[str, AttributeValue] = {
                 "messaging.system": system,
                 "messaging.destination.name": event.type,
@@ -140,8 +144,11 @@ class TracingMiddleware(Middleware):
             span = self.tracer.start_span(
                 f"choreo.publish {event.type}", context=parent, kind=SpanKind.PRODUCER, attributes=attributes
             )
-            _PROPAGATOR.inject(headers, context=trace.set_span_in_context(span))
+            context = trace.set_span_in_context(span)
+            _PROPAGATOR.inject(headers, context=context)
             spans.append(span)
+            if batch is None:
+                batch = context
         try:
             yield
         except BaseException as exc:
