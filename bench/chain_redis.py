@@ -1,7 +1,7 @@
 """A 3-hop chain (A -> B -> C -> D) on a local redis-server: choreo against a
 raw redis-py loop doing the minimum, measured in the same run.
 
-    python bench/chain_redis.py [--events 50000] [--latency-events 1000] [--repeat 3]
+    python bench/chain_redis.py [--events 50000] [--latency-events 1000] [--repeat 3] [--otel]
 
 Starts its own redis-server on a free port (no persistence, so disk speed does
 not enter). The process sets up Python's garbage collector as ``choreo
@@ -15,7 +15,10 @@ one chain at a time, publish of A to arrival of D, on an idle system. Memory
 is how far the process's resident set rose during each throughput run. With
 ``--repeat``, rounds alternate raw and choreo and the medians are compared:
 on a shared machine single runs of the latency ratio were seen to spread
-from 1.5 to 2.4.
+from 1.5 to 2.4. ``--otel`` adds a third contender to each round: choreo with
+``choreo.otel.TracingMiddleware`` on an SDK tracer provider whose batch
+processor hands spans to an exporter that drops them (the cost of tracing,
+not of shipping spans), compared with choreo untraced.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import redis
@@ -40,6 +44,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from chain_memory import chain_app as memory_chain_app  # this folder, run as a script
 
 from choreo import App, Event, run
+from choreo.middleware import Middleware
 from choreo.supervisor import WORKER_GC_THRESHOLD, tune_collector
 from choreo.worker import Runtime
 from tests.redis_server import RedisServer
@@ -73,9 +78,11 @@ async def settle(runtime: Runtime) -> None:
         await asyncio.sleep(0.01)
 
 
-async def choreo_throughput(url: str, events: int, concurrency: int = CONCURRENCY) -> float:
+async def choreo_throughput(
+    url: str, events: int, concurrency: int = CONCURRENCY, middleware: Sequence[Middleware] = ()
+) -> float:
     # ``run`` is what ``choreo worker`` runs: the production path.
-    async with run(chain_app(), broker=url, concurrency=concurrency) as runtime:
+    async with run(chain_app(), broker=url, concurrency=concurrency, middleware=middleware) as runtime:
         start = time.perf_counter()
         for n in range(0, events, 500):  # batches of 500, as the raw loop publishes
             batch = [Event("bench.a", {**PAYLOAD, "n": m}) for m in range(n, min(n + 500, events))]
@@ -85,10 +92,10 @@ async def choreo_throughput(url: str, events: int, concurrency: int = CONCURRENC
     return events * 3 / elapsed
 
 
-async def choreo_latency(url: str, events: int) -> list[float]:
+async def choreo_latency(url: str, events: int, middleware: Sequence[Middleware] = ()) -> list[float]:
     arrived: asyncio.Queue[float] = asyncio.Queue()
     latencies = []
-    async with run(chain_app(arrived), broker=url) as runtime:
+    async with run(chain_app(arrived), broker=url, middleware=middleware) as runtime:
         for n in range(events):
             start = time.perf_counter()
             await runtime.publish("bench.a", {**PAYLOAD, "n": n})
@@ -215,6 +222,22 @@ class PeakRss:
             await asyncio.sleep(0.01)
 
 
+def tracing() -> list[Middleware]:
+    """Tracing on, with every span dropped once made (needs the otel extra)."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    from choreo.otel import TracingMiddleware
+
+    class Drop(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(Drop()))
+    return [TracingMiddleware(provider)]
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -228,22 +251,32 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=CONCURRENCY, help="choreo's handlers in flight")
     parser.add_argument("--gc-threshold", type=int, default=WORKER_GC_THRESHOLD,
                         help="collector threshold, as choreo worker sets it (0: Python's default), for both sides")
+    parser.add_argument("--otel", action="store_true",
+                        help="also run choreo with OpenTelemetry tracing (spans dropped) and compare")
     args = parser.parse_args()
     tune_collector(args.gc_threshold)
     server = RedisServer()
     server.start()
-    rates: dict[str, list[float]] = {"raw": [], "choreo": []}
-    p50s: dict[str, list[float]] = {"raw": [], "choreo": []}
-    lat: dict[str, list[float]] = {"raw": [], "choreo": []}
-    grown: dict[str, list[float]] = {"raw": [], "choreo": []}
+    contenders: list[tuple[str, Any, Any]] = [
+        ("raw", raw_throughput, raw_latency),
+        ("choreo", functools.partial(choreo_throughput, concurrency=args.concurrency), choreo_latency),
+    ]
+    if args.otel:
+        traced = tracing()
+        contenders.append((
+            "traced",
+            functools.partial(choreo_throughput, concurrency=args.concurrency, middleware=traced),
+            functools.partial(choreo_latency, middleware=traced),
+        ))
+    rates: dict[str, list[float]] = {name: [] for name, _, _ in contenders}
+    p50s: dict[str, list[float]] = {name: [] for name, _, _ in contenders}
+    lat: dict[str, list[float]] = {name: [] for name, _, _ in contenders}
+    grown: dict[str, list[float]] = {name: [] for name, _, _ in contenders}
     try:
         db = iter(range(16))
         url = f"redis://127.0.0.1:{server.port}/"
         for _ in range(args.repeat):
-            for name, throughput, latency in (
-                ("raw", raw_throughput, raw_latency),
-                ("choreo", functools.partial(choreo_throughput, concurrency=args.concurrency), choreo_latency),
-            ):
+            for name, throughput, latency in contenders:
                 async with PeakRss() as rss:
                     rates[name].append(await throughput(url + str(next(db) % 16), args.events))
                 grown[name].append(rss.grown)
@@ -270,6 +303,13 @@ async def main() -> None:
     if PeakRss.available():
         print("resident memory added at the peak of a throughput run: "
               f"raw {statistics.median(grown['raw']):.1f} MiB, choreo {statistics.median(grown['choreo']):.1f} MiB")
+    if args.otel:
+        traced_rate = statistics.median(rates["traced"])
+        traced_p50 = statistics.median(p50s["traced"])
+        print(f"traced:    {traced_rate:,.0f} events/s, 3-hop latency p50 {traced_p50 * 1000:.2f} ms")
+        print(f"tracing cost per handled event: {(1 / traced_rate - 1 / choreo_rate) * 1e6:.1f} us, "
+              f"throughput -{(1 - traced_rate / choreo_rate) * 100:.1f}%, "
+              f"latency p50 +{(traced_p50 / statistics.median(p50s['choreo']) - 1) * 100:.1f}% (target < 10%)")
     if args.repeat > 1:
         rounds = zip(rates["raw"], rates["choreo"], p50s["raw"], p50s["choreo"], strict=True)
         print("per round (throughput ratio, latency ratio):",

@@ -34,6 +34,7 @@ from choreo.supervisor import WORKER_GC_THRESHOLD
 
 if TYPE_CHECKING:
     from choreo.app import App
+    from choreo.middleware import Middleware
 
 app = typer.Typer(
     name="choreo",
@@ -68,6 +69,9 @@ def worker(
     gc_threshold: Annotated[
         int, typer.Option(help="First threshold of Python's garbage collector; 0 leaves Python's default (700).")
     ] = WORKER_GC_THRESHOLD,
+    otel: Annotated[
+        bool, typer.Option("--otel", help="Trace with OpenTelemetry (global tracer provider); needs choreo-saga[otel].")
+    ] = False,
 ) -> None:
     """Run apps until SIGINT/SIGTERM, then drain in-flight handlers and exit: 0 after a
     clean drain, 3 if handlers still running after --grace were cancelled (their
@@ -78,17 +82,25 @@ def worker(
     if workers < 1:
         raise fail("--workers must be at least 1")
     with errors():
-        runtime = RuntimeOptions(concurrency=concurrency, grace=grace)
+        runtime = RuntimeOptions(concurrency=concurrency, grace=grace, middleware=_tracing() if otel else ())
     configure_logging(log_level.value, log_format.value)
     options = WorkerOptions(
         targets=tuple(targets), broker=broker, runtime=runtime, metrics_port=metrics_port,
         metrics_host=metrics_host, log_level=log_level.value, log_format=log_format.value,
-        health_interval=health_interval, gc_threshold=gc_threshold,
+        health_interval=health_interval, gc_threshold=gc_threshold, otel=otel,
     )
     with errors():
         code = run_worker(options) if workers == 1 else supervise(options, workers)
     if code:
         raise typer.Exit(code)
+
+
+def _tracing() -> tuple[Middleware, ...]:
+    try:
+        from choreo.otel import TracingMiddleware
+    except ImportError:
+        raise fail("--otel needs OpenTelemetry: pip install 'choreo-saga[otel]'") from None
+    return (TracingMiddleware(),)
 
 
 @app.command()

@@ -3,15 +3,24 @@
 Metrics, test recorders and tracing are middleware. Hooks are synchronous and
 must be cheap: they run on the per-event path. ``Hooks`` is the one loop that
 calls them, shared by the runtime's outbox and its dispatcher.
+
+Three hooks let a middleware carry context along with events, as tracing
+does: ``handling`` wraps the handling of one delivery (what the handler
+emits, publishes or starts happens inside it), ``publishing`` wraps one root
+commit, and ``headers`` adds headers to an event a handler emits. They are
+optional: ``Hooks`` binds only those a middleware overrides, and a runtime
+whose middleware overrides none of them does no work for them per event.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from brokers import Broker, Delivery
     from choreo.events import Event
     from choreo.routing import Route
 
@@ -41,6 +50,43 @@ class Middleware:
     def on_dead_letter(self, route: Route, event: Event | None, reason: str) -> None:
         """A delivery was dead-lettered by its handler's group."""
 
+    def on_error(self, route: Route, event: Event, error: BaseException) -> None:
+        """The handler of ``route`` failed on ``event`` with ``error`` (an
+        exception, a ``Retry`` or a ``Reject``); ``on_handled`` follows with
+        the outcome once the delivery is settled."""
+
+    def handling(
+        self, broker: Broker, route: Route, delivery: Delivery, event: Event
+    ) -> contextlib.AbstractContextManager[object] | None:
+        """A context manager to enter while ``event`` (decoded from
+        ``delivery``) is handled by ``route``, or ``None`` (the default).
+
+        It is entered before the handler is called and exited once the
+        delivery is settled, in the handler's task (a sync handler's thread
+        sees its context variables): ``on_error``, ``on_handled``,
+        ``headers`` and the root publishes the handler makes run inside it.
+        Duplicates and deliveries that cannot be decoded are not wrapped.
+        """
+        return None
+
+    def publishing(
+        self, broker: Broker, events: Sequence[Event]
+    ) -> contextlib.AbstractContextManager[object] | None:
+        """A context manager to enter around one root commit of ``events``
+        (``Runtime.publish``, ``Runtime.commit``: root publishes and saga
+        starts), or ``None`` (the default).
+
+        Entered before the events are encoded, so it may add to their
+        ``headers`` (fresh dicts made for this commit); exited after the
+        commit, with the exception if it failed.
+        """
+        return None
+
+    def headers(self, event: Event) -> Mapping[str, str] | None:
+        """Headers to add to ``event``, which the handler running now emits
+        (with the handler's ``handling`` context entered), or ``None``."""
+        return None
+
 
 class Hooks:
     """The middleware of one runtime, and the one loop that calls them.
@@ -52,7 +98,10 @@ class Hooks:
     nothing per event.
     """
 
-    __slots__ = ("configured", "dead_lettered", "handled", "middleware", "on_publish")
+    __slots__ = (
+        "configured", "dead_lettered", "errors", "handled", "handling", "headers", "middleware", "on_publish",
+        "publishing",
+    )
 
     def __init__(self, middleware: Sequence[Middleware] = ()) -> None:
         self.configured = tuple(middleware)
@@ -64,6 +113,12 @@ class Hooks:
         #: ``on_handled`` and ``on_dead_letter`` of every middleware: ``call`` them.
         self.handled = tuple(m.on_handled for m in middleware)
         self.dead_lettered = tuple(m.on_dead_letter for m in middleware)
+        self.errors = tuple(m.on_error for m in middleware if _overrides(m, "on_error"))
+        #: The optional hooks, only of the middleware that override them:
+        #: callers test these tuples before doing any work for them.
+        self.handling = tuple(m.handling for m in middleware if _overrides(m, "handling"))
+        self.publishing = tuple(m.publishing for m in middleware if _overrides(m, "publishing"))
+        self.headers = tuple(m.headers for m in middleware if _overrides(m, "headers"))
 
     def add(self, middleware: Middleware) -> None:
         """Call ``middleware`` too, until ``reset``."""
@@ -82,7 +137,56 @@ class Hooks:
             except Exception:
                 log.exception("middleware %r failed in %s", hook.__self__, hook.__name__)  # type: ignore[attr-defined]
 
+    def wrap(self, hooks: tuple[Callable[..., contextlib.AbstractContextManager[object] | None], ...],
+             stack: contextlib.ExitStack, *args: Any) -> None:
+        """Enter on ``stack`` the context managers that ``hooks`` (``handling``
+        or ``publishing``) return for ``args``. A hook that fails is logged
+        and skipped, like any other."""
+        for hook in hooks:
+            try:
+                manager = hook(*args)
+                if manager is not None:
+                    stack.enter_context(_guarded(manager, hook))
+            except Exception:
+                log.exception("middleware %r failed in %s", hook.__self__, hook.__name__)  # type: ignore[attr-defined]
+
+    def stamp(self, event: Event) -> None:
+        """Add the ``headers`` hooks' headers to ``event``, an event being
+        built for publishing (its ``headers`` dict is its own)."""
+        for hook in self.headers:
+            try:
+                extra = hook(event)
+                if extra:
+                    event.headers.update(extra)
+            except Exception:
+                log.exception("middleware %r failed in %s", hook.__self__, hook.__name__)  # type: ignore[attr-defined]
+
     def published(self, events: Iterable[tuple[Event, float | None]]) -> None:
         """Tell every middleware of committed ``events`` (with their delays)."""
         for event, _ in events:
             self.call(self.on_publish, event)
+
+
+def _overrides(middleware: Middleware, name: str) -> bool:
+    return getattr(type(middleware), name) is not getattr(Middleware, name)
+
+
+@contextlib.contextmanager
+def _guarded(manager: contextlib.AbstractContextManager[object], hook: Callable[..., object]) -> Iterator[None]:
+    """``manager``, whose own failures on exit are logged, not raised, and
+    which cannot swallow an exception: an observer must never change how a
+    delivery or a publish ends."""
+    manager.__enter__()
+    try:
+        yield
+    except BaseException as exc:
+        try:
+            manager.__exit__(type(exc), exc, exc.__traceback__)
+        except Exception:
+            log.exception("middleware %r failed in %s", hook.__self__, hook.__name__)  # type: ignore[attr-defined]
+        raise
+    else:
+        try:
+            manager.__exit__(None, None, None)
+        except Exception:
+            log.exception("middleware %r failed in %s", hook.__self__, hook.__name__)  # type: ignore[attr-defined]

@@ -81,6 +81,8 @@ class WorkerOptions:
         targets: The apps to run, as ``module:attribute``.
         broker: The broker URL (default ``CHOREO_BROKER_URL``, then ``memory://``).
         runtime: How each worker process runs them (concurrency, grace...).
+        otel: Tracing is on (``--otel``): ``runtime`` has the tracing
+            middleware, and each child of ``--workers N`` is told to add it.
     """
 
     targets: tuple[str, ...]
@@ -92,6 +94,7 @@ class WorkerOptions:
     log_format: str = "text"
     health_interval: float = 5.0
     gc_threshold: int = WORKER_GC_THRESHOLD
+    otel: bool = False
 
     def child_argv(self) -> list[str]:
         """The command line of one worker process (metrics are served by the parent)."""
@@ -101,6 +104,8 @@ class WorkerOptions:
                 "--health-interval", str(self.health_interval), "--gc-threshold", str(self.gc_threshold)]
         if self.broker:
             argv += ["--broker", self.broker]
+        if self.otel:
+            argv.append("--otel")
         return argv
 
 

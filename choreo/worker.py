@@ -20,6 +20,8 @@ import time
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
 from brokers import Broker, BrokerError, CommitStatus, Delivery, StateWrite, Subscription
 from choreo.cancelling import cancel_and_wait
 from choreo.dispatcher import Dispatcher
@@ -171,8 +173,14 @@ class Runtime:
             raise TypeError(f"publish() got unexpected keyword arguments {sorted(unknown)}")
         if delay is not None and not 0 <= delay < math.inf:
             raise ConfigurationError(f"delay must be a number of seconds >= 0, not {delay}")
-        event = Event(type=type, data=data or {}, **{k: v for k, v in ids.items() if v is not None})
-        await self.outbox.commit([(event, delay)])
+        fields = {k: v for k, v in ids.items() if v is not None}
+        if "headers" in fields:
+            fields["headers"] = dict(fields["headers"])  # the event's own: middleware may add to it
+        event = Event(type=type, data=data or {}, **fields)
+        if self.hooks.publishing:
+            await self._commit_wrapped([(event, delay)], ())
+        else:
+            await self.outbox.commit([(event, delay)])
         return event
 
     async def commit(
@@ -185,7 +193,19 @@ class Runtime:
             DecodeError: an event cannot be encoded.
             BrokerUnavailable: the broker refused or failed.
         """
-        return await self.outbox.commit(events, state)
+        if not self.hooks.publishing:
+            return await self.outbox.commit(events, state)
+        # Copies with headers of their own, for the middleware to add to.
+        own = [(attrs.evolve(event, headers=dict(event.headers)), delay) for event, delay in events]
+        return await self._commit_wrapped(own, state)
+
+    async def _commit_wrapped(
+        self, events: Sequence[tuple[Event, float | None]], state: Sequence[StateWrite]
+    ) -> CommitStatus:
+        """``outbox.commit`` inside the middleware's ``publishing`` context managers."""
+        with contextlib.ExitStack() as stack:
+            self.hooks.wrap(self.hooks.publishing, stack, self.broker, [event for event, _ in events])
+            return await self.outbox.commit(events, state)
 
     async def _consume(self) -> None:
         # loop.create_task, not asyncio.create_task: the latter looks the loop
