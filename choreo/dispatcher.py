@@ -108,7 +108,7 @@ class Dispatcher:
             if delivery.duplicate:
                 # The same event again (a producer's retried publish): already
                 # settled here, so the commit only acks it (DUPLICATE, logged).
-                await self.outbox.settle(delivery, route.group)
+                await self.outbox.settle(delivery, delivery.group)
                 return
             ctx = Context(event, route.service, route.name, self.scope)
             token = logs.enter(event, delivery.group)  # log records carry the event's ids (group: the route's)
@@ -176,7 +176,7 @@ class Dispatcher:
                 self.hooks.call(self.hooks.errors, route, event, exc)
             return await self._failed(delivery, route, event, exc, started, ctx)
         status = await self.outbox.settle(
-            delivery, route.group, publish=messages, emitted=emitted, state=ctx.state_writes
+            delivery, delivery.group, publish=messages, emitted=emitted, state=ctx.state_writes
         )
         if status is CommitStatus.OK and self.hooks.middleware:
             self._handled(route, event, Outcome.SUCCESS, started)
