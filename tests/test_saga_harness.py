@@ -318,8 +318,10 @@ async def test_absent_participant_compensates_within_the_default_timeout_budget(
     assert result.state is SagaState.COMPENSATED
     assert result.step("pay").attempts == 4 and result.step("pay").error["type"] == "TimeoutError"  # type: ignore[index]
     assert result.step("reserve").status == "compensated"
-    # 4 x 30 s of timeouts and about 1 + 2 + 4 s of backoff (jitter x0.75 to x1.25).
-    assert 4 * 30 + 0.75 * 7 <= virtual <= 4 * 30 + 1.25 * 7 + 5
+    # 4 x 30 s of timeouts and about 1 + 2 + 4 s of backoff (jitter x0.75 to x1.25); the
+    # attempts above bound it. Not bounded above: once the saga has ended, the clock
+    # may jump to a leftover timer before this task resumes.
+    assert virtual >= 4 * 30 + 0.75 * 7
     assert real < 5
 
 

@@ -161,7 +161,10 @@ async def test_a_branch_that_times_out_is_retried_then_fails_the_group_on_the_vi
     assert result.step("authorise_payment").attempts == 2
     assert result.step("authorise_payment").error == {"type": "TimeoutError", "message": "no reply within 30.0s"}
     assert [result.step(n).status for n in ("create_order", "reserve_stock")] == ["compensated", "compensated"]
-    assert 60 <= spent < 70
+    # Two attempts of 30 s each (plus a backoff of about a second). Not bounded
+    # above: once the saga has ended, the clock may jump to a leftover timer
+    # before this task resumes; the attempts above say what was spent.
+    assert spent >= 60
 
 
 async def test_the_deadline_gives_up_on_running_branches_and_compensates() -> None:
