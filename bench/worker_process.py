@@ -237,7 +237,7 @@ def main(args: argparse.Namespace) -> None:
     try:
         client = redis.Redis.from_url(server.url)
         print(f"redis-py {redis.__version__}; {args.chains:,} chains of 3 hops; {args.publishers} concurrent "
-              f"publishes; choreo worker {' '.join(['(defaults)', *shlex.split(args.worker_args)])}, metrics on")
+              f"publishes; choreo worker {args.worker_args or 'at its defaults'}, metrics on")
         for number in range(1, args.repeat + 1):
             for name, side in (("raw", raw_round), ("choreo", choreo_round)):
                 client.flushall()
