@@ -70,18 +70,19 @@ async def choreo_round(url: str, publishes: int, concurrency: int) -> tuple[floa
 
 
 class RawPublisher:
-    """Concurrent callers' XADDs, sent as one pipeline per round trip."""
+    """Concurrent callers' XADDs, sent as one pipeline per round trip; each
+    event goes to the stream named by its type."""
 
     def __init__(self, client: aioredis.Redis) -> None:
         self.client = client
-        self.queued: list[tuple[bytes, asyncio.Future[None]]] = []
+        self.queued: list[tuple[str, bytes, asyncio.Future[None]]] = []
         self.sender: asyncio.Task[None] | None = None
         self.flushes = 0
 
     async def publish(self, type: str, data: dict[str, Any]) -> None:
         body = json.dumps({"id": uuid.uuid4().hex, "type": type, "time": time.time(), "data": data})
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.queued.append((body.encode(), future))
+        self.queued.append((type, body.encode(), future))
         if self.sender is None:
             self.sender = asyncio.create_task(self.send())
         await future
@@ -90,11 +91,11 @@ class RawPublisher:
         while self.queued:
             batch, self.queued = self.queued, []
             pipe = self.client.pipeline(transaction=False)
-            for body, _ in batch:
-                pipe.xadd("bench.published", {"body": body})
+            for stream, body, _ in batch:
+                pipe.xadd(stream, {"body": body})
             await pipe.execute()
             self.flushes += 1
-            for _, future in batch:
+            for _, _, future in batch:
                 future.set_result(None)
         self.sender = None
 

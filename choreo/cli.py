@@ -29,7 +29,7 @@ from choreo.cli_support import (
     render_table,
 )
 from choreo.errors import ChoreoError
-from choreo.options import RuntimeOptions
+from choreo.options import DEFAULT_CONCURRENCY, RuntimeOptions
 from choreo.supervisor import WORKER_GC_THRESHOLD
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ app.add_typer(groups_app, name="groups")
 def worker(
     targets: TargetsArgument,
     broker: BrokerOption = None,
-    concurrency: Annotated[int, typer.Option(help="Handlers running at once, per process.")] = 64,
+    concurrency: Annotated[int, typer.Option(help="Handlers running at once, per process.")] = DEFAULT_CONCURRENCY,
     workers: Annotated[int, typer.Option(help="Worker processes; the parent forwards SIGTERM to each.")] = 1,
     grace: Annotated[float, typer.Option(help="Seconds to drain in-flight handlers on shutdown.")] = 10.0,
     metrics_port: Annotated[

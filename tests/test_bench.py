@@ -45,3 +45,10 @@ def test_publisher_benchmark_reports_round_trips_and_the_ratio() -> None:
     out = bench("publish_redis.py", "--publishes", "500", "--concurrency", "20", "--repeat", "2")
     assert "time ratio choreo/raw:" in out
     assert "round trips/publish" in out and "per round" in out
+
+
+@pytest.mark.redis
+def test_worker_process_benchmark_reports_per_round_figures_and_the_ratio() -> None:
+    out = bench("worker_process.py", "--chains", "300", "--repeat", "1")
+    assert "round 1: raw" in out and "round 1: choreo" in out
+    assert "ratio choreo/raw (medians):" in out
