@@ -169,7 +169,8 @@ class RedisStreamsBroker(RedisFetch):
     async def subscribe(self, subscriptions: Sequence[Subscription]) -> None:
         """Create the groups (topic stream where ``start`` says, private stream at ``0``)."""
         streams = self._streams(subscriptions)
-        starts = {s: sub.start for sub in subscriptions for s in self._streams([sub]) if not s.private}
+        # ``_streams`` gives each subscription's topic stream, then its private one.
+        starts = {s: sub.start for sub, s in zip(subscriptions, streams[::2], strict=True)}
         try:
             await self._create_groups(streams, starts)
         except rexc.RedisError as exc:

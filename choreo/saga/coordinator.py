@@ -15,13 +15,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from brokers import CommitStatus, StateWrite
 from choreo import logs
+from choreo.codec import ID_PATTERN
 from choreo.context import Context
 from choreo.errors import ChoreoError, ConfigurationError
 from choreo.events import Event, new_event_id
@@ -53,7 +53,6 @@ __all__ = ("SagaCoordinator", "coordinator_of")
 
 log = logging.getLogger("choreo.saga")
 
-_SAGA_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 #: The coordinator's name among its app's ``extensions``.
 EXTENSION = "saga"
 
@@ -227,7 +226,7 @@ class SagaCoordinator:
         definition = self.definition(name)
         runtime = self._runtime()
         saga_id = saga_id or new_event_id()
-        if not isinstance(saga_id, str) or not _SAGA_ID.match(saga_id):
+        if not isinstance(saga_id, str) or not ID_PATTERN.fullmatch(saga_id):
             raise ConfigurationError(f"saga_id {saga_id!r} must be 1-128 letters, digits or '._:-'")
         if correlation_id is None:
             handling = logs.current()

@@ -27,7 +27,6 @@ __all__ = (
     "STARTED",
     "command_topic",
     "is_lifecycle",
-    "is_reply",
     "is_timeout",
     "lifecycle_topic",
     "parse_lifecycle",
@@ -85,11 +84,6 @@ def parse_reply(topic: str) -> str | None:
     if not topic.startswith(REPLY_PREFIX) or len(topic) == len(REPLY_PREFIX):
         return None
     return topic[len(REPLY_PREFIX):]
-
-
-def is_reply(topic: str) -> bool:
-    """Whether ``topic`` is a reply topic of some saga (``saga.reply.<saga>``)."""
-    return parse_reply(topic) is not None
 
 
 def is_timeout(topic: str) -> bool:
