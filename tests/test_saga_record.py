@@ -14,6 +14,7 @@ from choreo import admin
 from choreo.errors import DecodeError
 from choreo.saga import SagaDefinition, SagaResult, SagaState, SagaStep, StepStatus
 from choreo.saga.machine import SagaRun
+from choreo.saga.query import BrokerSagaQuery, Cursor
 from choreo.saga.record import SCHEMA, Kind, Phase, SagaRecord, new_record, to_result
 from choreo.saga.topics import (
     command_topic,
@@ -193,3 +194,25 @@ def test_a_record_with_every_optional_step_field_round_trips() -> None:
     assert (loaded.correlation, loaded.steps[1].kept_kind, loaded.steps[2].kept_kind) == ("req-1", "action", None)
     plain = new_record(saga, "S-3", {}, 1_700_000_000.0)
     assert plain.correlation == "S-3" and b"correlation_id" not in plain.to_json()
+
+
+async def test_saga_pages_run_newest_first_and_continue_where_they_ended(broker_url: str) -> None:
+    """Operators page through sagas newest first, filtered by state and name, with counts per state."""
+    coordinator, apps = build({}, decline_over=10)
+    async with run_apps(*apps, broker=broker_url) as env:
+        for n, total in enumerate([1, 50, 2, 60, 3]):
+            await coordinator.start_saga("order_processing", {"total": total}, saga_id=f"s-{n}", timeout=20)
+        query = BrokerSagaQuery(env.broker)
+        first = await query.page_records(limit=2)
+        second = await query.page_records(limit=2, after=Cursor.after(first[-1]))
+        last = await query.page_records(limit=2, after=Cursor.after(second[-1]))
+        compensated = await query.page_records(state=SagaState.COMPENSATED)
+        other_name = await query.page_records(name="trip")
+        counts = await query.count_records()
+        one = await query.get_record("s-3")
+        missing = await query.get_record("s-9")
+    assert [r.saga_id for r in first + second + last] == ["s-4", "s-3", "s-2", "s-1", "s-0"]
+    assert [r.saga_id for r in compensated] == ["s-3", "s-1"]
+    assert other_name == []
+    assert counts == {SagaState.COMPLETED: 3, SagaState.COMPENSATED: 2}
+    assert one is not None and one.state is SagaState.COMPENSATED and missing is None

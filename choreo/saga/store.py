@@ -16,7 +16,7 @@ from choreo.saga.definition import SagaDefinition, SagaNotFound, SagaResult, Sag
 from choreo.saga.record import SagaRecord, to_result
 
 if TYPE_CHECKING:
-    from brokers import Broker
+    from brokers import Broker, State
 
 __all__ = ("KEY_PREFIX", "list_records", "list_sagas", "parse_state", "read_saga")
 
@@ -41,7 +41,7 @@ def parse_state(state: SagaState | str | None) -> SagaState | None:
         raise ConfigurationError(f"unknown saga state {state!r}: use one of {names}") from None
 
 
-async def list_records(broker: Broker, prefix: str = KEY_PREFIX, state: SagaState | None = None) -> list[SagaRecord]:
+async def list_records(broker: State, prefix: str = KEY_PREFIX, state: SagaState | None = None) -> list[SagaRecord]:
     """Stored records under ``prefix``, oldest first, only those in ``state`` if given.
 
     A record that cannot be decoded is logged and left out, so one bad key
