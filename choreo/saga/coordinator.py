@@ -2,12 +2,11 @@
 
 For each saga the coordinator adds two routes to its app: one consumes the
 participants' replies (``saga.reply.<name>``), one the delayed timers
-(``saga.timeout.<name>``). Each reads the saga's record from the broker's
-state store, applies one transition of ``choreo.saga.machine``, and returns
-the next command (with its timer) and any lifecycle event; the dispatcher
-commits those, the record (compare-and-set) and the ack in one step. A
-coordinator process therefore holds nothing a crash could lose: kill it, and
-another finishes every saga from the broker.
+(``saga.timeout.<name>``). Each reads the saga's record from its store
+(``choreo.saga.stores``), applies one transition of ``choreo.saga.machine``
+and writes the record (compare-and-set) with the commands, timers and
+lifecycle events it causes in one step, before the ack. A coordinator process
+holds nothing a crash could lose: kill it, and another finishes every saga.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from brokers import CommitStatus, StateWrite
+from brokers import CommitStatus
 from choreo import logs
 from choreo.codec import ID_PATTERN
 from choreo.context import Context
@@ -38,10 +37,11 @@ from choreo.saga.definition import (
 )
 from choreo.saga.machine import SagaRun
 from choreo.saga.metrics import SagaMetrics
-from choreo.saga.record import SagaRecord, new_record, to_result
+from choreo.saga.record import new_record, to_result
 from choreo.saga.routes import as_events, saga_routes
 from choreo.saga.run import Out
-from choreo.saga.store import list_sagas, read_saga
+from choreo.saga.store import parse_state
+from choreo.saga.stores import BrokerStateStore, SagaStateStore
 from choreo.saga.versions import SagaVersions, version_missing
 from choreo.saga.waiting import SagaWaiters
 
@@ -55,6 +55,9 @@ log = logging.getLogger("choreo.saga")
 
 #: The coordinator's name among its app's ``extensions``.
 EXTENSION = "saga"
+
+#: Times a transition reads the record again after losing its compare-and-set.
+MAX_CONFLICTS = 20
 
 
 def coordinator_of(app: App) -> SagaCoordinator | None:
@@ -73,8 +76,10 @@ class SagaCoordinator:
     Args:
         app: The service whose routing table gets the saga handlers.
         persistence_enabled: The seed's name for ``persistence`` (wins when given).
-        state_store: Where saga records live; ``None`` (the only choice in
-            this release): in the broker's state, committed with the events.
+        state_store: Where saga records live (a ``SagaStateStore``): ``None``
+            keeps them in the broker's state under ``key_prefix``, committed
+            with the events; ``choreo.postgres.PostgresStateStore()`` in
+            PostgreSQL tables.
         debug: Log the saga data on every transition (may contain personal data).
         trace_enabled: Log per-event detail (commands, replies, tokens).
         persistence: Keep finished sagas in the state store (``get_saga_state``
@@ -88,8 +93,8 @@ class SagaCoordinator:
         key_prefix: Prefix of the state keys (``saga:<id>``).
 
     Raises:
-        ConfigurationError: ``app`` already has a coordinator, or a
-            ``state_store`` other than ``None``.
+        ConfigurationError: ``app`` already has a coordinator, or
+            ``state_store`` is not a ``SagaStateStore``.
     """
 
     def __init__(
@@ -109,9 +114,10 @@ class SagaCoordinator:
             raise ConfigurationError(f"app {app.name!r} already has a SagaCoordinator")
         if persistence_enabled is not None:
             persistence = persistence_enabled
-        if state_store is not None:
+        if state_store is not None and not isinstance(state_store, SagaStateStore):
             raise ConfigurationError(
-                f"state_store={state_store!r}: this release keeps saga state in the broker (state_store=None)"
+                f"state_store={state_store!r} is not a saga state store: use None (the broker's state) "
+                "or choreo.postgres.PostgresStateStore()"
             )
         if sweep_interval is not None and sweep_interval <= 0:
             raise ConfigurationError("sweep_interval must be positive or None")
@@ -122,6 +128,7 @@ class SagaCoordinator:
         self.sweep_interval = sweep_interval
         self.poll_interval = poll_interval
         self.key_prefix = key_prefix
+        self.store: SagaStateStore = BrokerStateStore(key_prefix) if state_store is None else state_store
         self.definitions: dict[str, SagaDefinition] = {}
         self.versions = SagaVersions()
         self._waiters = SagaWaiters(self.get_saga_state)
@@ -190,9 +197,6 @@ class SagaCoordinator:
             known = ", ".join(sorted(self.definitions)) or "none"
             raise ConfigurationError(f"no saga {name!r} on {self.app.name!r} (defined: {known})") from None
 
-    def key(self, saga_id: str) -> str:
-        return f"{self.key_prefix}{saga_id}"
-
     # -- running sagas -------------------------------------------------------------
 
     async def start_saga(
@@ -238,10 +242,7 @@ class SagaCoordinator:
         try:
             if ACTIVE:
                 await hit("saga.before_state_write", name)
-            status = await runtime.commit(
-                as_events(outs, saga_id, record.correlation),
-                state=[StateWrite(self.key(saga_id), record.to_json(), 0)],
-            )
+            status = await self.store.save(runtime, saga_id, 0, record, as_events(outs, saga_id, record.correlation))
             if ACTIVE:
                 await hit("saga.after_state_write", name)
             if status is CommitStatus.OK:
@@ -265,18 +266,19 @@ class SagaCoordinator:
             SagaNotFound: no such saga (or it ended with ``persistence=False``).
             ChoreoError: the app is not running.
         """
-        broker = self._runtime().broker
-        return await read_saga(broker, saga_id, prefix=self.key_prefix, definitions=self.definitions)
+        stored = await self.store.load(saga_id, self._runtime())
+        if stored is None:
+            raise SagaNotFound(f"no saga {saga_id!r}")
+        return to_result(self.definitions.get(stored.record.name), stored.record)
 
     async def list_sagas(self, state: SagaState | str | None = None) -> list[SagaResult]:
-        """Stored sagas (of every coordinator sharing the key prefix), oldest
-        first; only those in ``state`` if given (e.g. ``"failed"``, for a person).
+        """Stored sagas (of every coordinator sharing the store), oldest first; in ``state`` if given.
 
         Raises:
             ConfigurationError: an unknown state name (a ``ValueError`` too).
         """
-        broker = self._runtime().broker
-        return await list_sagas(broker, state, prefix=self.key_prefix, definitions=self.definitions)
+        records = await self.store.records(parse_state(state), self._runtime())
+        return [to_result(self.definitions.get(record.name), record) for record in records]
 
     async def resume_saga(self, saga_id: str, *, wait: bool = True, timeout: float | None = None) -> SagaResult:
         """Continue a saga from its stored state: resend the command it waits
@@ -290,11 +292,11 @@ class SagaCoordinator:
         runtime = self._runtime()
         future = self._waiters.add(saga_id) if wait else None
         try:
-            for _ in range(20):
-                stored = await runtime.broker.get_state(self.key(saga_id))
+            for _ in range(MAX_CONFLICTS):
+                stored = await self.store.load(saga_id, runtime)
                 if stored is None:
                     raise SagaNotFound(f"no saga {saga_id!r}")
-                record = SagaRecord.from_json(stored.value)
+                record = stored.record
                 self.definition(record.name)  # the saga must be defined here, in some version
                 found = self.versions.get(record.name, record.version)
                 if found is None:
@@ -306,10 +308,8 @@ class SagaCoordinator:
                     return to_result(definition, record)
                 if ACTIVE:
                     await hit("saga.before_state_write", definition.name)
-                status = await runtime.commit(
-                    as_events(outs, saga_id, record.correlation),
-                    state=[StateWrite(self.key(saga_id), record.to_json(), stored.version)],
-                )
+                events = as_events(outs, saga_id, record.correlation)
+                status = await self.store.save(runtime, saga_id, stored.version, record, events)
                 if ACTIVE:
                     await hit("saga.after_state_write", definition.name)
                 if status is CommitStatus.OK:
@@ -327,33 +327,38 @@ class SagaCoordinator:
         """Fire the timer of every saga whose step or deadline is overdue by
         more than ``sweep_interval`` (its delayed event was lost). Harmless
         if the timer does fire: the first one wins. Returns how many fired."""
-        return await sweeper.sweep(self._runtime(), self.versions, self.key_prefix, self.sweep_interval or 0.0)
+        return await sweeper.sweep(self._runtime(), self.versions, self.store, self.sweep_interval or 0.0)
 
     # -- internals -----------------------------------------------------------------
 
     async def _transition(
         self, name: str, event: Event, ctx: Context, step: Callable[[SagaRun], list[Out]]
     ) -> list[Emit]:
-        runtime = self._runtime()
         if not event.saga_id:
             log.warning("ignoring %s %s: it names no saga", event.type, event.id)
             return []
-        key = self.key(event.saga_id)
-        stored = await ctx.get_state(key)
+        for _ in range(MAX_CONFLICTS):
+            if (emits := await self._transition_once(name, event, ctx, step, event.saga_id)) is not None:
+                return emits
+        raise ChoreoError(f"saga {event.saga_id!r} kept changing under {event.type} {event.id}")
+
+    async def _transition_once(
+        self, name: str, event: Event, ctx: Context, step: Callable[[SagaRun], list[Out]], saga_id: str
+    ) -> list[Emit] | None:
+        runtime = self._runtime()
+        stored = await self.store.load_in(ctx, saga_id)
         if stored is None:
-            log.warning("[SAGA-%s] ignoring %s for an unknown saga", event.saga_id, event.type)
+            log.warning("[SAGA-%s] ignoring %s for an unknown saga", saga_id, event.type)
             SagaMetrics.count_ignored(runtime.middleware, name, "unknown_saga")
             return []
-        # Decoded once (by ctx.get_state) and encoded once (by ctx.set_state);
-        # the machine says whether anything changed, so a stale reply writes nothing.
-        record = SagaRecord.from_dict(stored.data)
+        record = stored.record
         definition = self.versions.get(name, record.version)
         if definition is None:
-            # Left as it is. The step's timer (or a sweeper) of a coordinator
-            # that still defines the version moves it on: a lost reply is a
-            # timed-out attempt, which the step's policy already handles.
+            # Left as it is: the timer (or sweeper) of a coordinator defining the
+            # version moves it on (a lost reply is a timed-out attempt).
             version_missing(self.versions, runtime, record, event.type)
             return []
+        # The machine says whether anything changed, so a stale reply writes nothing.
         run = SagaRun(definition, record, time.time(), self._trace, self._detail)
         outs = step(run)
         if run.ignored is not None:
@@ -361,10 +366,9 @@ class SagaCoordinator:
         if not run.changed and not outs:
             return []
         if self.debug:
-            log.info("[SAGA-%s]   data: %s", event.saga_id, json.dumps(record.data, default=str)[:2000])
-        keep = self.persistence or not run.state.terminal
-        ctx.set_state(key, record.to_dict() if keep else None, expected_version=stored.version)
-        return [Emit(o.type, o.data, delay=o.delay, merge=False, headers=o.headers) for o in outs]
+            log.info("[SAGA-%s]   data: %s", saga_id, json.dumps(record.data, default=str)[:2000])
+        kept = record if self.persistence or not run.state.terminal else None
+        return await self.store.save_in(ctx, saga_id, stored.version, kept, outs)
 
     def _trace(self, saga_id: str, line: str) -> None:
         log.info("[SAGA-%s] %s", saga_id, line)
@@ -381,14 +385,16 @@ class SagaCoordinator:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, runtime: Running) -> AsyncIterator[None]:
-        """While ``runtime`` runs the app: wake waiters, sweep for overdue sagas."""
-        runtime.add_middleware(self._waiters)
-        for metrics in SagaMetrics.missing(runtime.middleware):
-            runtime.add_middleware(metrics)
-        if self.sweep_interval is not None:
-            runtime.start_task(sweeper.sweep_every(self.sweep_interval, self.sweep), name="choreo-saga-sweeper")
-        self._runtimes.append(runtime)
-        try:
-            yield
-        finally:
-            self._runtimes.remove(runtime)
+        """While ``runtime`` runs the app: its store connected, waiters woken,
+        overdue sagas swept."""
+        async with self.store.lifespan(runtime):
+            runtime.add_middleware(self._waiters)
+            for metrics in SagaMetrics.missing(runtime.middleware):
+                runtime.add_middleware(metrics)
+            if self.sweep_interval is not None:
+                runtime.start_task(sweeper.sweep_every(self.sweep_interval, self.sweep), name="choreo-saga-sweeper")
+            self._runtimes.append(runtime)
+            try:
+                yield
+            finally:
+                self._runtimes.remove(runtime)

@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from choreo.lifecycle import Running
-from choreo.saga.store import list_records
+from choreo.saga.stores import SagaStateStore
 from choreo.saga.topics import timeout_topic
 from choreo.saga.versions import SagaVersions
 
@@ -24,13 +24,13 @@ __all__ = ("sweep", "sweep_every")
 log = logging.getLogger("choreo.saga")
 
 
-async def sweep(runtime: Running, versions: SagaVersions, key_prefix: str, grace: float) -> int:
+async def sweep(runtime: Running, versions: SagaVersions, store: SagaStateStore, grace: float) -> int:
     """Fire the timer of every saga defined in ``versions`` whose step or
     deadline is overdue by more than ``grace`` seconds; return how many."""
     now = time.time()
     fired = 0
-    for record in await list_records(runtime.broker, key_prefix):
-        if record.state.terminal or versions.get(record.name, record.version) is None:
+    for record in await store.overdue(now, grace, runtime):
+        if versions.get(record.name, record.version) is None:
             continue  # not ours, or a version no longer defined here (choreo check lists those)
         kind = None
         if record.deadline_at is not None and now > record.deadline_at + grace:

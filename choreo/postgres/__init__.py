@@ -1,0 +1,1 @@
+"""PostgreSQL: saga state and transactional handlers (extra ``choreo-saga[postgres]``)."""
