@@ -2,20 +2,24 @@
 
 One root, ``ChoreoError``; subtrees dual-inherit the builtin a caller would
 catch anyway. ``Retry`` and ``Reject`` are signals, not errors: they steer
-delivery and are not logged as failures.
+delivery and are not logged as failures; so is ``AlreadyHandled``, which a
+handler's ``ctx.transaction()`` raises for a delivery it committed before.
 """
 
 from __future__ import annotations
 
 __all__ = (
+    "AlreadyHandled",
     "BrokerUnavailable",
     "ChoreoError",
     "ConfigurationError",
+    "DatabaseUnavailable",
     "DecodeError",
     "EmitNotDeclared",
     "PayloadValidationError",
     "Reject",
     "Retry",
+    "TransactionConflict",
     "error_info",
 )
 
@@ -30,6 +34,17 @@ class ConfigurationError(ChoreoError, ValueError):
 
 class BrokerUnavailable(ChoreoError, ConnectionError):
     """The broker failed or cannot be reached."""
+
+
+class DatabaseUnavailable(ChoreoError, ConnectionError):
+    """The database failed or cannot be reached: a handler using it runs
+    again after a pause, its delivery kept (nothing is committed twice: the
+    inbox knows what committed)."""
+
+
+class TransactionConflict(ChoreoError):
+    """A database transaction lost to a concurrent one (a serialization
+    failure or a deadlock): the handler runs again at once."""
 
 
 class DecodeError(ChoreoError, ValueError):
@@ -72,6 +87,13 @@ class Reject(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class AlreadyHandled(Exception):
+    """Raised by ``ctx.transaction()`` when this event's transaction committed
+    in an earlier delivery: the body must not run again. The delivery is
+    acked with nothing applied (its events were committed then, and are
+    published from the outbox)."""
 
 
 def error_info(exc: BaseException) -> dict[str, str]:

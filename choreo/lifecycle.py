@@ -31,11 +31,16 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from brokers import Broker, CommitStatus, StateWrite, Subscription
+    from brokers import Broker, CommitStatus, Message, StateWrite, Subscription
     from choreo.events import Event
     from choreo.middleware import Middleware
 
-__all__ = ("Lifespan", "Publisher", "Running")
+__all__ = ("OUTBOX_RELAYS", "Lifespan", "Publisher", "Running")
+
+#: The extension under which plug-ins list the outbox relays they run in a
+#: runtime (objects with a ``pending`` flag: rows committed, not yet
+#: published), so that ``choreo.testing`` waits for them to settle.
+OUTBOX_RELAYS = "choreo.outbox_relays"
 
 
 class Publisher(Protocol):
@@ -93,6 +98,15 @@ class Running(Publisher, Protocol):
 
         Raises:
             DecodeError: an event cannot be encoded.
+            BrokerUnavailable: the broker refused or failed.
+        """
+        ...
+
+    async def relay(self, messages: Sequence[Message]) -> None:
+        """Publish events committed elsewhere first, already encoded (an
+        outbox's rows), and tell the middleware they were published.
+
+        Raises:
             BrokerUnavailable: the broker refused or failed.
         """
         ...

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from brokers import Broker, BrokerError, CommitStatus, Delivery, Message, StateWrite
 from brokers.base import new_message
 from choreo.errors import BrokerUnavailable
-from choreo.events import DEFAULT_MAX_SIZE, Event, encode_event
+from choreo.events import DEFAULT_MAX_SIZE, Event, decode_event, encode_event
 from choreo.failpoints import ACTIVE, hit
 from choreo.middleware import Hooks
 
@@ -85,6 +85,20 @@ class Outbox:
         if status is CommitStatus.OK and self.hooks.middleware:
             self.hooks.published(events)
         return status
+
+    async def relay(self, messages: Sequence[Message]) -> None:
+        """Publish events already committed elsewhere (a database's outbox),
+        encoded, and tell the middleware of them (decoded again only then).
+
+        Raises:
+            BrokerUnavailable: the broker refused or failed.
+        """
+        try:
+            await self.broker.publish(messages)
+        except BrokerError as exc:
+            raise BrokerUnavailable(f"publish to {self.broker.url} failed: {exc}") from exc
+        if self.hooks.middleware:
+            self.hooks.published([(decode_event(m.body, max_size=len(m.body)), m.delay) for m in messages])
 
     async def settle(
         self,

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from brokers import Broker
 from choreo.dead_letters import DeadLetter
 from choreo.events import Event
+from choreo.lifecycle import OUTBOX_RELAYS
 from choreo.middleware import Middleware
 from choreo.options import RuntimeOptions
 from choreo.saga.harness import SagaTestHarness
@@ -85,6 +86,8 @@ class TestEnv:
         ]
         if self.runtime.in_flight:
             busy.append(f"{self.runtime.in_flight} handlers running")
+        if any(relay.pending for relay in self.runtime.extensions.get(OUTBOX_RELAYS, ())):
+            busy.append("events committed to a database's outbox, not yet relayed")
         return busy
 
     def published(self, type: str | None = None) -> list[Event]:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from brokers import Broker, BrokerError, CommitStatus, Delivery, StateWrite, Subscription
+from brokers import Broker, BrokerError, CommitStatus, Delivery, Message, StateWrite, Subscription
 from choreo.cancelling import cancel_and_wait
 from choreo.dispatcher import Dispatcher
 from choreo.errors import BrokerUnavailable, ConfigurationError
@@ -198,6 +198,10 @@ class Runtime:
         # Copies with headers of their own, for the middleware to add to.
         own = [(attrs.evolve(event, headers=dict(event.headers)), delay) for event, delay in events]
         return await self._commit_wrapped(own, state)
+
+    async def relay(self, messages: Sequence[Message]) -> None:
+        """Publish encoded events committed elsewhere first (see ``Outbox.relay``)."""
+        await self.outbox.relay(messages)
 
     async def _commit_wrapped(
         self, events: Sequence[tuple[Event, float | None]], state: Sequence[StateWrite]

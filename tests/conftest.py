@@ -4,6 +4,11 @@
 redis-server, so every test that takes it runs on both. The Redis server is
 started once per session on a free port and flushed before each test; tests
 that fault Redis itself start their own ``RedisServer``.
+
+PostgreSQL likewise: one private cluster per session (``postgres_server``,
+initdb into a temp dir, on a free port; never the machine's own server), a
+fresh database per test (``database_url``); tests that fault PostgreSQL
+start their own ``PostgresServer``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Any
 import pytest
 
 import brokers
+from tests.postgres_server import PostgresServer
 from tests.redis_server import RedisServer
 
 
@@ -52,6 +58,40 @@ def server(start_redis: Callable[..., RedisServer]) -> RedisServer:
 def fsync_server(start_redis: Callable[..., RedisServer]) -> RedisServer:
     """A private redis-server with ``appendfsync always``: every acknowledged write is on disk."""
     return start_redis(appendonly=True, appendfsync="always")
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    server = PostgresServer()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def database_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """A new empty database on the session's PostgreSQL, dropped afterwards."""
+    url = postgres_server.create_database()
+    yield url
+    name = url.rsplit("/", 1)[1]
+    postgres_server.sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def start_postgres() -> Iterator[Callable[[], PostgresServer]]:
+    """Start private PostgreSQL clusters that a test may kill or restart; all
+    are removed at teardown."""
+    started: list[PostgresServer] = []
+
+    def start() -> PostgresServer:
+        instance = PostgresServer()
+        started.append(instance)
+        instance.start()
+        return instance
+
+    yield start
+    for instance in started:
+        instance.close()
 
 
 @pytest.fixture(params=["memory", "redis"])
