@@ -2,20 +2,51 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
 from brokers import StateWrite
+from choreo.errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from brokers import Broker
+    from brokers import Broker, Message
     from choreo.events import Event
 
-__all__ = ("ActionContext", "Context", "Scope", "StateValue")
+__all__ = ("DATABASE", "ActionContext", "Context", "Held", "Scope", "StateValue")
+
+#: The extension a runtime's database installs (``choreo.run(..., database=url)``):
+#: an object whose ``transaction(ctx)`` opens a ``Held`` transaction for a handler.
+DATABASE = "database"
+
+
+class Held(Protocol):
+    """A handler's database transaction, held open after its ``async with``
+    block until the dispatcher commits it with the handler's events.
+
+    Attributes:
+        handled_before: This event's transaction committed in an earlier
+            delivery (nothing is to be applied or published again).
+    """
+
+    handled_before: bool
+
+    async def commit(self, messages: Sequence[Message]) -> None:
+        """Add ``messages`` to the transaction (its outbox) and commit.
+
+        Raises:
+            TransactionConflict: lost to a concurrent transaction (run again).
+            DatabaseUnavailable: the connection failed.
+        """
+        ...
+
+    async def release(self) -> None:
+        """Roll back unless committed; free the connection."""
+        ...
 
 
 @attrs.frozen
@@ -50,7 +81,7 @@ class Context:
             handlers, by name (see ``choreo.lifecycle``).
     """
 
-    __slots__ = ("_logger", "_scope", "_writes", "event", "handler", "idempotency_key", "service")
+    __slots__ = ("_held", "_logger", "_scope", "_writes", "event", "handler", "idempotency_key", "service")
 
     def __init__(self, event: Event, service: str, handler: str, scope: Scope) -> None:
         self.event = event
@@ -60,6 +91,8 @@ class Context:
         self._scope = scope
         self._writes: dict[str, StateWrite] = {}
         self._logger: logging.LoggerAdapter[logging.Logger] | None = None
+        # A cell, not an attribute: an ActionContext shares it (as it shares staged writes).
+        self._held: list[Held] = []
 
     @property
     def event_id(self) -> str:
@@ -125,9 +158,47 @@ class Context:
     def state_writes(self) -> tuple[StateWrite, ...]:
         return tuple(self._writes.values())
 
+    def transaction(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        """``async with ctx.transaction() as conn:``: a psycopg ``AsyncConnection``
+        in a transaction of the runtime's database. The handler's writes on
+        ``conn``, the events it returns and the record that this delivery was
+        handled commit together, after the handler returns; the ack follows.
+
+        Raises:
+            ConfigurationError: the runtime has no database (``choreo.run(...,
+                database=url)``, ``choreo worker --database``), or a second
+                transaction in one handler run.
+            AlreadyHandled: on entry, when an earlier delivery of this event
+                committed (the body must not run again; let it propagate).
+        """
+        database = self._scope.extensions.get(DATABASE)
+        if database is None:
+            raise ConfigurationError(
+                "ctx.transaction() needs a database: choreo.run(..., database=url), "
+                "choreo worker --database URL, or CHOREO_DATABASE_URL"
+            )
+        if self._held:
+            raise ConfigurationError(f"{self.service}.{self.handler} opened a second transaction for one event")
+        return database.transaction(self)  # type: ignore[no-any-return]
+
+    def hold(self, held: Held) -> None:
+        """Keep the handler's transaction for the dispatcher to commit (``transaction`` calls it)."""
+        self._held[:] = [held]
+
+    @property
+    def held(self) -> Held | None:
+        """The handler's open transaction, if it asked for one."""
+        return self._held[0] if self._held else None
+
+    async def release(self) -> None:
+        """Let go of the handler's transaction (rolled back unless committed)."""
+        if self._held:
+            await self._held.pop().release()
+
     def reset(self) -> None:
         """Forget staged writes (before the handler runs again after a conflict)."""
         self._writes.clear()
+        self._held.clear()
 
 
 class ActionContext(Context):

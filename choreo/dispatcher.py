@@ -5,6 +5,12 @@ in a worker thread) under its timeout, turn the result into emitted events, and
 commit those, any staged state and the ack in one broker commit. Failures
 become a retry (same event, ``attempt + 1``, delayed, to this group only), the
 failure event once retries are spent, or a dead letter.
+
+A handler that opened a database transaction (``ctx.transaction()``) is
+settled in two steps: its events go into the transaction's outbox and the
+transaction commits, then the delivery is acked (with nothing published: the
+outbox relay publishes). A transaction that lost to a concurrent one runs
+the handler again at once; a database that failed, after a pause.
 """
 
 from __future__ import annotations
@@ -20,10 +26,19 @@ from typing import Any
 
 import attrs
 
-from brokers import CommitStatus, Delivery
+from brokers import CommitStatus, Delivery, Message
 from choreo import logs
 from choreo.context import Context, Scope
-from choreo.errors import DecodeError, EmitNotDeclared, PayloadValidationError, Reject, Retry, error_info
+from choreo.errors import (
+    DatabaseUnavailable,
+    DecodeError,
+    EmitNotDeclared,
+    PayloadValidationError,
+    Reject,
+    Retry,
+    TransactionConflict,
+    error_info,
+)
 from choreo.events import Event, child_event, decode_event
 from choreo.middleware import Outcome
 from choreo.outbox import Outbox
@@ -38,6 +53,10 @@ log = logging.getLogger("choreo.dispatcher")
 #: Times a handler is re-run when its state writes lose a race, before the
 #: delivery is left to be redelivered.
 MAX_STATE_CONFLICTS = 20
+
+#: Seconds (with jitter) before a handler runs again after its database
+#: failed; the delivery keeps its lease meanwhile.
+DATABASE_PAUSE = 1.0
 
 
 def backoff_delay(retry_delay: float, attempt: int) -> float:
@@ -130,6 +149,8 @@ class Dispatcher:
                 if wrapping is not None:
                     stack, wrapping = wrapping, None  # exited here, not again in finally
                     stack.__exit__(type(exc), exc, exc.__traceback__)
+                if ctx.held is not None:  # cancelled holding a transaction: roll it back
+                    await asyncio.shield(ctx.release())
                 raise
             finally:
                 if wrapping is not None:
@@ -166,18 +187,67 @@ class Dispatcher:
             except DecodeError as exc:
                 raise _Permanent(f"handler {route.group} emitted an event that cannot be encoded: {exc}") from None
         except _Permanent as exc:
+            await ctx.release()
             return await self._dead_letter(delivery, route, event, exc.reason, started, ctx)
         except Reject as exc:
+            await ctx.release()
             if self.hooks.errors:
                 self.hooks.call(self.hooks.errors, route, event, exc)
             return await self._dead_letter(delivery, route, event, f"rejected: {exc.reason}", started, ctx)
         except Exception as exc:
+            if ctx.held is not None or isinstance(exc, TransactionConflict | DatabaseUnavailable):
+                again = await self._transaction_failed(delivery, route, ctx, exc)
+                if again is not None:
+                    return again
             if self.hooks.errors:
                 self.hooks.call(self.hooks.errors, route, event, exc)
             return await self._failed(delivery, route, event, exc, started, ctx)
+        if ctx.held is not None:
+            return await self._settle_held(delivery, route, event, ctx, messages, started)
         status = await self.outbox.settle(
             delivery, delivery.group, publish=messages, emitted=emitted, state=ctx.state_writes
         )
+        if status is CommitStatus.OK and self.hooks.middleware:
+            self._handled(route, event, Outcome.SUCCESS, started)
+        return status
+
+    async def _transaction_failed(
+        self, delivery: Delivery, route: Route, ctx: Context, exc: Exception
+    ) -> CommitStatus | None:
+        """A handler with a transaction raised: its transaction is rolled back.
+        ``CONFLICT`` runs it again, a status settles it, ``None`` is a failure."""
+        held = ctx.held
+        await ctx.release()
+        if held is not None and held.handled_before:
+            # AlreadyHandled (or anything after it): committed by an earlier delivery.
+            return await self.outbox.settle(delivery, route.group)
+        if isinstance(exc, TransactionConflict):
+            log.info("%s: %s; running it again", route.group, exc)
+            return CommitStatus.CONFLICT
+        if isinstance(exc, DatabaseUnavailable):
+            log.warning("%s: database unavailable, running it again in ~%.0fs: %s", route.group, DATABASE_PAUSE, exc)
+            await asyncio.sleep(DATABASE_PAUSE * random.uniform(0.75, 1.25))
+            return CommitStatus.CONFLICT
+        return None
+
+    async def _settle_held(
+        self, delivery: Delivery, route: Route, event: Event, ctx: Context, messages: list[Message], started: float
+    ) -> CommitStatus | None:
+        """Commit the handler's transaction with its events (the outbox), then ack."""
+        held = ctx.held
+        assert held is not None
+        if not held.handled_before:
+            if ctx.state_writes:
+                await ctx.release()
+                reason = f"handler {route.group} staged broker state in a database transaction; keep it in the database"
+                return await self._dead_letter(delivery, route, event, reason, started, ctx)
+            try:
+                await held.commit(messages)
+            except Exception as exc:
+                again = await self._transaction_failed(delivery, route, ctx, exc)
+                return again if again is not None else await self._failed(delivery, route, event, exc, started, ctx)
+        await ctx.release()
+        status = await self.outbox.settle(delivery, route.group)  # the ack: the events are in the outbox
         if status is CommitStatus.OK and self.hooks.middleware:
             self._handled(route, event, Outcome.SUCCESS, started)
         return status

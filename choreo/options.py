@@ -17,7 +17,11 @@ from choreo.events import DEFAULT_MAX_SIZE
 from choreo.lifecycle import Lifespan
 from choreo.middleware import Middleware
 
-__all__ = ("DEFAULT_CONCURRENCY", "RuntimeOptions")
+__all__ = ("DATABASE_URL_ENV", "DEFAULT_CONCURRENCY", "RuntimeOptions")
+
+#: Where the database URL comes from when none is given (``database=``,
+#: ``PostgresStateStore(url=None)``, ``--database``).
+DATABASE_URL_ENV = "CHOREO_DATABASE_URL"
 
 #: Handlers running at once per runtime, and so the most entries one fetch
 #: asks for. Measured with bench/worker_process.py (a ``choreo worker``
@@ -58,6 +62,9 @@ class RuntimeOptions:
         poll_interval: Seconds a fetch waits for messages before looking again.
         lifespan: Hooks of this run, entered before the apps' own (see
             ``choreo.lifecycle``).
+        database: A PostgreSQL URL: handlers may then open
+            ``ctx.transaction()`` (see ``choreo.postgres.handlers``); ``None``:
+            ``CHOREO_DATABASE_URL`` if set, else no database.
 
     Raises:
         ConfigurationError: an option out of range.
@@ -70,6 +77,7 @@ class RuntimeOptions:
     max_size: int = attrs.field(default=DEFAULT_MAX_SIZE, validator=_at_least(1))
     poll_interval: float = attrs.field(default=0.1, validator=_at_least(0, strict=True))
     lifespan: tuple[Lifespan, ...] = attrs.field(default=(), converter=_lifespans)
+    database: str | None = None
 
     @classmethod
     def of(cls, options: RuntimeOptions | None = None, /, **overrides: Any) -> RuntimeOptions:

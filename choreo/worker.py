@@ -29,7 +29,7 @@ from choreo.errors import BrokerUnavailable, ConfigurationError
 from choreo.events import Event, validate_event_type
 from choreo.failpoints import ACTIVE, hit
 from choreo.middleware import Hooks, Middleware
-from choreo.options import RuntimeOptions
+from choreo.options import DATABASE_URL_ENV, RuntimeOptions
 from choreo.outbox import Outbox
 
 if TYPE_CHECKING:
@@ -323,7 +323,9 @@ async def run(
 
     Options are those of ``RuntimeOptions`` (``concurrency``, ``grace``,
     ``middleware``, ``max_size``, ``consumer``, ``poll_interval``,
-    ``lifespan``), as a record, as keywords, or both (keywords win).
+    ``lifespan``, ``database``), as a record, as keywords, or both (keywords
+    win). With a ``database`` (or ``CHOREO_DATABASE_URL``), handlers may use
+    ``ctx.transaction()``.
 
     Raises:
         ConfigurationError: an invalid broker URL or option.
@@ -331,6 +333,11 @@ async def run(
         BrokerUnavailable: the broker cannot be reached.
     """
     settings = RuntimeOptions.of(options, **overrides)
+    database = settings.database or os.environ.get(DATABASE_URL_ENV)
+    if database:
+        from choreo.postgres.handlers import database_lifespan
+
+        settings = attrs.evolve(settings, lifespan=(database_lifespan(database), *settings.lifespan))
     instance, owned = connect_broker(broker)
     try:
         runtime = Runtime(apps, instance, settings)

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from choreo.errors import ConfigurationError, DatabaseUnavailable, TransactionConflict
+from choreo.options import DATABASE_URL_ENV
 from choreo.postgres.schema import upgrade
 
 if TYPE_CHECKING:
@@ -25,8 +26,6 @@ if TYPE_CHECKING:
 
 __all__ = ("DATABASE_URL_ENV", "Database", "database_errors", "redact", "resolve_url")
 
-#: Where the database URL comes from when none is given.
-DATABASE_URL_ENV = "CHOREO_DATABASE_URL"
 
 
 def resolve_url(url: str | None) -> str:
