@@ -16,6 +16,9 @@ from choreo.dead_letters import DeadLetter
 from choreo.errors import BrokerUnavailable, ChoreoError, DecodeError
 from choreo.events import Event
 from choreo.saga import store
+from choreo.saga.definition import SagaNotFound
+from choreo.saga.query import SagaQuery
+from choreo.saga.record import to_result
 from choreo.saga.store import KEY_PREFIX as SAGA_KEY_PREFIX
 
 if TYPE_CHECKING:
@@ -25,12 +28,15 @@ if TYPE_CHECKING:
 __all__ = (
     "connected",
     "create_groups",
+    "database_sagas",
     "dead_letters",
     "find_dead_letter",
     "list_sagas",
     "parse_json_object",
     "publish",
     "purge_dead_letters",
+    "query_saga",
+    "query_sagas",
     "replay_dead_letters",
     "resume_saga",
     "route_rows",
@@ -233,6 +239,46 @@ async def saga_status(
     return await store.read_saga(broker, saga_id, prefix=prefix, definitions=_saga_definitions(apps))
 
 
+@contextlib.asynccontextmanager
+async def database_sagas(url: str | None) -> AsyncIterator[SagaQuery]:
+    """The sagas kept in the PostgreSQL database at ``url`` (``None``:
+    ``CHOREO_DATABASE_URL``), open for reading.
+
+    Raises:
+        ConfigurationError: no URL, or psycopg is not installed.
+        DatabaseUnavailable: the database cannot be reached.
+    """
+    from choreo.postgres import PostgresStateStore
+
+    async with PostgresStateStore(url) as sagas:
+        yield sagas
+
+
+async def query_sagas(query: SagaQuery, state: str | None = None, *, apps: Sequence[App] = ()) -> list[SagaResult]:
+    """The sagas ``query`` holds, oldest first, only those in ``state`` if given.
+
+    Raises:
+        ConfigurationError: an unknown state name.
+    """
+    from choreo.saga.stores import all_records
+
+    definitions = _saga_definitions(apps)
+    records = await all_records(query, store.parse_state(state))
+    return [to_result(definitions.get(record.name), record) for record in records]
+
+
+async def query_saga(query: SagaQuery, saga_id: str, *, apps: Sequence[App] = ()) -> SagaResult:
+    """One saga that ``query`` holds.
+
+    Raises:
+        SagaNotFound: there is no such saga.
+    """
+    record = await query.get_record(saga_id)
+    if record is None:
+        raise SagaNotFound(f"no saga {saga_id!r}")
+    return to_result(_saga_definitions(apps).get(record.name), record)
+
+
 async def resume_saga(
     broker: str | None, saga_id: str, apps: Sequence[App], *, wait: bool = False, timeout: float | None = None
 ) -> SagaResult:
@@ -250,8 +296,8 @@ async def resume_saga(
     coordinators = [c for c in (coordinator_of(app) for app in apps) if c is not None]
     if not coordinators:
         raise ConfigurationError("none of the given apps has a SagaCoordinator; name the app that defines the saga")
-    async with run(*apps, broker=broker, grace=5.0) as runtime:
-        current = await saga_status(runtime.broker, saga_id, apps=apps, prefix=coordinators[0].key_prefix)
+    async with run(*apps, broker=broker, grace=5.0):
+        current = await coordinators[0].get_saga_state(saga_id)
         owner = next((c for c in coordinators if current.name in c.definitions), None)
         if owner is None:
             raise ConfigurationError(f"saga {current.name!r} is not defined by any given app's coordinator")

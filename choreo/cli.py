@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from choreo.cli_admin import dlq_app, groups_app, saga_app
+from choreo.cli_db import db_app
 from choreo.cli_support import (
     BrokerOption,
+    DatabaseOption,
     GraphFormat,
     LogFormat,
     LogLevel,
@@ -46,6 +48,7 @@ app = typer.Typer(
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(saga_app, name="saga")
 app.add_typer(groups_app, name="groups")
+app.add_typer(db_app, name="db")
 
 # -- running -------------------------------------------------------------------
 
@@ -54,6 +57,7 @@ app.add_typer(groups_app, name="groups")
 def worker(
     targets: TargetsArgument,
     broker: BrokerOption = None,
+    database: DatabaseOption = None,
     concurrency: Annotated[int, typer.Option(help="Handlers running at once, per process.")] = DEFAULT_CONCURRENCY,
     workers: Annotated[int, typer.Option(help="Worker processes; the parent forwards SIGTERM to each.")] = 1,
     grace: Annotated[float, typer.Option(help="Seconds to drain in-flight handlers on shutdown.")] = 10.0,
@@ -82,7 +86,9 @@ def worker(
     if workers < 1:
         raise fail("--workers must be at least 1")
     with errors():
-        runtime = RuntimeOptions(concurrency=concurrency, grace=grace, middleware=_tracing() if otel else ())
+        runtime = RuntimeOptions(
+            concurrency=concurrency, grace=grace, middleware=_tracing() if otel else (), database=database
+        )
     configure_logging(log_level.value, log_format.value)
     options = WorkerOptions(
         targets=tuple(targets), broker=broker, runtime=runtime, metrics_port=metrics_port,

@@ -9,7 +9,16 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from choreo.cli_support import BrokerOption, GroupStart, TargetsArgument, errors, fail, load_targets, render_table
+from choreo.cli_support import (
+    BrokerOption,
+    DatabaseOption,
+    GroupStart,
+    TargetsArgument,
+    errors,
+    fail,
+    load_targets,
+    render_table,
+)
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -81,12 +90,17 @@ def saga_list(
     targets: Annotated[list[str] | None, typer.Argument(help="Apps with the saga definitions (optional).")] = None,
     state: Annotated[str | None, typer.Option(help="Only sagas in this state (e.g. failed).")] = None,
     broker: BrokerOption = None,
+    database: DatabaseOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per saga.")] = False,
 ) -> None:
-    """List stored sagas, oldest first (``--state failed``: those a person must look at)."""
+    """List stored sagas, oldest first (``--state failed``: those a person must look at).
+    With --database, those kept in PostgreSQL."""
     from choreo import admin
 
     async def go() -> list[SagaResult]:
+        if database:
+            async with admin.database_sagas(database) as query:
+                return await admin.query_sagas(query, state, apps=apps)
         async with admin.connected(broker) as instance:
             return await admin.list_sagas(instance, state, apps=apps)
 
@@ -110,11 +124,16 @@ def saga_status(
         list[str] | None, typer.Argument(help="Apps with the saga definitions (optional; older records need them).")
     ] = None,
     broker: BrokerOption = None,
+    database: DatabaseOption = None,
 ) -> None:
-    """Show one saga: state, error, and each step's status, attempts and timings."""
+    """Show one saga: state, error, and each step's status, attempts and timings
+    (with --database, as kept in PostgreSQL)."""
     from choreo import admin
 
     async def go() -> SagaResult:
+        if database:
+            async with admin.database_sagas(database) as query:
+                return await admin.query_saga(query, saga_id, apps=apps)
         async with admin.connected(broker) as instance:
             return await admin.saga_status(instance, saga_id, apps=apps)
 
@@ -146,12 +165,19 @@ def saga_resume(
     saga_id: Annotated[str, typer.Argument(metavar="ID")],
     targets: Annotated[list[str], typer.Argument(help="The app holding the SagaCoordinator (and participants).")],
     broker: BrokerOption = None,
+    database: DatabaseOption = None,
     wait: Annotated[bool, typer.Option(help="Run the given apps until the saga ends.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 60.0,
 ) -> None:
-    """Continue a saga from its stored state (e.g. a FAILED one after its cause was fixed)."""
-    from choreo import admin
+    """Continue a saga from its stored state (e.g. a FAILED one after its cause was fixed).
+    --database is the URL of a PostgresStateStore() that the app leaves to CHOREO_DATABASE_URL."""
+    import os
 
+    from choreo import admin
+    from choreo.options import DATABASE_URL_ENV
+
+    if database:
+        os.environ[DATABASE_URL_ENV] = database  # read by PostgresStateStore() when the app runs
     with errors():
         apps = load_targets(targets)
         result = asyncio.run(admin.resume_saga(broker, saga_id, apps, wait=wait, timeout=timeout if wait else None))

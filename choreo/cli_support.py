@@ -17,6 +17,10 @@ BrokerOption = Annotated[
     str | None,
     typer.Option("--broker", "-b", envvar="CHOREO_BROKER_URL", help="Broker URL (memory://, redis://, rediss://)."),
 ]
+DatabaseOption = Annotated[
+    str | None,
+    typer.Option("--database", envvar="CHOREO_DATABASE_URL", help="PostgreSQL URL (postgresql://...)."),
+]
 TargetsArgument = Annotated[list[str], typer.Argument(help="Apps, as module:app (or module, if it holds one App).")]
 
 

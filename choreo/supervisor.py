@@ -104,6 +104,8 @@ class WorkerOptions:
                 "--health-interval", str(self.health_interval), "--gc-threshold", str(self.gc_threshold)]
         if self.broker:
             argv += ["--broker", self.broker]
+        if self.runtime.database:
+            argv += ["--database", self.runtime.database]
         if self.otel:
             argv.append("--otel")
         return argv

@@ -3,10 +3,15 @@ in one transaction (outbox), replies handled once (inbox), on every broker."""
 
 from __future__ import annotations
 
+import json
+
 from choreo import SagaState
 from choreo.postgres import PostgresStateStore
+from choreo.saga.query import Cursor
 from choreo.testing import run_apps
+from tests.redis_server import RedisServer
 from tests.test_saga_brokers import build
+from tests.worker_process import choreo
 
 
 async def test_saga_completes_and_another_compensates_with_postgres_state(broker_url: str, database_url: str) -> None:
@@ -25,3 +30,55 @@ async def test_saga_completes_and_another_compensates_with_postgres_state(broker
         stored = await store.get_record("bad")
         assert stored is not None and stored.state is SagaState.COMPENSATED
         assert await store.count_records() == {SagaState.COMPLETED: 1, SagaState.COMPENSATED: 1}
+
+
+async def test_cli_lists_and_shows_sagas_kept_in_postgres(database_url: str, redis_server: RedisServer) -> None:
+    """choreo saga list|status --database read PostgreSQL (also from CHOREO_DATABASE_URL)."""
+    redis_server.command("FLUSHALL")
+    coordinator, apps = build({}, state_store=PostgresStateStore(database_url))
+    async with run_apps(*apps, broker=redis_server.url) as env:
+        await coordinator.start_saga("order_processing", {"total": 10}, saga_id="cli-ok", timeout=20)
+        await coordinator.start_saga("order_processing", {"total": 1000}, saga_id="cli-bad", timeout=20)
+        await env.settle(timeout=10)
+    listed = choreo("saga", "list", "--database", database_url, "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [json.loads(line)["saga_id"] for line in listed.stdout.splitlines()] == ["cli-ok", "cli-bad"]
+    failed = choreo("saga", "list", "--state", "compensated", env={"CHOREO_DATABASE_URL": database_url})
+    assert "cli-bad" in failed.stdout and "cli-ok" not in failed.stdout
+    shown = choreo("saga", "status", "cli-bad", "--database", database_url)
+    assert shown.returncode == 0 and "state:  compensated" in shown.stdout
+    missing = choreo("saga", "status", "nope", "--database", database_url)
+    assert missing.returncode == 1 and "no saga 'nope'" in missing.stderr
+
+
+async def test_listing_by_state_and_name_uses_an_index(database_url: str) -> None:
+    """With many sagas, the page queries by state, by name and unfiltered are index scans, never a sequential scan."""
+    async with PostgresStateStore(database_url) as store:
+        async with store.database.connection() as conn:
+            await conn.execute(
+                "INSERT INTO choreo_sagas SELECT 's-' || i, 'n' || (i % 20),"
+                " (ARRAY['running','completed','failed'])[1 + i % 3], 1, 's-' || i, i, i, NULL, NULL, '{}'::jsonb, 1"
+                " FROM generate_series(1, 20000) AS i"
+            )
+            await conn.execute("ANALYZE choreo_sagas")
+        for state, name in ((SagaState.FAILED, None), (None, "n3"), (SagaState.RUNNING, "n3"), (None, None)):
+            plan = await store.explain(state=state, name=name)
+            assert "Index" in plan and "Seq Scan" not in plan, plan
+
+
+async def test_pages_run_newest_first_from_a_cursor(database_url: str) -> None:
+    """page_records pages newest first and continues after a Cursor; count_records counts per state."""
+    coordinator, apps = build({}, state_store=PostgresStateStore(database_url))
+    async with run_apps(*apps, broker="memory://") as env:
+        for i in range(5):
+            await coordinator.start_saga("order_processing", {"total": 10 if i % 2 else 1000}, saga_id=f"p-{i}")
+        await env.settle(timeout=10)
+    async with PostgresStateStore(database_url) as store:
+        first = await store.page_records(limit=2)
+        rest = await store.page_records(after=Cursor.after(first[-1]), limit=10)
+        assert [r.saga_id for r in first + rest] == [f"p-{i}" for i in reversed(range(5))]
+        compensated = await store.page_records(state=SagaState.COMPENSATED, name="order_processing")
+        assert [r.saga_id for r in compensated] == ["p-4", "p-2", "p-0"]
+        assert await store.count_records(name="order_processing") == {
+            SagaState.COMPLETED: 2, SagaState.COMPENSATED: 3}
+        assert await store.count_records(name="other") == {}

@@ -61,12 +61,13 @@ def database_errors(url: str) -> Any:
     psycopg = _psycopg()
     try:
         yield
-    except psycopg.errors.TransactionRollbackError as exc:  # serialization failure, deadlock (SQLSTATE 40xxx)
-        raise TransactionConflict(f"{type(exc).__name__}: {exc}") from exc
     except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-        if isinstance(exc, psycopg.errors.InsufficientPrivilege):
-            raise
-        raise DatabaseUnavailable(f"{redact(url)}: {type(exc).__name__}: {exc}") from exc
+        state = getattr(exc, "sqlstate", None) or ""
+        if state.startswith("40"):  # serialization failure, deadlock
+            raise TransactionConflict(f"{type(exc).__name__}: {exc}") from exc
+        if not state or state.startswith(("08", "57P")):  # no connection, or the server going away
+            raise DatabaseUnavailable(f"{redact(url)}: {type(exc).__name__}: {exc}") from exc
+        raise
 
 
 class Database:
