@@ -45,6 +45,7 @@ POINTS: dict[str, str] = {
     "dispatcher.after_commit": "the commit (effects, ack, dedupe record) is durable; the caller not yet told",
     "saga.before_state_write": "a saga's start or resume is computed; its record and commands not yet written",
     "saga.after_state_write": "a saga's start or resume record and commands are written",
+    "relay.after_publish": "an outbox batch is published to the broker; its rows not yet deleted",
 }
 
 _ITEM = re.compile(r"^(?P<name>[a-z_.]+)(?::(?P<scope>[A-Za-z0-9._:\-]+))?=(?P<action>kill|raise|"

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from brokers import Message
 from brokers.base import new_message
+from choreo.failpoints import ACTIVE, hit
 from choreo.lifecycle import OUTBOX_RELAYS
 from choreo.postgres.database import Database
 
@@ -148,6 +149,8 @@ class Relay:
             ]
             try:
                 await publish(messages)
+                if ACTIVE:
+                    await hit("relay.after_publish")
             except BaseException:
                 await _rollback(conn)
                 raise
