@@ -41,8 +41,13 @@ async def run_blocks(page: Path, blocks: list[tuple[int, str]]) -> None:
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if python_blocks(p)], ids=lambda p: p.relative_to(ROOT).as_posix())
-async def test_documentation_code_blocks_run(page: Path) -> None:
-    """The page's Python examples run as written and their asserts hold."""
+async def test_documentation_code_blocks_run(
+    page: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The page's Python examples run as written and their asserts hold (a page
+    naming CHOREO_DATABASE_URL gets a fresh database on the test PostgreSQL)."""
+    if "CHOREO_DATABASE_URL" in page.read_text():
+        monkeypatch.setenv("CHOREO_DATABASE_URL", request.getfixturevalue("database_url"))
     await run_blocks(page, python_blocks(page))
 
 

@@ -3,6 +3,7 @@ row commit together in PostgreSQL, and the ack follows, on every broker."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from typing import Any
 
@@ -82,3 +83,33 @@ def test_database_url_must_be_postgresql() -> None:
 
     with pytest.raises(ConfigurationError, match="postgresql://"):
         PostgresStateStore("mysql://x/y").database.url  # noqa: B018
+
+
+async def test_a_deadlock_runs_the_losing_handler_again(broker_url: str, database_url: str) -> None:
+    """Two handlers lock two rows in opposite orders: PostgreSQL aborts one (deadlock), which runs again
+    at once; both commit once, and nothing is dead-lettered."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE counters (name text PRIMARY KEY, n int NOT NULL)")
+        conn.execute("INSERT INTO counters VALUES ('a', 0), ('b', 0)")
+        conn.execute("ALTER DATABASE " + database_url.rsplit("/", 1)[1] + " SET deadlock_timeout = '100ms'")
+    app = App("locks")
+    runs: Counter[str] = Counter()
+    both = asyncio.Barrier(2)
+
+    @app.on_event("locks.job", retries=0)
+    async def job(data: dict[str, Any], ctx: Context) -> None:
+        runs[data["first"]] += 1
+        async with ctx.transaction() as conn:
+            await conn.execute("UPDATE counters SET n = n + 1 WHERE name = %s", (data["first"],))
+            if runs[data["first"]] == 1:
+                await both.wait()  # each holds its first row before asking for the other's
+            await conn.execute("UPDATE counters SET n = n + 1 WHERE name = %s", (data["second"],))
+
+    async with run_apps(app, broker=broker_url, database=database_url) as env:
+        await env.publish("locks.job", {"first": "a", "second": "b"})
+        await env.publish("locks.job", {"first": "b", "second": "a"})
+        await env.settle(timeout=20)
+        assert env.dead_letters() == []
+    with psycopg.connect(database_url) as conn:
+        assert dict(conn.execute("SELECT name, n FROM counters").fetchall()) == {"a": 2, "b": 2}
+    assert sorted(runs.values()) == [1, 2]  # the deadlock's loser ran again

@@ -82,3 +82,17 @@ async def test_pages_run_newest_first_from_a_cursor(database_url: str) -> None:
         assert await store.count_records(name="order_processing") == {
             SagaState.COMPLETED: 2, SagaState.COMPENSATED: 3}
         assert await store.count_records(name="other") == {}
+
+
+async def test_replayed_replies_change_nothing(broker_url: str, database_url: str) -> None:
+    """Every reply of a finished saga published again: the records stay as they were."""
+    coordinator, apps = build({}, state_store=PostgresStateStore(database_url))
+    async with run_apps(*apps, broker=broker_url) as env:
+        await coordinator.start_saga("order_processing", {"total": 10}, saga_id="twice", timeout=20)
+        await env.settle(timeout=10)
+        before = await coordinator.get_saga_state("twice")
+        for reply in env.published("saga.reply.order_processing"):
+            await env.publish(reply.type, reply.data, saga_id=reply.saga_id)
+        await env.settle(timeout=10)
+        assert await coordinator.get_saga_state("twice") == before
+        assert env.dead_letters() == []
