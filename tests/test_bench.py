@@ -40,6 +40,12 @@ def test_saga_throughput_runs_on_both_brokers() -> None:
     assert "parallel" in out and "sequential" in out and "Redis commands/saga" in out and "CPU" in out
 
 
+def test_saga_throughput_compares_postgres_state_with_broker_state() -> None:
+    out = bench("saga_throughput.py", "--sagas", "20", "--concurrency", "5", "--broker", "memory",
+                "--shape", "sequential", "--state", "postgres")
+    assert "state=broker" in out and "state=postgres" in out and "PostgreSQL transactions/step" in out
+
+
 @pytest.mark.redis
 def test_publisher_benchmark_reports_round_trips_and_the_ratio() -> None:
     out = bench("publish_redis.py", "--publishes", "500", "--concurrency", "20", "--repeat", "2")
