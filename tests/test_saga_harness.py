@@ -369,9 +369,9 @@ async def test_close_stops_every_task_the_harness_started() -> None:
     assert asyncio.all_tasks() - before == set()
 
 
-def test_persistence_enabled_is_the_seeds_name_for_persistence_and_only_the_broker_stores_state() -> None:
+def test_persistence_enabled_is_the_seeds_name_for_persistence_and_state_store_must_be_a_store() -> None:
     off = SagaCoordinator(App("seed_spelling_off"), persistence_enabled=False)
     assert off.persistence is False
     assert SagaCoordinator(App("seed_spelling_on"), persistence_enabled=True, state_store=None).persistence
-    with pytest.raises(ConfigurationError, match="keeps saga state in the broker"):
+    with pytest.raises(ConfigurationError, match="is not a saga state store"):
         SagaCoordinator(App("seed_spelling_store"), state_store=object())
