@@ -47,6 +47,7 @@ class LiveSystem:
         self._stop: asyncio.Event | None = None
         self._thread = threading.Thread(target=self._main, name="dashboard-system", daemon=True)
         self.env: TestEnv | None = None
+        self.app: Any = None
         self.url = ""
 
     def __enter__(self) -> LiveSystem:
@@ -74,7 +75,7 @@ class LiveSystem:
         async with run_apps(*self.apps, broker=self.broker_url) as env:
             self.env = env
             target = env.broker if self.broker_url.startswith("memory:") else self.broker_url
-            app = create_app(target, apps=self.apps, **self.options)
+            app = self.app = create_app(target, apps=self.apps, **self.options)
             with bind("127.0.0.1", 0) as sock:
                 self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
                 server = asyncio.ensure_future(serve(app, sock))
@@ -93,6 +94,10 @@ class LiveSystem:
                 continue
             writer.close()
             return
+
+    def dashboard_token(self) -> str:
+        """The CSRF token the pages carry (read from the app, as the page would show it)."""
+        return str(self.app.state.dashboard.token)
 
     def call(self, work: Callable[[TestEnv], Awaitable[T]], timeout: float = 30) -> T:
         """Run ``work(env)`` in the system's loop and return its result."""

@@ -159,6 +159,8 @@ def _int(request: Request, name: str, default: int) -> int:
 
 async def sagas_list(dashboard: Dashboard, request: Request) -> Any:
     params = request.query_params
+    if dashboard.database is None:  # sagas are in the broker's state
+        await dashboard.ready()
     return await saga_page(dashboard.sagas, state=params.get("state") or None, name=params.get("name") or None,
                            after=params.get("after") or None, limit=_int(request, "limit", 50))
 

@@ -9,10 +9,12 @@ so its dashboard must be served next to its apps).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
+import signal
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from choreo.dashboard.app import bind, create_app, hosts_for, redact, url_of
@@ -48,20 +50,37 @@ def database_query(url: str) -> SagaQuery:
     return store  # type: ignore[no-any-return]
 
 
-async def serve(app: Starlette, sock: socket.socket, *, log_level: str = "warning") -> None:
-    """Serve ``app`` on the bound socket ``sock`` until cancelled (or SIGINT/SIGTERM)."""
+async def serve(app: Starlette, sock: socket.socket, *, log_level: str = "warning", signals: bool = False) -> None:
+    """Serve ``app`` on the bound socket ``sock`` until cancelled, or with
+    ``signals`` (main thread only) until SIGINT or SIGTERM; either way open
+    requests finish and the app's shutdown runs before this returns."""
     import uvicorn
 
-    config = uvicorn.Config(app, log_level=log_level, ws="none", lifespan="on", access_log=False)
-    server = uvicorn.Server(config)
+    class Server(uvicorn.Server):
+        # Signals are the caller's to handle: uvicorn would re-raise them
+        # after shutting down, and a stopped dashboard is a clean exit.
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+        def install_signal_handlers(self) -> None:
+            return None
+
+    server = Server(uvicorn.Config(app, log_level=log_level, ws="none", lifespan="on", access_log=False))
+    loop = asyncio.get_running_loop()
+    stops = (signal.SIGINT, signal.SIGTERM) if signals else ()
+    for number in stops:
+        loop.add_signal_handler(number, setattr, server, "should_exit", True)
     serving = asyncio.ensure_future(server.serve(sockets=[sock]))
     try:
         await asyncio.shield(serving)
     except asyncio.CancelledError:
-        # Cancelled by the caller: let uvicorn finish its requests and run the app's shutdown.
         server.should_exit = True
         await serving
         raise
+    finally:
+        for number in stops:
+            loop.remove_signal_handler(number)
 
 
 async def run(
@@ -93,4 +112,4 @@ async def run(
         announce(f"choreo dashboard on {shown} (broker {app.state.dashboard.broker.url}"
                  f"{'' if database is None else ', sagas from ' + redact(database)}"
                  f"{', actions allowed' if allow_actions else ''}); Ctrl+C stops it")
-        await serve(app, sock)
+        await serve(app, sock, signals=True)
