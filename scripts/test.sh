@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite on a fresh machine: installs redis-server (Debian) if it
-# is missing, creates .venv with choreo and its test tools, lints, runs pytest.
+# The whole test suite on a fresh machine: installs redis-server and chromium
+# (Debian's: the dashboard's browser tests drive it through Playwright, whose
+# own browser download cannot work on CI machines) if they are missing, creates .venv with choreo and its test tools, lints, runs pytest.
 # Extra arguments go to pytest (e.g. `scripts/test.sh -m slow` for the soak tier).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,14 @@ if ! command -v redis-server >/dev/null 2>&1; then
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
+
+if [ ! -x /usr/bin/chromium ]; then
+    echo "installing chromium from Debian's packages"
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
 fi
 
 PYTHON="${PYTHON:-python3}"

@@ -113,7 +113,8 @@ class LiveSystem:
 
 
 def request(url: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    req = urllib.request.Request(url, data=body, headers=headers or {}, method="POST" if body is not None else "GET")
+    method = "POST" if body is not None else "GET"
+    req = urllib.request.Request(url, data=body, headers=headers or {}, method=method)
     try:
         with urllib.request.urlopen(req, timeout=30) as response:
             status, raw, kind = response.status, response.read(), response.headers.get("content-type", "")

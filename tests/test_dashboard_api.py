@@ -240,6 +240,8 @@ def test_cli_serves_the_dashboard_for_the_given_apps(redis_server: RedisServer) 
             status, flow = request(f"http://127.0.0.1:{port}/api/flow")
             assert status == 200 and any(n["label"] == "record_audit" for n in flow["nodes"])
             assert request(f"http://127.0.0.1:{port}/api/health")[1]["ok"] is True
+            # A page on another site cannot reach it through a rebound DNS name.
+            assert request(f"http://127.0.0.1:{port}/api/health", headers={"Host": "evil.example"})[0] == 400
         finally:
             process.send_signal(signal.SIGINT)
             process.wait(timeout=20)

@@ -69,7 +69,8 @@ def sequence_view(trace: Trace) -> dict[str, Any]:
         "diagram": {
             "lanes": [{"name": lane, "x": x[lane]} for lane in lanes],
             "arrows": arrows,
-            "width": LEFT * 2 + (len(lanes) - 1) * LANE,
+            # Room on the right for the label of an event nobody took (a loop on the last lane).
+            "width": LEFT * 2 + (len(lanes) - 1) * LANE + 160,
             "height": TOP + 60 + len(arrows) * ROW,
             "top": TOP,
         },

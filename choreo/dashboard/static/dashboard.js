@@ -39,7 +39,7 @@
         if (!flow) { return; }
         flow.edges.forEach(function (edge, index) {
           var label = document.querySelector('[data-edge="' + index + '"]');
-          if (label) { label.textContent = edge.rate.toFixed(2) + "/s"; }
+          if (label) { label.textContent = edge.rate ? edge.rate.toFixed(2) + "/s" : ""; }
         });
         flow.streams.forEach(function (row, index) {
           var line = document.querySelector('[data-stream="' + index + '"]');
