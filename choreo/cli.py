@@ -253,5 +253,41 @@ def trace(
     typer.echo(render_tree(result) if format is TraceFormat.tree else render_mermaid(result), nl=False)
 
 
+@app.command()
+def dashboard(
+    targets: Annotated[
+        list[str] | None, typer.Argument(help="Apps (module:app) whose routes draw /flow and name saga steps.")
+    ] = None,
+    broker: BrokerOption = None,
+    database: Annotated[
+        str | None, typer.Option(help="Read sagas from this PostgreSQL state store instead of the broker.")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default: no one else can reach it).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="Port to bind (0: any free port).")] = 8600,
+    allow_actions: Annotated[
+        bool, typer.Option("--allow-actions", help="Allow replaying and purging dead letters from the pages.")
+    ] = False,
+) -> None:
+    """Serve the web dashboard: sagas, one saga's timeline, transactions, dead
+    letters and the live event flow, with the same data as JSON under /api/.
+    Needs choreo-saga[dashboard]."""
+    from choreo.worker import broker_url_from_env
+
+    try:
+        from choreo.dashboard import run as run_dashboard
+    except ImportError:
+        raise fail("the dashboard needs its extra: pip install 'choreo-saga[dashboard]'") from None
+    with errors():
+        apps = load_targets(targets or [])
+        url = broker_url_from_env(broker)
+        if url.startswith("memory:"):
+            typer.echo("warning: memory:// lives in this process; the dashboard sees only its own empty broker",
+                       err=True)
+        asyncio.run(run_dashboard(url, apps=apps, database=database, host=host, port=port,
+                                  allow_actions=allow_actions, announce=typer.echo))
+
+
 def main() -> None:
     app()

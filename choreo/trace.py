@@ -26,7 +26,7 @@ from choreo.events import Event, decode_event
 if TYPE_CHECKING:
     from choreo.app import App
 
-__all__ = ("Handling", "Trace", "collect", "render_mermaid", "render_tree")
+__all__ = ("Handling", "Trace", "collect", "render_mermaid", "render_tree", "ulid_ms")
 
 #: Most leases, delayed messages and dead letters read.
 _MANY = 100_000
@@ -87,7 +87,7 @@ class _History:
     dead: list[DeadLetterRecord] = attrs.Factory(list)
 
 
-def _ulid_ms(value: str) -> int | None:
+def ulid_ms(value: str) -> int | None:
     """The millisecond timestamp of a ULID-shaped id (choreo's event ids)."""
     if len(value) != 26 or any(c not in _CROCKFORD for c in value.upper()):
         return None
@@ -105,7 +105,7 @@ async def _read(broker: Inspection, correlation_id: str) -> _History:
     history = _History(broker.url)
     needle = correlation_id.encode()
     # Ids are time-sortable: nothing of this transaction predates its root.
-    start_ms = _ulid_ms(correlation_id)
+    start_ms = ulid_ms(correlation_id)
     since = None if start_ms is None else max(0, start_ms - 60_000) / 1000
     for entry in await broker.history(containing=needle, since=since):
         history.entries.append((entry.topic, entry.entry_id, entry.body, entry.group))

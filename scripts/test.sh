@@ -1,27 +1,28 @@
 #!/usr/bin/env bash
-# The whole test suite on a fresh machine: installs redis-server and the
-# PostgreSQL server binaries (Debian) if they are missing, creates .venv with choreo and its test tools, lints, runs pytest.
+# The whole test suite on a fresh machine: installs what the tests drive from
+# Debian's packages if it is missing (redis-server; the PostgreSQL server
+# binaries; chromium), creates .venv with choreo and its test tools, lints,
+# runs pytest.
 # Extra arguments go to pytest (e.g. `scripts/test.sh -m slow` for the soak tier).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v redis-server >/dev/null 2>&1; then
-    echo "installing redis-server from Debian's packages"
-    SUDO=""
-    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
-fi
+# apt_install PACKAGE: one Debian package, as root or through sudo.
+apt_install() {
+    echo "installing $1 from Debian's packages"
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$1" >/dev/null
+}
 
+command -v redis-server >/dev/null 2>&1 || apt_install redis-server
 # The PostgreSQL tests start private clusters with initdb/pg_ctl from
 # /usr/lib/postgresql/<major>/bin (never the server the package may start).
-if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
-    echo "installing the PostgreSQL server from Debian's packages"
-    SUDO=""
-    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >/dev/null
-fi
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_install postgresql
+# The dashboard's browser tests drive Debian's chromium through Playwright,
+# whose own browser download cannot work on CI machines.
+[ -x /usr/bin/chromium ] || apt_install chromium
 
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
