@@ -58,3 +58,9 @@ def test_worker_process_benchmark_reports_per_round_figures_and_the_ratio() -> N
     out = bench("worker_process.py", "--chains", "300", "--repeat", "1")
     assert "round 1: raw" in out and "round 1: choreo" in out
     assert "ratio choreo/raw (medians):" in out
+
+
+@pytest.mark.redis
+def test_dashboard_pages_benchmark_reports_server_time_against_its_baseline() -> None:
+    out = bench("dashboard_pages.py", "--sagas", "300", "--requests", "2")
+    assert "baseline: list_state" in out and "/sagas " in out and "p50" in out

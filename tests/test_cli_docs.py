@@ -26,7 +26,7 @@ def test_cli_reference_is_generated_from_the_typer_app() -> None:
 def test_cli_reference_covers_every_command_of_the_design() -> None:
     text = (DOCS / "cli.md").read_text()
     for command in ("worker", "publish", "routes", "graph", "check", "trace", "demo", "dlq list", "dlq show",
-                    "dlq replay", "dlq purge", "saga list", "saga status", "saga resume"):
+                    "dlq replay", "dlq purge", "saga list", "saga status", "saga resume", "dashboard"):
         assert f"## `choreo {command}`" in text
     for option in ("--workers", "--metrics-port", "--metrics-host", "--log-level", "--log-format", "--concurrency"):
         assert f"`{option}`" in text

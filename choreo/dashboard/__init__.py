@@ -9,8 +9,8 @@ broker (a URL, or the instance the apps of this process run on) and
 
 from __future__ import annotations
 
-from choreo.dashboard.app import Dashboard, bind, create_app, redact
-from choreo.dashboard.server import DEFAULT_HOST, DEFAULT_PORT, database_query, run, serve
+from choreo.dashboard.app import Dashboard, create_app, redact
+from choreo.dashboard.server import DEFAULT_HOST, DEFAULT_PORT, bind, database_query, run, serve
 
 __all__ = ("DEFAULT_HOST", "DEFAULT_PORT", "Dashboard", "bind", "create_app", "database_query", "redact", "run",
            "serve")

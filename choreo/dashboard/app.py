@@ -18,12 +18,11 @@ import hmac
 import json
 import re
 import secrets
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlunsplit
+from urllib.parse import parse_qs
 
 import attrs
 import jinja2
@@ -50,7 +49,6 @@ if TYPE_CHECKING:
 __all__ = ("Dashboard", "create_app", "redact")
 
 HERE = Path(__file__).parent
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 _CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:/@\s]*):[^@/\s]*@")
 _HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -370,33 +368,3 @@ def create_app(
     app.state.templates = _environment()
     return app
 
-
-def url_of(host: str, port: int) -> str:
-    """Where a dashboard bound to ``host``:``port`` is opened."""
-    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
-    return urlunsplit(("http", f"{shown}:{port}", "/sagas", "", ""))
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """A listening socket for the dashboard (``port`` 0: a free one).
-
-    Raises:
-        OSError: the address is taken or cannot be bound.
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host.strip("[]"), port))
-    except OSError:
-        sock.close()
-        raise
-    sock.listen(128)
-    sock.set_inheritable(True)
-    return sock
-
-
-def hosts_for(host: str) -> list[str] | None:
-    """The Host headers to accept for a dashboard bound to ``host``: loopback
-    names only on a loopback address, any otherwise."""
-    return list(LOOPBACK_HOSTS) if host in LOOPBACK_HOSTS else None

@@ -7,6 +7,7 @@ view is a JSON-ready dict: the HTML page and ``/api/`` serve the same one.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -100,10 +101,13 @@ async def saga_page(
         raise ConfigurationError(f"limit must be between 1 and {MAX_PAGE}, not {limit}")
     wanted = parse_state(state or None)
     name = name or None
-    records = await query.page_records(state=wanted, name=name, after=decode_cursor(after), limit=limit + 1)
+    # Asked together: a store that reads everything (broker state) reads once for both.
+    records, counts = await asyncio.gather(
+        query.page_records(state=wanted, name=name, after=decode_cursor(after), limit=limit + 1),
+        query.count_records(name=name),
+    )
     more = len(records) > limit
     records = records[:limit]
-    counts = await query.count_records(name=name)
     moment = time.time() if now is None else now
     return {
         "state": None if wanted is None else wanted.value,

@@ -16,8 +16,9 @@ import signal
 import socket
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlunsplit
 
-from choreo.dashboard.app import bind, create_app, hosts_for, redact, url_of
+from choreo.dashboard.app import create_app, redact
 from choreo.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -26,10 +27,11 @@ if TYPE_CHECKING:
     from choreo.app import App
     from choreo.saga.query import SagaQuery
 
-__all__ = ("DEFAULT_HOST", "DEFAULT_PORT", "database_query", "run", "serve")
+__all__ = ("DEFAULT_HOST", "DEFAULT_PORT", "bind", "database_query", "hosts_for", "run", "serve", "url_of")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8600
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 log = logging.getLogger("choreo.dashboard")
 
 
@@ -113,3 +115,34 @@ async def run(
                  f"{'' if database is None else ', sagas from ' + redact(database)}"
                  f"{', actions allowed' if allow_actions else ''}); Ctrl+C stops it")
         await serve(app, sock, signals=True)
+
+
+def url_of(host: str, port: int) -> str:
+    """Where a dashboard bound to ``host``:``port`` is opened."""
+    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return urlunsplit(("http", f"{shown}:{port}", "/sagas", "", ""))
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket for the dashboard (``port`` 0: a free one).
+
+    Raises:
+        OSError: the address is taken or cannot be bound.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError:
+        sock.close()
+        raise
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def hosts_for(host: str) -> list[str] | None:
+    """The Host headers to accept for a dashboard bound to ``host``: loopback
+    names only on a loopback address, any otherwise."""
+    return list(LOOPBACK_HOSTS) if host in LOOPBACK_HOSTS else None
