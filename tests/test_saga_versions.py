@@ -172,15 +172,14 @@ def test_deploy_gate_reads_sagas_kept_in_postgres(database_url: str, redis_url: 
         app, coordinator = shop(1, state_store=PostgresStateStore(database_url))
         async with run_apps(app, broker=redis_url):
             await coordinator.start_saga("order", {}, saga_id="S-v1", wait=False)
-        async with PostgresStateStore(database_url) as store:
-            async with store.database.connection() as conn:
-                await conn.execute(
-                    "INSERT INTO choreo_sagas (saga_id, name, created_at, row_version, state, definition_version,"
-                    " correlation_id, updated_at, record) SELECT 'S-done', name, created_at, 1, 'completed',"
-                    " definition_version, correlation_id, updated_at,"
-                    " jsonb_set(jsonb_set(record, '{saga_id}', '\"S-done\"'), '{state}', '\"completed\"')"
-                    " FROM choreo_sagas WHERE saga_id = 'S-v1'"
-                )
+        async with PostgresStateStore(database_url) as store, store.database.connection() as conn:
+            await conn.execute(
+                "INSERT INTO choreo_sagas (saga_id, name, created_at, row_version, state, definition_version,"
+                " correlation_id, updated_at, record) SELECT 'S-done', name, created_at, 1, 'completed',"
+                " definition_version, correlation_id, updated_at,"
+                " jsonb_set(jsonb_set(record, '{saga_id}', '\"S-done\"'), '{state}', '\"completed\"')"
+                " FROM choreo_sagas WHERE saga_id = 'S-v1'"
+            )
 
     asyncio.run(start_version_1_sagas())
     runner = CliRunner()
