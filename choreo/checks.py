@@ -16,7 +16,8 @@ never assumed terminal: declare them if dropping them is intended. Saga
 lifecycle events (``saga.<name>.started|compensating|completed|compensated|failed``)
 are terminal by nature.
 
-With a broker, ``stranded_sagas`` adds the deploy gate: sagas in flight on a
+With the saga state (the broker's, ``stranded_sagas``, or a store such as
+PostgreSQL's, ``stranded_in``) the deploy gate is added: sagas in flight on a
 version of their definition that none of the apps defines any more.
 """
 
@@ -33,9 +34,10 @@ from choreo.saga.topics import is_lifecycle, is_timeout
 if TYPE_CHECKING:
     from brokers import Broker
     from choreo.app import App
+    from choreo.saga.query import SagaQuery
     from choreo.saga.versions import Stranded
 
-__all__ = ("CheckReport", "Finding", "check", "stranded_sagas")
+__all__ = ("CheckReport", "Finding", "check", "stranded_in", "stranded_sagas")
 
 @attrs.frozen
 class Finding:
@@ -191,14 +193,44 @@ async def stranded_sagas(broker: Broker, apps: Sequence[App]) -> list[Stranded]:
     from choreo.saga.store import list_records
     from choreo.saga.versions import stranded
 
-    defined: set[tuple[str, int]] = set()
     prefixes = {"saga:"}
     for app in apps:
         coordinator = coordinator_of(app)
         if coordinator is not None:
-            defined |= coordinator.versions.defined()
             prefixes.add(coordinator.key_prefix)
+    defined = _defined(apps)
     found: list[Stranded] = []
     for prefix in sorted(prefixes):
         found.extend(stranded(await list_records(broker, prefix), defined))
     return found
+
+
+async def stranded_in(sagas: SagaQuery, apps: Sequence[App]) -> list[Stranded]:
+    """Sagas that ``sagas`` holds (a ``PostgresStateStore``, open) and still
+    in flight on a ``(name, version)`` that no coordinator of ``apps``
+    defines: the deploy gate of ``stranded_sagas`` for state kept outside
+    the broker. Only running, pending and compensating sagas are read, a
+    page at a time, through the store's index on state.
+    """
+    from choreo.saga.definition import SagaState
+    from choreo.saga.stores import all_records
+    from choreo.saga.versions import stranded
+
+    defined = _defined(apps)
+    found: list[Stranded] = []
+    for state in SagaState:
+        if not state.terminal:
+            found.extend(stranded(await all_records(sagas, state), defined))
+    return found
+
+
+def _defined(apps: Sequence[App]) -> set[tuple[str, int]]:
+    """Every ``(saga name, version)`` a coordinator of ``apps`` defines."""
+    from choreo.saga.coordinator import coordinator_of
+
+    defined: set[tuple[str, int]] = set()
+    for app in apps:
+        coordinator = coordinator_of(app)
+        if coordinator is not None:
+            defined |= coordinator.versions.defined()
+    return defined

@@ -194,28 +194,40 @@ def check(
         str | None,
         typer.Option("--broker", "-b", help="Also fail on sagas stored there in flight on versions no target defines."),
     ] = None,
+    database: Annotated[
+        str | None,
+        typer.Option("--database", envvar="CHOREO_DATABASE_URL",
+                     help="The same for sagas kept in this PostgreSQL database (postgresql://...)."),
+    ] = None,
 ) -> None:
     """Check the whole system's event flow; exit 1 if anything is found.
 
     Finds failure events nobody handles, events emitted that no handler takes,
     handlers waiting for events nothing emits, and cycles. With ``--broker``,
     also sagas in flight on a version the targets no longer define (a deploy
-    gate: shipping the targets would strand them).
+    gate: shipping the targets would strand them); with ``--database`` (or
+    CHOREO_DATABASE_URL), the same for sagas kept in PostgreSQL.
     """
     from choreo import admin
     from choreo.checks import check as run_check
-    from choreo.checks import stranded_sagas
+    from choreo.checks import stranded_in, stranded_sagas
     from choreo.graph import EventGraph
 
     async def stranded(apps: list[App]) -> list[Any]:
-        async with admin.connected(broker) as instance:
-            return list(await stranded_sagas(instance, apps))
+        found: list[Any] = []
+        if broker is not None:
+            async with admin.connected(broker) as instance:
+                found.extend(await stranded_sagas(instance, apps))
+        if database is not None:
+            async with admin.database_sagas(database) as sagas:
+                found.extend(await stranded_in(sagas, apps))
+        return found
 
     with errors():
         apps = load_targets(targets)
         event_graph = EventGraph.from_apps(apps)
         report = run_check(event_graph, entry=entry or (), terminal=terminal or (), strict=strict)
-        strands = asyncio.run(stranded(apps)) if broker is not None else []
+        strands = asyncio.run(stranded(apps)) if broker is not None or database is not None else []
     for finding in report.findings:
         typer.echo(str(finding))
     for saga in strands:

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from brokers import Broker, CommitStatus, Message, StateWrite, Subscription
     from choreo.events import Event
     from choreo.middleware import Middleware
+    from choreo.outbox import Outbox
 
 __all__ = ("OUTBOX_RELAYS", "Lifespan", "Publisher", "Running")
 
@@ -71,6 +72,9 @@ class Running(Publisher, Protocol):
         subscriptions: What its apps' routes consume (topic and group).
         in_flight: How many handlers are running now.
         middleware: The middleware observing it now, in call order.
+        outbox: How its events are encoded (its size limit, the headers its
+            middleware adds), for plug-ins that commit events elsewhere
+            first (a database's outbox) and ``relay`` them later.
         extensions: Values hooks install for the handlers of this runtime,
             by a name of the plug-in's choosing; handlers read them as
             ``ctx.extensions``. Emptied when the runtime stops.
@@ -87,6 +91,9 @@ class Running(Publisher, Protocol):
 
     @property
     def middleware(self) -> tuple[Middleware, ...]: ...
+
+    @property
+    def outbox(self) -> Outbox: ...
 
     @property
     def extensions(self) -> dict[str, Any]: ...

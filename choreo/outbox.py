@@ -18,8 +18,11 @@ publish) and run at the speed of a raw pipelined XADD publisher
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+
+import attrs
 
 from brokers import Broker, BrokerError, CommitStatus, Delivery, Message, StateWrite
 from brokers.base import new_message
@@ -57,6 +60,38 @@ class Outbox:
             DecodeError: the event is not JSON or is over ``max_size``.
         """
         return new_message(event.type, event.id, encode_event(event, max_size=self.max_size), delay, group)
+
+    def emitted(self, event: Event, delay: float | None = None) -> Message:
+        """``event``, which the handler running now emits, encoded as the
+        dispatcher encodes a handler's events: the middleware's ``headers``
+        (a ``traceparent``) added to it first. For events committed elsewhere
+        (a database's outbox) that ``relay`` publishes later.
+
+        Raises:
+            DecodeError: the event is not JSON or is over ``max_size``.
+        """
+        if self.hooks.headers:
+            self.hooks.stamp(event)
+        return self.message(event, delay=delay)
+
+    @contextlib.contextmanager
+    def publishing(self, events: Sequence[tuple[Event, float | None]]) -> Iterator[list[Message]]:
+        """``events`` of a root commit made elsewhere (a database's outbox),
+        encoded inside the middleware's ``publishing`` context managers,
+        which are exited when the block ends (with its exception, if any),
+        as ``Runtime.commit`` does around a broker commit.
+
+        Raises:
+            DecodeError: an event is not JSON or is over ``max_size``.
+        """
+        if not self.hooks.publishing:
+            yield [self.message(event, delay=delay) for event, delay in events]
+            return
+        # Copies with headers of their own, for the middleware to add to.
+        own = [(attrs.evolve(event, headers=dict(event.headers)), delay) for event, delay in events]
+        with contextlib.ExitStack() as stack:
+            self.hooks.wrap(self.hooks.publishing, stack, self.broker, [event for event, _ in own])
+            yield [self.message(event, delay=delay) for event, delay in own]
 
     async def commit(
         self, events: Sequence[tuple[Event, float | None]], state: Sequence[StateWrite] = ()

@@ -112,14 +112,15 @@ def start_worker(url: str) -> WorkerProcess:
     return WorkerProcess("tests.apps.lab:app", "--broker", url).start(timeout=60)
 
 
-async def drained(client: Any) -> bool:
-    """No pending entries and nothing undelivered in the lab group (RELIABILITY rule 12)."""
+async def drained(client: Any, stream: str = "choreo:lab.job", name: bytes = b"lab.work") -> bool:
+    """No pending entries and nothing undelivered in the group ``name`` of
+    ``stream`` (RELIABILITY rule 12), and no delayed message waiting."""
     try:
-        groups = await client.xinfo_groups("choreo:lab.job")
-        info = await client.xinfo_stream("choreo:lab.job")
+        groups = await client.xinfo_groups(stream)
+        info = await client.xinfo_stream(stream)
     except Exception:
         return False
-    group = next((g for g in groups if g["name"] == b"lab.work"), None)
+    group = next((g for g in groups if g["name"] == name), None)
     if group is None:
         return False
     last = info["last-generated-id"]

@@ -21,6 +21,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from choreo import App, Context, Emit, SagaCoordinator, SagaState, SagaStep
 from choreo.middleware import Hooks, Middleware
 from choreo.otel import TracingMiddleware
+from choreo.postgres import PostgresStateStore
 from choreo.testing import run_apps
 
 
@@ -193,13 +194,17 @@ async def test_a_failing_handler_is_an_error_and_its_retry_links_to_the_origin(
     assert second.attributes is not None and second.attributes["choreo.attempt"] == 2
 
 
+@pytest.mark.parametrize("state", ["broker", "postgres"])
 async def test_saga_commands_and_replies_carry_the_saga(
-    broker_url: str, provider: TracerProvider, exporter: InMemorySpanExporter
+    broker_url: str, provider: TracerProvider, exporter: InMemorySpanExporter, state: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     """A saga's start, commands and replies are one trace, and the command
-    and reply spans name the saga, its id and the step."""
+    and reply spans name the saga, its id and the step; with PostgreSQL state
+    too, whose commands reach the broker through the outbox relay."""
     orders, payments = App("orders"), App("payments")
-    coordinator = SagaCoordinator(orders)
+    store = PostgresStateStore(request.getfixturevalue("database_url")) if state == "postgres" else None
+    coordinator = SagaCoordinator(orders, state_store=store)
     coordinator.define_saga(
         "checkout",
         [

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from choreo import SagaState
+from choreo.errors import DecodeError
 from choreo.postgres import PostgresStateStore
+from choreo.saga.definition import SagaNotFound
 from choreo.saga.query import Cursor
 from choreo.testing import run_apps
 from tests.redis_server import RedisServer
@@ -30,6 +34,24 @@ async def test_saga_completes_and_another_compensates_with_postgres_state(broker
         stored = await store.get_record("bad")
         assert stored is not None and stored.state is SagaState.COMPENSATED
         assert await store.count_records() == {SagaState.COMPLETED: 1, SagaState.COMPENSATED: 1}
+
+
+@pytest.mark.parametrize("state", ["broker", "postgres"])
+async def test_saga_events_are_held_to_the_runtimes_size_limit(
+    broker_url: str, state: str, request: pytest.FixtureRequest
+) -> None:
+    """A saga whose first command is over the runtime's max_size is refused at its start with DecodeError,
+    with PostgreSQL state as with broker state (not at the default 1 MiB), and nothing is stored."""
+    store = PostgresStateStore(request.getfixturevalue("database_url")) if state == "postgres" else None
+    coordinator, apps = build({}, state_store=store)
+    async with run_apps(*apps, broker=broker_url, max_size=4096) as env:
+        with pytest.raises(DecodeError):
+            await coordinator.start_saga("order_processing", {"total": 10, "note": "x" * 8000}, saga_id="big")
+        with pytest.raises(SagaNotFound):
+            await coordinator.get_saga_state("big")
+        small = await coordinator.start_saga("order_processing", {"total": 10}, saga_id="small", timeout=20)
+        assert small.state is SagaState.COMPLETED
+        await env.settle(timeout=10)
 
 
 async def test_cli_lists_and_shows_sagas_kept_in_postgres(database_url: str, redis_server: RedisServer) -> None:

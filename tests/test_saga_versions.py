@@ -14,6 +14,7 @@ import brokers
 from choreo import App, SagaCoordinator, SagaState, SagaStep
 from choreo.cli import app as cli
 from choreo.metrics import Metrics
+from choreo.postgres import PostgresStateStore
 from choreo.saga.record import SagaRecord
 from choreo.testing import run_apps
 from tests.redis_server import RedisServer
@@ -45,9 +46,9 @@ def participants(calls: list[str], fail_first_charge: bool) -> list[App]:
     return [stock, payments]
 
 
-def shop(*versions: int) -> tuple[App, SagaCoordinator]:
+def shop(*versions: int, state_store: Any = None) -> tuple[App, SagaCoordinator]:
     app = App("shop")
-    coordinator = SagaCoordinator(app, sweep_interval=None)
+    coordinator = SagaCoordinator(app, sweep_interval=None, state_store=state_store)
     for version in versions:
         coordinator.define_saga("order", V1 if version == 1 else V2, version=version)
     return app, coordinator
@@ -158,6 +159,41 @@ def test_deploy_gate_lists_sagas_in_flight_on_versions_no_target_defines(redis_u
     assert failed.exit_code == 1, failed.output
     assert "stranded-saga: saga S-v1 (order version 1, running)" in failed.stdout
     kept = runner.invoke(cli, ["check", "tests.apps.versioned:app_both", *participants, "--broker", redis_url])
+    assert kept.exit_code == 0, kept.output
+    assert "stranded" not in kept.output
+
+
+def test_deploy_gate_reads_sagas_kept_in_postgres(database_url: str, redis_url: str) -> None:
+    """choreo check TARGET --database URL (or CHOREO_DATABASE_URL) exits 1 naming a version 1 saga kept in
+    PostgreSQL when the targets define only version 2, and passes when a target keeps version 1; finished
+    sagas on a dropped version do not count."""
+
+    async def start_version_1_sagas() -> None:
+        app, coordinator = shop(1, state_store=PostgresStateStore(database_url))
+        async with run_apps(app, broker=redis_url):
+            await coordinator.start_saga("order", {}, saga_id="S-v1", wait=False)
+        async with PostgresStateStore(database_url) as store, store.database.connection() as conn:
+            await conn.execute(
+                "INSERT INTO choreo_sagas (saga_id, name, created_at, row_version, state, definition_version,"
+                " correlation_id, updated_at, record) SELECT 'S-done', name, created_at, 1, 'completed',"
+                " definition_version, correlation_id, updated_at,"
+                " jsonb_set(jsonb_set(record, '{saga_id}', '\"S-done\"'), '{state}', '\"completed\"')"
+                " FROM choreo_sagas WHERE saga_id = 'S-v1'"
+            )
+
+    asyncio.run(start_version_1_sagas())
+    runner = CliRunner()
+    participants = ["tests.apps.versioned:stock", "tests.apps.versioned:payments"]
+    on_broker = runner.invoke(cli, ["check", "tests.apps.versioned:app", *participants, "--broker", redis_url])
+    assert on_broker.exit_code == 0, on_broker.output  # the broker's state holds none of them
+    failed = runner.invoke(cli, ["check", "tests.apps.versioned:app", *participants, "--database", database_url])
+    assert failed.exit_code == 1, failed.output
+    assert failed.stdout.count("stranded-saga") == 1
+    assert "stranded-saga: saga S-v1 (order version 1, running)" in failed.stdout
+    from_env = runner.invoke(cli, ["check", "tests.apps.versioned:app", *participants, "--broker", redis_url],
+                             env={"CHOREO_DATABASE_URL": database_url})
+    assert from_env.exit_code == 1 and "S-v1" in from_env.stdout, from_env.output
+    kept = runner.invoke(cli, ["check", "tests.apps.versioned:app_both", *participants, "--database", database_url])
     assert kept.exit_code == 0, kept.output
     assert "stranded" not in kept.output
 

@@ -1,6 +1,8 @@
-"""The soak (catalogue T15) from pytest: 100k events in the pull-request tier, 1M marked slow.
+"""The soaks from pytest: Redis (catalogue T15) 100k events in the pull-request tier, 1M marked slow;
+PostgreSQL transactional handlers (T21 under load) 2k in the pull-request tier, 100k marked slow.
 
-The same code runs from the command line (``python -m tests.soak --events N``);
+The same code runs from the command line (``python -m tests.soak --events N``,
+``python -m tests.soak_postgres --events N``);
 see docs/reliability.md for the figures measured on this machine.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from tests.soak import soak
+from tests.soak_postgres import soak as postgres_soak
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -37,3 +40,23 @@ async def test_soak_1m_events_chaos_seeds(seed: int) -> None:
     figures = await soak(1_000_000, seed=seed, kill_every=4.0, freeze=3.0, batch=500, log=log)
     print(figures.line())
     assert (figures.missing, figures.double, figures.dead_letters) == (0, 0, 0), figures.line()
+
+
+@pytest.mark.timeout(300)
+async def test_postgres_soak_2k_transactional_events_with_worker_kills() -> None:
+    """2k transactional handler events, a worker SIGKILLed every ~1.5 s wherever it is (mid-handler, between
+    the PostgreSQL commit and the ack, mid-relay-pass): rows missing 0, rows doubled 0, events missing 0,
+    events doubled 0, nothing dead-lettered."""
+    figures = await postgres_soak(2000, seed=1, kill_every=1.5, batch=250, log=log)
+    print(figures.line())
+    assert figures.clean, figures.line()
+    assert figures.kills >= 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+async def test_postgres_soak_100k_transactional_events_with_worker_kills() -> None:
+    """The issue's PostgreSQL soak: 100k transactional handler events, a worker SIGKILLed every ~3 s."""
+    figures = await postgres_soak(100_000, seed=1, kill_every=3.0, batch=500, log=log)
+    print(figures.line())
+    assert figures.clean, figures.line()

@@ -16,8 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from brokers import CommitStatus, Message
-from brokers.base import new_message
-from choreo.events import Event, child_event, encode_event
+from choreo.events import Event, child_event
 from choreo.postgres.database import Database
 from choreo.postgres.relay import Relay, outbox_rows
 from choreo.routing import Emit
@@ -101,6 +100,7 @@ class PostgresStateStore:
     ) -> None:
         self.database = Database(url, pool_size=pool_size)
         self.relay = Relay(self.database, poll=relay_poll, inbox_retention=inbox_retention)
+        self._runtime: Running | None = None
 
     def __repr__(self) -> str:
         return f"PostgresStateStore({self.database!r})"
@@ -115,10 +115,12 @@ class PostgresStateStore:
     @contextlib.asynccontextmanager
     async def lifespan(self, runtime: Running) -> AsyncIterator[None]:
         await self.database.open()
+        previous, self._runtime = self._runtime, runtime
         try:
             runtime.start_task(self.relay.run(runtime), name="choreo-saga-outbox-relay")
             yield
         finally:
+            self._runtime = previous
             await self.database.close()
 
     # -- transitions ---------------------------------------------------------------
@@ -143,19 +145,26 @@ class PostgresStateStore:
         record: SagaRecord,
         events: Sequence[tuple[Event, float | None]],
     ) -> CommitStatus:
-        messages = [new_message(e.type, e.id, encode_event(e), delay) for e, delay in events]
-        params = {**_record_params(record), **_outbox_params(messages), "saga_id": saga_id, "version": version}
-        _, written = await self._write(_INSERT if version == 0 else _UPDATE, params)
+        # Encoded as runtime.commit encodes a broker commit: the runtime's size limit, and its
+        # middleware's publishing context (a traceparent per event) around the write.
+        with runtime.outbox.publishing(events) as messages:
+            params = {**_record_params(record), **_outbox_params(messages), "saga_id": saga_id, "version": version}
+            _, written = await self._write(_INSERT if version == 0 else _UPDATE, params)
         return CommitStatus.OK if written else CommitStatus.CONFLICT
 
     async def save_in(
         self, ctx: Context, saga_id: str, version: int, record: SagaRecord | None, outs: Sequence[Out]
     ) -> list[Emit] | None:
         event = ctx.event
-        messages = []
-        for out in outs:
-            child = child_event(event, out.type, dict(out.data), out.headers)
-            messages.append(new_message(child.type, child.id, encode_event(child), out.delay))
+        if self._runtime is None:
+            raise RuntimeError("the PostgreSQL state store writes transitions while its coordinator's app runs")
+        # Encoded as the dispatcher encodes a handler's events: the runtime's size limit, the
+        # middleware's headers (the handling span's traceparent).
+        encode = self._runtime.outbox.emitted
+        messages = [
+            encode(child_event(event, out.type, dict(out.data), out.headers), out.delay)
+            for out in outs
+        ]
         params: dict[str, Any] = {
             **_outbox_params(messages),
             "saga_id": saga_id,
