@@ -26,8 +26,11 @@ so compare the pairs, not machines), instructions with callgrind.
   (5.1 against 6.4 us); the attributes a route's spans share are built once.
 * ``choreo.events.with_headers`` copies an event for a traced root commit
   without re-running the id checks ``attrs.evolve`` would.
-* Not used: msgspec's JSON decoder and encoder (see ``choreo.codec``, "The
-  compiled codec").
+* Not used: msgspec's JSON decoder and encoder. Both are compiled, but
+  neither keeps the wire format's rules alone (``choreo.codec``, "Why not
+  msgspec"): a decoder that checks msgspec's result for dropped duplicate
+  keys ran 52,000 instructions per event body against 46,500 for the
+  stdlib scanner with its duplicate-key hook (msgspec alone: 12,100).
 """
 
 from __future__ import annotations

@@ -9,6 +9,25 @@ timestamps are made here too, and event ids in ``choreo.ids``.
 The envelope is written out around the C encoder's output instead of built as
 a dict and encoded (see ``encode_event``); ``tests/test_codec_properties.py``
 pins it to what ``json.dumps`` writes.
+
+Policy (RELIABILITY rule 10): duplicate keys, ``NaN`` and ``Infinity``,
+numbers out of the float range (``1e400``), ints over Python's 4300-digit
+limit and nesting deeper than ``max_depth`` are refused, each with its
+reason; encoding refuses NaN, infinities, sets and other non-JSON values.
+
+Why not msgspec (measured with msgspec 0.23 on this format): its decoder
+refuses NaN, Infinity, ``1e400`` and ints past Python's digit limit like
+this one, stops deep nesting at its own limit (RecursionError near 1000
+levels, so the depth check stays), but keeps the last of duplicate keys
+without a word (msgspec issue 648, open), also into a ``Struct``; its
+encoder writes NaN and infinities as ``null`` and sets as arrays. Keeping
+the rules means checking its output in Python: counting that the parsed
+value's pairs and the colons in its strings match the body's colons finds
+every dropped duplicate, but on a 335-byte event body that check and
+msgspec took 52,000 instructions (callgrind) against 46,500 for the
+stdlib scanner with the duplicate-key hook used here (msgspec alone:
+12,100). The wrapper costs more than it saves, so there is no msgspec
+path and no new dependency.
 """
 
 from __future__ import annotations
