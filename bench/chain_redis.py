@@ -272,13 +272,16 @@ async def main() -> None:
     p50s: dict[str, list[float]] = {name: [] for name, _, _ in contenders}
     lat: dict[str, list[float]] = {name: [] for name, _, _ in contenders}
     grown: dict[str, list[float]] = {name: [] for name, _, _ in contenders}
+    cpu: dict[str, list[float]] = {name: [] for name, _, _ in contenders}
     try:
         db = iter(range(16))
         url = f"redis://127.0.0.1:{server.port}/"
         for _ in range(args.repeat):
             for name, throughput, latency in contenders:
                 async with PeakRss() as rss:
+                    used = time.process_time()
                     rates[name].append(await throughput(url + str(next(db) % 16), args.events))
+                    cpu[name].append((time.process_time() - used) / (args.events * 3) * 1e6)
                 grown[name].append(rss.grown)
                 sample = await latency(url + str(next(db) % 16), args.latency_events)
                 p50s[name].append(percentile(sample, 0.5))
@@ -298,6 +301,9 @@ async def main() -> None:
             f"{name:<7} 3-hop latency p50 {statistics.median(p50s[name]) * 1000:.2f} ms, "
             f"p99 {percentile(lat[name], 0.99) * 1000:.2f} ms (mean {statistics.fmean(lat[name]) * 1000:.2f} ms)"
         )
+    for name in rates:
+        print(f"{name:<7} process CPU per handled event (publishing included): "
+              f"{statistics.median(cpu[name]):.1f} us; per round: {' / '.join(f'{c:.1f}' for c in cpu[name])}")
     ratio = statistics.median(p50s["choreo"]) / statistics.median(p50s["raw"])
     print(f"latency ratio p50 choreo/raw: {ratio:.2f} (target <= 2)")
     if PeakRss.available():
@@ -307,13 +313,17 @@ async def main() -> None:
         traced_rate = statistics.median(rates["traced"])
         traced_p50 = statistics.median(p50s["traced"])
         print(f"traced:    {traced_rate:,.0f} events/s, 3-hop latency p50 {traced_p50 * 1000:.2f} ms")
+        traced_cpu, choreo_cpu = statistics.median(cpu["traced"]), statistics.median(cpu["choreo"])
         print(f"tracing cost per handled event: {(1 / traced_rate - 1 / choreo_rate) * 1e6:.1f} us, "
+              f"CPU +{traced_cpu - choreo_cpu:.1f} us (+{(traced_cpu / choreo_cpu - 1) * 100:.1f}%), "
               f"throughput -{(1 - traced_rate / choreo_rate) * 100:.1f}%, "
               f"latency p50 +{(traced_p50 / statistics.median(p50s['choreo']) - 1) * 100:.1f}% (target < 10%)")
     if args.repeat > 1:
         rounds = zip(rates["raw"], rates["choreo"], p50s["raw"], p50s["choreo"], strict=True)
         print("per round (throughput ratio, latency ratio):",
               " ".join(f"({c / r:.2f}, {cl / rl:.2f})" for r, c, rl, cl in rounds))
+        for name in rates:
+            print(f"per round {name:<7} events/s: {' / '.join(f'{r:,.0f}' for r in rates[name])}")
 
 
 async def server_flush(url: str) -> None:

@@ -1,9 +1,36 @@
-"""The two tricks the per-event path uses to build values and check names,
-kept in one place with the measurements that justify them.
+"""The tricks the per-event path uses, kept in one place with the
+measurements that justify them.
 
-Both live here, below ``choreo``, because the brokers use them too and
-``brokers`` never imports ``choreo``. Figures are nanoseconds per call on a
-2-core machine, CPython 3.11, measured with ``timeit``.
+Two live here, below ``choreo``, because the brokers use them too and
+``brokers`` never imports ``choreo``: ``slot_setters`` and ``remember``.
+The others sit where they run and are listed here, each with its reason.
+Figures are per call on a 2-core machine, CPython 3.11: nanoseconds or
+microseconds with ``timeit`` (best of several rounds; on a busy machine,
+so compare the pairs, not machines), instructions with callgrind.
+
+* ``choreo.ids.new_event_id``: the first id of a millisecond draws 60
+  random bits and the ids after it count up in the last 20, instead of 80
+  fresh random bits and eight table lookups per id: 1.4 against 2.7 us.
+* ``choreo.metrics.Metrics`` keeps the labelled children it has used:
+  ``labels()`` checks and joins the label values under a lock on every
+  call, 4.9 us per handled event (a counter and a histogram) and 2.0 us
+  per published event, against 0.14 us for a hit in a dict.
+* ``choreo.middleware.Entered`` enters and exits the ``handling`` and
+  ``publishing`` context managers: 1.9 us for one manager against 10.9 us
+  for the ``contextlib.ExitStack`` and guarding generator it replaced.
+* ``choreo.otel``: the handling span is started with ``start_span`` and
+  made current by a plain object (``_Current``) instead of the SDK's two
+  generator-based context managers; the version-00 ``traceparent`` is read
+  by ``_extract`` (6.9 us against 23.6 us for the propagator's regex and
+  getter, which still reads every other form) and written by ``_carrier``
+  (5.1 against 6.4 us); the attributes a route's spans share are built once.
+* ``choreo.events.with_headers`` copies an event for a traced root commit
+  without re-running the id checks ``attrs.evolve`` would.
+* Not used: msgspec's JSON decoder and encoder. Both are compiled, but
+  neither keeps the wire format's rules alone (``choreo.codec``, "Why not
+  msgspec"): a decoder that checks msgspec's result for dropped duplicate
+  keys ran 52,000 instructions per event body against 46,500 for the
+  stdlib scanner with its duplicate-key hook (msgspec alone: 12,100).
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ the handler again at once; a database that failed, after a pause.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import random
@@ -133,7 +132,10 @@ class Dispatcher:
             token = logs.enter(event, delivery.group)  # log records carry the event's ids (group: the route's)
             # Entered inline rather than by a coroutine around the attempts:
             # without middleware that wraps handling, this costs one test.
-            wrapping = self._wrap(route, delivery, event) if self.hooks.handling else None
+            hooks = self.hooks
+            wrapping = None
+            if hooks.handling:
+                wrapping = hooks.enter(hooks.handling, self.outbox.broker, route, delivery, event)
             try:
                 status = await self._attempt(delivery, route, event, ctx, started)
                 runs = 1
@@ -147,14 +149,13 @@ class Dispatcher:
                     runs += 1
             except BaseException as exc:
                 if wrapping is not None:
-                    stack, wrapping = wrapping, None  # exited here, not again in finally
-                    stack.__exit__(type(exc), exc, exc.__traceback__)
+                    wrapping.exit(exc)  # exits once: not again in finally
                 if ctx.held is not None:  # cancelled holding a transaction: roll it back
                     await asyncio.shield(ctx.release())
                 raise
             finally:
                 if wrapping is not None:
-                    wrapping.close()
+                    wrapping.exit()
                 logs.leave(token)
         except asyncio.CancelledError:
             raise
@@ -163,12 +164,6 @@ class Dispatcher:
         finally:
             if self._settled is not None:
                 self._settled(delivery)
-
-    def _wrap(self, route: Route, delivery: Delivery, event: Event) -> contextlib.ExitStack:
-        """The middleware's ``handling`` context managers, entered."""
-        stack = contextlib.ExitStack()
-        self.hooks.wrap(self.hooks.handling, stack, self.outbox.broker, route, delivery, event)
-        return stack
 
     async def _attempt(
         self, delivery: Delivery, route: Route, event: Event, ctx: Context, started: float

@@ -141,5 +141,15 @@ def child_event(cause: Event, event_type: str, data: dict[str, Any], headers: di
     )
 
 
+def with_headers(event: Event, headers: dict[str, str]) -> Event:
+    """``event`` with ``headers`` (a dict of its own): ``attrs.evolve`` without
+    re-running the id checks of an event that passed them already (a root
+    commit copies each event so middleware can add to its headers)."""
+    return _trusted_event(
+        event.type, event.data, event.id, event.correlation_id, event.causation_id, event.saga_id,
+        event.occurred_at, event.attempt, headers,
+    )
+
+
 #: Parse and validate an event from its wire form (``choreo.codec``).
 decode_event = event_decoder(_trusted_event)

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from brokers.speedups import remember
 from choreo.middleware import Middleware
 
 if TYPE_CHECKING:
@@ -116,6 +117,14 @@ class Metrics(Middleware):
         )
         self._recreated_seen = 0
         self._families: dict[str, Counter | Histogram] = {}
+        # The labelled children the per-event hooks use, looked up once per
+        # label set: ``labels()`` checks and joins the values and takes a
+        # lock on every call, 4.9 us for ``on_handled``'s two and 2.0 us for
+        # ``on_publish``'s against 0.14 us for a hit here (``brokers.speedups``).
+        # Label sets are few (routes, outcomes, event types); past
+        # ``MAX_REMEMBERED`` they are looked up each time.
+        self._published_children: dict[str, Any] = {}
+        self._handled_children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
 
     # -- metrics of plug-ins ---------------------------------------------------
 
@@ -154,11 +163,20 @@ class Metrics(Middleware):
     # -- middleware hooks ----------------------------------------------------
 
     def on_publish(self, event: Event) -> None:
-        self.published.labels(event.type).inc()
+        child = self._published_children.get(event.type)
+        if child is None:
+            child = remember(self._published_children, event.type, self.published.labels(event.type))
+        child.inc()
 
     def on_handled(self, route: Route, event: Event | None, outcome: str, duration: float) -> None:
-        self.handled.labels(route.service, route.name, route.event, outcome).inc()
-        self.duration.labels(route.service, route.name, route.event).observe(duration)
+        key = (route.service, route.name, route.event, outcome)
+        children = self._handled_children.get(key)
+        if children is None:
+            children = remember(self._handled_children, key, (
+                self.handled.labels(*key), self.duration.labels(route.service, route.name, route.event)
+            ))
+        children[0].inc()
+        children[1].observe(duration)
 
     def on_dead_letter(self, route: Route, event: Event | None, reason: str) -> None:
         self.dead_lettered.labels(route.service, route.name, route.event).inc()

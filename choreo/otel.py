@@ -35,12 +35,22 @@ Saga commands and replies also carry ``saga.id``, ``saga.name`` and
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context as TraceContext
-from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.context import attach, detach
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
@@ -60,6 +70,7 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 #: Events without a ``traceparent`` start a trace of their own, not one
 #: under whatever span was current when the runtime started.
 _ROOT = TraceContext()
+_HEX = frozenset("0123456789abcdef-")
 
 
 class TracingMiddleware(Middleware):
@@ -73,7 +84,10 @@ class TracingMiddleware(Middleware):
 
     def __init__(self, tracer_provider: trace.TracerProvider | None = None) -> None:
         self.tracer = trace.get_tracer("choreo", tracer_provider=tracer_provider)
+        self._start_span = self.tracer.start_span
         self._systems: dict[str, str] = {}
+        #: The attributes a route's spans share, by broker URL and group.
+        self._handling: dict[tuple[str, str], dict[str, AttributeValue]] = {}
 
     def _system(self, broker: Broker) -> str:
         """``messaging.system``: the broker URL's scheme ("redis", "memory")."""
@@ -88,15 +102,18 @@ class TracingMiddleware(Middleware):
         self, broker: Broker, route: Route, delivery: Delivery, event: Event
     ) -> contextlib.AbstractContextManager[object]:
         headers = event.headers
-        parent = _PROPAGATOR.extract(headers, context=_ROOT) if "traceparent" in headers else _ROOT
-        attributes: dict[str, AttributeValue] = {
-            "messaging.system": self._system(broker),
-            "messaging.destination.name": event.type,
-            "messaging.operation.type": "process",
-            "messaging.operation.name": "handle",
-            "messaging.message.id": event.id,
-            "messaging.message.conversation_id": event.correlation_id,
-            "messaging.consumer.group.name": route.group,
+        parent = _extract(headers) if "traceparent" in headers else _ROOT
+        shared = self._handling.get((broker.url, route.group))
+        if shared is None:
+            shared = self._handling[(broker.url, route.group)] = {
+                "messaging.system": self._system(broker),
+                "messaging.destination.name": route.event,
+                "messaging.operation.type": "process",
+                "messaging.operation.name": "handle",
+                "messaging.consumer.group.name": route.group,
+            }
+        attributes = {
+            **shared, "messaging.message.id": event.id, "messaging.message.conversation_id": event.correlation_id
         }
         if event.saga_id is not None:
             _saga_attributes(event, attributes)
@@ -107,21 +124,18 @@ class TracingMiddleware(Middleware):
             origin = trace.get_current_span(parent).get_span_context()
             if origin.is_valid:
                 links = [Link(origin, {"choreo.attempt": event.attempt, "choreo.deliveries": delivery.deliveries})]
-        return self.tracer.start_as_current_span(
+        span = self._start_span(
             f"choreo.handle {event.type}", context=parent, kind=SpanKind.CONSUMER, attributes=attributes,
             links=links,
         )
+        return _Current(span)
 
     def headers(self, event: Event) -> Mapping[str, str] | None:
-        carrier: dict[str, str] = {}
-        _PROPAGATOR.inject(carrier)
-        return carrier
+        span_context = trace.get_current_span().get_span_context()
+        return _carrier(span_context) if span_context.is_valid else None
 
     def publishing(self, broker: Broker, events: Sequence[Event]) -> contextlib.AbstractContextManager[object]:
-        return self._publishing(self._system(broker), events)
-
-    @contextlib.contextmanager
-    def _publishing(self, system: str, events: Sequence[Event]) -> Iterator[None]:
+        system = self._system(broker)
         spans = []
         # One commit is one operation: its later events (a saga start's timer
         # and lifecycle event) are children of the first one's span, so they
@@ -130,7 +144,7 @@ class TracingMiddleware(Middleware):
         for event in events:
             headers = event.headers
             # A caller that sets the trace context of its event chooses the parent.
-            parent = _PROPAGATOR.extract(headers, context=_ROOT) if "traceparent" in headers else batch
+            parent = _extract(headers) if "traceparent" in headers else batch
             attributes: dict[str, AttributeValue] = {
                 "messaging.system": system,
                 "messaging.destination.name": event.type,
@@ -141,24 +155,16 @@ class TracingMiddleware(Middleware):
             }
             if event.saga_id is not None:
                 _saga_attributes(event, attributes)
-            span = self.tracer.start_span(
+            span = self._start_span(
                 f"choreo.publish {event.type}", context=parent, kind=SpanKind.PRODUCER, attributes=attributes
             )
-            context = trace.set_span_in_context(span)
-            _PROPAGATOR.inject(headers, context=context)
+            span_context = span.get_span_context()
+            if span_context.is_valid:
+                headers.update(_carrier(span_context))
             spans.append(span)
             if batch is None:
-                batch = context
-        try:
-            yield
-        except BaseException as exc:
-            for span in spans:
-                span.record_exception(exc)
-                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-            raise
-        finally:
-            for span in spans:
-                span.end()
+                batch = trace.set_span_in_context(span)
+        return _Ended(spans)
 
     def on_error(self, route: Route, event: Event, error: BaseException) -> None:
         trace.get_current_span().record_exception(error)
@@ -174,6 +180,83 @@ class TracingMiddleware(Middleware):
         span.set_attribute("choreo.outcome", outcome)
         if outcome == Outcome.RETRY or outcome == Outcome.FAILED:
             span.set_status(Status(StatusCode.ERROR, f"handler {outcome}"))
+
+
+class _Current:
+    """``tracer.start_as_current_span``'s work for a span already started:
+    current while entered, an escaping exception recorded, ended on exit.
+    Done by a plain object, not by the SDK's two generator-based context
+    managers: it wraps every handled event (``brokers.speedups``)."""
+
+    __slots__ = ("_span", "_token")
+
+    def __init__(self, span: Span) -> None:
+        self._span = span
+
+    def __enter__(self) -> Span:
+        self._token = attach(trace.set_span_in_context(self._span))
+        return self._span
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        span = self._span
+        try:
+            detach(self._token)
+            if isinstance(exc, Exception) and span.is_recording():  # as use_span: not CancelledError
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        finally:
+            span.end()
+
+
+class _Ended:
+    """Publish spans, ended when the commit is done (ERROR if it failed)."""
+
+    __slots__ = ("_spans",)
+
+    def __init__(self, spans: list[Span]) -> None:
+        self._spans = spans
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        for span in self._spans:
+            if exc is not None:
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            span.end()
+
+
+def _extract(headers: Mapping[str, str]) -> TraceContext:
+    """The context whose span is the one ``headers["traceparent"]`` names:
+    ``_PROPAGATOR.extract(headers, context=_ROOT)``, with the common form
+    (version 00, no ``tracestate``) read here in about a fifth of the time
+    (``brokers.speedups``); anything else goes to the propagator."""
+    traceparent = headers["traceparent"]
+    if (
+        len(traceparent) == 55
+        and traceparent[:3] == "00-"
+        and traceparent[35] == "-"
+        and traceparent[52] == "-"
+        and traceparent.count("-") == 3
+        and _HEX.issuperset(traceparent)
+        and "tracestate" not in headers
+    ):
+        trace_id, span_id = int(traceparent[3:35], 16), int(traceparent[36:52], 16)
+        if trace_id and span_id:
+            origin = SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(int(traceparent[53:], 16)))
+            return trace.set_span_in_context(NonRecordingSpan(origin), _ROOT)
+    return _PROPAGATOR.extract(headers, context=_ROOT)
+
+
+def _carrier(span_context: SpanContext) -> dict[str, str]:
+    """The W3C headers of ``span_context`` (what ``_PROPAGATOR.inject`` writes)."""
+    carrier = {
+        "traceparent": f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-{span_context.trace_flags:02x}"
+    }
+    if span_context.trace_state:
+        carrier["tracestate"] = span_context.trace_state.to_header()
+    return carrier
 
 
 def _saga_attributes(event: Event, attributes: dict[str, AttributeValue]) -> None:

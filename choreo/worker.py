@@ -20,13 +20,11 @@ import time
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
-import attrs
-
 from brokers import Broker, BrokerError, CommitStatus, Delivery, Message, StateWrite, Subscription
 from choreo.cancelling import cancel_and_wait
 from choreo.dispatcher import Dispatcher
 from choreo.errors import BrokerUnavailable, ConfigurationError
-from choreo.events import Event, validate_event_type
+from choreo.events import Event, validate_event_type, with_headers
 from choreo.failpoints import ACTIVE, hit
 from choreo.middleware import Hooks, Middleware
 from choreo.options import DATABASE_URL_ENV, RuntimeOptions
@@ -196,7 +194,7 @@ class Runtime:
         if not self.hooks.publishing:
             return await self.outbox.commit(events, state)
         # Copies with headers of their own, for the middleware to add to.
-        own = [(attrs.evolve(event, headers=dict(event.headers)), delay) for event, delay in events]
+        own = [(with_headers(event, dict(event.headers)), delay) for event, delay in events]
         return await self._commit_wrapped(own, state)
 
     async def relay(self, messages: Sequence[Message]) -> None:
@@ -207,8 +205,7 @@ class Runtime:
         self, events: Sequence[tuple[Event, float | None]], state: Sequence[StateWrite]
     ) -> CommitStatus:
         """``outbox.commit`` inside the middleware's ``publishing`` context managers."""
-        with contextlib.ExitStack() as stack:
-            self.hooks.wrap(self.hooks.publishing, stack, self.broker, [event for event, _ in events])
+        with self.hooks.enter(self.hooks.publishing, self.broker, [event for event, _ in events]):
             return await self.outbox.commit(events, state)
 
     async def _consume(self) -> None:

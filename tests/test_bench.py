@@ -20,9 +20,11 @@ def bench(script: str, *args: str) -> str:
     return done.stdout
 
 
-def test_memory_chain_reports_the_ratio_to_its_baseline() -> None:
-    out = bench("chain_memory.py", "--events", "200")
-    assert "ratio choreo/baseline:" in out
+def test_memory_chain_reports_the_production_path_and_the_harness_against_its_baseline() -> None:
+    out = bench("chain_memory.py", "--events", "200", "--repeat", "2")
+    assert "production path (choreo.run):" in out
+    assert "test harness (run_apps):" in out
+    assert "of the baseline" in out
 
 
 @pytest.mark.redis
@@ -31,6 +33,7 @@ def test_redis_chain_reports_throughput_and_latency_ratios() -> None:
     assert "throughput ratio choreo/raw:" in out
     assert "latency ratio p50 choreo/raw:" in out
     assert "per round" in out
+    assert "process CPU per handled event" in out
 
 
 @pytest.mark.redis

@@ -24,7 +24,8 @@ from brokers.base import TOPIC_PATTERN, Delivery, Message, StateWrite
 from brokers.redis_lines import pack_call
 from brokers.redis_scripts import commit_args
 from brokers.wire import dumps, quote, quote_name
-from choreo.codec import EVENT_TYPE_PATTERN, MAX_ID_LENGTH, MAX_TYPE_LENGTH, WIRE_VERSION
+from choreo.codec import EVENT_TYPE_PATTERN, MAX_ID_LENGTH, MAX_TYPE_LENGTH, WIRE_VERSION, decode_json
+from choreo.errors import DecodeError
 from choreo.events import Event, _trusted_event, decode_event, encode_event
 
 _SERIALIZER = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
@@ -204,3 +205,9 @@ def test_commit_header_is_json_dumps(
     )
     assert blobs[0] == _dumps(expected).encode()
     assert json.loads(blobs[0]) == expected
+
+
+@pytest.mark.parametrize("raw", [b'{"a":1,"a":2}', b'{"a":{"b:":1,"b:":1}}', b'{"a:b":1,"a:b":2,"c":":"}'])
+def test_duplicate_keys_are_refused_wherever_they_are(raw: bytes) -> None:
+    with pytest.raises(DecodeError, match="duplicate key"):
+        decode_json(raw)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -56,6 +58,40 @@ def test_ids_are_unique_and_time_sortable() -> None:
     assert len(set(ids)) == 2000
     assert [i[:10] for i in ids] == sorted(i[:10] for i in ids)
     assert all(len(i) == 26 for i in ids)
+
+
+def test_ids_made_at_once_by_threads_never_repeat() -> None:
+    """Ids of one millisecond share a prefix and count up under it; threads
+    counting under the same prefix still get numbers of their own."""
+    made: list[list[str]] = [[] for _ in range(8)]
+
+    def make(into: list[str]) -> None:
+        into.extend(new_event_id() for _ in range(20_000))
+
+    threads = [threading.Thread(target=make, args=(into,)) for into in made]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    every = [i for ids in made for i in ids]
+    assert len(set(every)) == len(every) == 160_000
+
+
+def test_a_forked_child_does_not_number_ids_under_its_parents_prefix() -> None:
+    """A child forked in the middle of a millisecond draws a prefix of its own."""
+    reader, writer = os.pipe()
+    parent = [new_event_id() for _ in range(100)]
+    pid = os.fork()
+    if pid == 0:  # the child: report its ids and leave at once
+        os.write(writer, json.dumps([new_event_id() for _ in range(100)]).encode())
+        os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader) as pipe:
+        child = json.loads(pipe.read())
+    os.waitpid(pid, 0)
+    parent += [new_event_id() for _ in range(100)]
+    assert not set(child) & set(parent)
+    assert {i[10:22] for i in child}.isdisjoint(i[10:22] for i in parent)
 
 
 def test_root_event_correlates_to_itself() -> None:

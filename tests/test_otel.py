@@ -13,12 +13,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags, TraceState
 
-from choreo import App, Context, Emit, SagaCoordinator, SagaState, SagaStep
+from choreo import App, Context, Emit, SagaCoordinator, SagaState, SagaStep, otel
 from choreo.middleware import Hooks, Middleware
 from choreo.otel import TracingMiddleware
 from choreo.postgres import PostgresStateStore
@@ -313,3 +316,36 @@ def test_choreo_runs_without_opentelemetry_and_worker_otel_says_what_is_missing(
     cli = subprocess.run([sys.executable, "-c", _WITHOUT_OTEL, "cli"], capture_output=True, text=True, env=env)
     assert cli.returncode == 2
     assert cli.stderr.strip().splitlines() == ["error: --otel needs OpenTelemetry: pip install 'choreo-saga[otel]'"]
+
+
+_HEXES = st.text("0123456789abcdef", min_size=1, max_size=34)
+_PARTS = st.one_of(_HEXES, st.sampled_from(["0" * 32, "0" * 16, "ff", "00", "01", "0g", "AB" * 8, "-1" * 8]))
+
+
+@given(st.one_of(
+    st.builds(lambda *parts: "-".join(parts), _PARTS, _PARTS, _PARTS, _PARTS),
+    st.builds(lambda t, s, f: f"00-{t:032x}-{s:016x}-{f:02x}", st.integers(0, 2**128 - 1),
+              st.integers(0, 2**64 - 1), st.integers(0, 255)),
+    st.text(max_size=70),
+), st.booleans())
+@settings(max_examples=400)
+def test_a_traceparent_is_read_as_the_w3c_propagator_reads_it(header: str, with_state: bool) -> None:
+    """The middleware reads the common traceparent form itself (it is on
+    every traced delivery): whatever the header, the parent it finds is the
+    one OpenTelemetry's own propagator finds."""
+    headers = {"traceparent": header}
+    if with_state:
+        headers["tracestate"] = "vendor=value"
+    ours = trace.get_current_span(otel._extract(headers)).get_span_context()
+    theirs = trace.get_current_span(otel._PROPAGATOR.extract(headers, context=otel._ROOT)).get_span_context()
+    assert ours == theirs
+    assert (ours.trace_state, ours.is_remote) == (theirs.trace_state, theirs.is_remote)
+
+
+@given(st.integers(1, 2**128 - 1), st.integers(1, 2**64 - 1), st.integers(0, 255), st.booleans())
+def test_the_headers_written_are_the_w3c_propagators(trace_id: int, span_id: int, flags: int, with_state: bool) -> None:
+    state = TraceState([("vendor", "value")]) if with_state else None
+    span_context = SpanContext(trace_id, span_id, is_remote=False, trace_flags=TraceFlags(flags), trace_state=state)
+    theirs: dict[str, str] = {}
+    otel._PROPAGATOR.inject(theirs, context=trace.set_span_in_context(NonRecordingSpan(span_context)))
+    assert otel._carrier(span_context) == theirs
