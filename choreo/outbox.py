@@ -22,12 +22,10 @@ import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 
-import attrs
-
 from brokers import Broker, BrokerError, CommitStatus, Delivery, Message, StateWrite
 from brokers.base import new_message
 from choreo.errors import BrokerUnavailable
-from choreo.events import DEFAULT_MAX_SIZE, Event, decode_event, encode_event
+from choreo.events import DEFAULT_MAX_SIZE, Event, decode_event, encode_event, with_headers
 from choreo.failpoints import ACTIVE, hit
 from choreo.middleware import Hooks
 
@@ -88,9 +86,8 @@ class Outbox:
             yield [self.message(event, delay=delay) for event, delay in events]
             return
         # Copies with headers of their own, for the middleware to add to.
-        own = [(attrs.evolve(event, headers=dict(event.headers)), delay) for event, delay in events]
-        with contextlib.ExitStack() as stack:
-            self.hooks.wrap(self.hooks.publishing, stack, self.broker, [event for event, _ in own])
+        own = [(with_headers(event, dict(event.headers)), delay) for event, delay in events]
+        with self.hooks.enter(self.hooks.publishing, self.broker, [event for event, _ in own]):
             yield [self.message(event, delay=delay) for event, delay in own]
 
     async def commit(

@@ -20,6 +20,8 @@ import time
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
 from brokers import Broker, BrokerError, CommitStatus, Delivery, Message, StateWrite, Subscription
 from choreo.cancelling import cancel_and_wait
 from choreo.dispatcher import Dispatcher
