@@ -256,7 +256,13 @@ local fields = {'body', f.body or ''}
 if f.message_id then
   fields[3] = 'id'
   fields[4] = f.message_id
-  if group ~= '' then redis.call('DEL', seen_key(group, f.message_id)) end
+  if group ~= '' then
+    local n = tonumber(redis.call('HGET', seen_head_key(group), 'n'))
+    if n ~= nil then
+      redis.call('HDEL', seen_key(group, tostring(n)), f.message_id)
+      redis.call('HDEL', seen_key(group, tostring(n - 1)), f.message_id)
+    end
+  end
 end
 redis.call('XADD', stream_key(f.topic or '', group), '*', unpack(fields))
 redis.call('XDEL', dkey, id)

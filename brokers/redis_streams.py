@@ -39,8 +39,8 @@ Least privilege: a worker needs only its prefix's keys and these commands
 the start-up durability check is skipped)::
 
     ACL SETUSER worker on >password resetkeys ~choreo:* resetchannels -@all +ping +hello
-      +evalsha +eval +script|load +multi +exec +time +exists +del +set
-      +hget +hset +hmget +zadd +zrem +zrange +zrangebyscore +zrangebylex +xadd +xack
+      +evalsha +eval +script|load +multi +exec +time +del
+      +hget +hset +hmget +hdel +hlen +pexpire +zadd +zrem +zrange +zrangebyscore +zrangebylex +xadd +xack
       +xautoclaim +xclaim +xdel +xgroup|create +xinfo|groups +xlen +xpending +xrange
       +xrevrange +xread +xreadgroup +xtrim
 
@@ -53,10 +53,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from redis import exceptions as rexc
 
 from brokers import redis_admin
+from brokers import redis_commit
 from brokers import redis_scripts as lua
 from brokers.base import (
     BrokerError,
@@ -65,6 +67,7 @@ from brokers.base import (
     Message,
     StateWrite,
     Subscription,
+    check_name,
 )
 from brokers.options import BrokerOptions, parse_url, redact_url
 from brokers.redis_fetch import RedisFetch
@@ -114,7 +117,8 @@ class RedisStreamsBroker(RedisFetch):
         self._redis_url = redis_url(url)
         #: The key layout under ``options.prefix``.
         self.keys = Keys(options.prefix)
-        self._dedupe_ms = max(1, round(options.dedupe_ttl * 1000))
+        # 0 turns dedupe off (nothing recorded); any other ttl is at least 1 ms.
+        self._dedupe_ms = max(1, round(options.dedupe_ttl * 1000)) if options.dedupe_ttl > 0 else 0
         self._client = None
         self._reader = None
         self._lines = []
@@ -146,9 +150,10 @@ class RedisStreamsBroker(RedisFetch):
         sources = {"FETCH": lua.FETCH, "EXTEND": lua.EXTEND, "REPLAY": redis_admin.REPLAY,
                    "BACKLOG": redis_admin.BACKLOG, "LIST_STATE": redis_admin.LIST_STATE, "TRIM": redis_admin.TRIM}
         # Rendered once here: the scripts name their keys with this layout's functions.
-        self._scripts = {name: client.register_script(lua.render(self.keys, source))
+        cap = self.options.dedupe_max // 2
+        self._scripts = {name: client.register_script(lua.render(self.keys, source, bucket_cap=cap))
                          for name, source in sources.items()}
-        self._commits = ScriptBatcher(client, lua.render(self.keys, lua.COMMIT_BATCH))
+        self._commits = ScriptBatcher(client, lua.render(self.keys, redis_commit.COMMIT_BATCH, bucket_cap=cap))
         self._fetch_sha = self._scripts["FETCH"].sha
         await check_server(client, self.url, log)
 
@@ -179,9 +184,43 @@ class RedisStreamsBroker(RedisFetch):
     # -- publishing and committing -------------------------------------------
 
     async def publish(self, messages: Sequence[Message]) -> None:
-        """Publish all messages in one script (all or none)."""
-        if messages:
+        """Publish all messages, all or none.
+
+        Messages due now go out as plain XADDs (in MULTI/EXEC when there are
+        several), in the commit batch's write: a publish has nothing to check
+        on the server, and a command costs Redis a fraction of a script call.
+        Delayed ones take the commit script, which scores them by server time.
+        """
+        if not messages:
+            return
+        if any(m.delay for m in messages):
             await self.commit(publish=messages)
+            return
+        commands: list[tuple[Any, ...]] = []
+        for m in messages:
+            check_name("topic", m.topic)
+            if m.group is not None:
+                check_name("group", m.group)
+            if not isinstance(m.body, bytes | bytearray):
+                raise BrokerError(f"message {m.id!r} body must be bytes, not {type(m.body).__name__}")
+            key = self.keys.stream(m.topic) if m.group is None else self.keys.private_stream(m.group, m.topic)
+            self._known.setdefault(key, Stream(key, m.topic, m.group or "", m.group is not None))
+            commands.append(("XADD", key, "*", "id", m.id, "body", bytes(m.body)))
+        if len(commands) > 1:
+            commands = [("MULTI",), *commands, ("EXEC",)]
+        batcher = self._commits
+        if batcher is None:
+            raise BrokerError(f"broker {self.url} is not connected: await connect() first")
+        try:
+            replies = await batcher.commands(commands)
+        except rexc.RedisError as exc:
+            raise BrokerError(f"redis publish failed on {self.url}: {type(exc).__name__}: {exc}") from exc
+        if len(commands) > 1:  # MULTI's and each XADD's QUEUED, then EXEC's replies (or its error)
+            done = replies[-1]
+            replies = [*replies[:-1], *(done if isinstance(done, list) else [done])]
+        failed = [r for r in replies if isinstance(r, Exception)]
+        if failed:
+            raise BrokerError(f"redis publish failed on {self.url}: {failed[0]}")
 
     async def commit(
         self,
@@ -196,7 +235,7 @@ class RedisStreamsBroker(RedisFetch):
         if dead_letter is not None and delivery is None:
             raise BrokerError("a dead letter needs the delivery it records")
         located = None if delivery is None else self._locate(delivery)
-        args, soonest = lua.commit_args(delivery, located, dead_letter, state, publish, done, self._dedupe_ms)
+        args, soonest = redis_commit.commit_args(delivery, located, dead_letter, state, publish, done, self._dedupe_ms)
         for m in publish:
             if m.topic not in self._published_topics:  # a set lookup per message, the key built once
                 self._published_topics.add(m.topic)
