@@ -12,9 +12,14 @@ time (server unix ms), each member a JSON header ``[topic, group, id]``, a
 newline, then the body; whichever worker fetches moves due members to their
 stream in one script. Dead letters are a stream with fields ``topic group
 message_id body reason deliveries dead_at`` (plus ``size sha1`` when only the
-first bytes of an oversized entry are kept). A dedupe record is a string key
-with ``PX = dedupe_ttl`` written in the same script as the ack (about 90
-bytes per record with key overhead). State is a hash ``{v: value, n:
+first bytes of an oversized entry are kept). Dedupe records are fields of a
+hash per group and bucket (``Keys.seen``), written in the same script as the
+ack; a group's head hash (``Keys.seen_head``) names its current bucket. A
+bucket takes ids until it holds ``dedupe_max / 2`` or is ``dedupe_ttl`` old;
+when the next one begins, the one before the current is deleted, so a group
+keeps at most ``dedupe_max`` records, each at least ``dedupe_ttl`` unless
+that count bound drops it sooner, and buckets expire ``2 * dedupe_ttl``
+after their last write. State is a hash ``{v: value, n:
 version}`` per key plus a sorted set (all scores 0) indexing the keys, so
 ``list_state`` is a lex range.
 
@@ -24,15 +29,21 @@ Commit is one fenced script: it checks with XPENDING that the consumer still
 holds the entry with the same delivery count (XACK has no owner check; a
 reclaim bumps the count), checks every state version, and only then writes.
 Commits made while others are on the wire are sent together as one call of
-the batch script, which checks and applies each of them on its own (one that
-is refused or fails leaves the others alone). The operations side (retention,
+the batch script (``brokers.redis_commit``), which checks and applies each of
+them on its own (one that is refused or fails leaves the others alone), with
+one XPENDING, one HMGET per dedupe bucket, one XACK and one HSET per stream
+or group for the whole batch. Publishes of messages due now need no check
+and go out as plain XADDs in the same write. The operations side (retention,
 state listing, backlog, dead letters) is in ``brokers.redis_admin``.
 
-Retention: streams are never trimmed with MAXLEN on XADD. With ``maxlen`` set,
-``trim`` (run periodically from ``fetch``) removes the oldest entries down to
-about ``maxlen`` with XTRIM MINID, bounded by every group's oldest pending
-entry and last-delivered id, so an entry still pending or not yet delivered in
-any group is never trimmed. Without ``maxlen`` nothing is trimmed.
+Retention is on by default: streams are never trimmed with MAXLEN on XADD;
+``trim`` (run every few seconds from ``fetch``) removes with XTRIM MINID the
+entries past a stream's newest ``maxlen`` (default ``DEFAULT_MAXLEN`` in
+``brokers.redis_retention``) and those older than ``retention`` (default one
+day), bounded by every group's oldest pending entry and last-delivered id, so
+an entry still pending or not yet delivered in any group is never trimmed.
+``maxlen=0&retention=0`` turns it off (``connect`` warns: memory then grows
+without bound).
 
 Least privilege: a worker needs only its prefix's keys and these commands
 (scripts run under the caller's ACL too); ``CONFIG`` is optional (without it
@@ -57,8 +68,7 @@ from typing import Any
 
 from redis import exceptions as rexc
 
-from brokers import redis_admin
-from brokers import redis_commit
+from brokers import redis_admin, redis_commit, redis_retention
 from brokers import redis_scripts as lua
 from brokers.base import (
     BrokerError,
@@ -86,10 +96,6 @@ __all__ = ("RedisStreamsBroker",)
 
 log = logging.getLogger("brokers.redis")
 
-#: Seconds between looks at the delayed set when no due time is known.
-_DELAYED_POLL = 0.1
-#: Seconds between retention sweeps (only with ``maxlen``).
-_TRIM_INTERVAL = 5.0
 _STATUS = {
     b"ok": CommitStatus.OK, b"lease_lost": CommitStatus.LEASE_LOST, b"conflict": CommitStatus.CONFLICT,
     b"duplicate": CommitStatus.DUPLICATE,
@@ -130,6 +136,7 @@ class RedisStreamsBroker(RedisFetch):
         self._rotation = 0
         self._delayed_due = 0.0
         self._trim_due = 0.0
+        self._retention = any(redis_retention.retention_bounds(options))
         self._known = {}
         self._published_topics: set[str] = set()
         self._drained = {}
@@ -148,7 +155,7 @@ class RedisStreamsBroker(RedisFetch):
         client, reader = await open_clients(self._redis_url, self.url)
         self._client, self._reader = client, reader
         sources = {"FETCH": lua.FETCH, "EXTEND": lua.EXTEND, "REPLAY": redis_admin.REPLAY,
-                   "BACKLOG": redis_admin.BACKLOG, "LIST_STATE": redis_admin.LIST_STATE, "TRIM": redis_admin.TRIM}
+                   "BACKLOG": redis_admin.BACKLOG, "LIST_STATE": redis_admin.LIST_STATE, "TRIM": redis_retention.TRIM}
         # Rendered once here: the scripts name their keys with this layout's functions.
         cap = self.options.dedupe_max // 2
         self._scripts = {name: client.register_script(lua.render(self.keys, source, bucket_cap=cap))
@@ -156,6 +163,11 @@ class RedisStreamsBroker(RedisFetch):
         self._commits = ScriptBatcher(client, lua.render(self.keys, redis_commit.COMMIT_BATCH, bucket_cap=cap))
         self._fetch_sha = self._scripts["FETCH"].sha
         await check_server(client, self.url, log)
+        if not self._retention:
+            log.warning(
+                "retention is off on %s (maxlen=0 and retention=0): streams keep every entry and Redis memory "
+                "grows without bound; see docs/operations.md, \"Memory\"", self.url,
+            )
 
     async def close(self) -> None:
         """Close both connection pools. Idempotent."""
