@@ -40,7 +40,7 @@ class BrokerOptions:
     maxlen: int | None = None
     retention: float = 86400.0
     dedupe_ttl: float = 86400.0
-    dedupe_max: int = 1_000_000
+    dedupe_max: int = 100_000
     claim_interval: float | None = None
     prefix: str = "choreo"
 

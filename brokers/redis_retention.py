@@ -28,7 +28,8 @@ def retention_bounds(options: BrokerOptions) -> tuple[int, int]:
 
 # ARGV: maxlen (0: no bound by length), retention ms (0: no bound by age),
 # then per stream: key, private (0/1). Trims from each stream the entries past
-# its newest maxlen and those older than the retention, but never one at or
+# about its newest maxlen (exactly, up to 1,000 past it) and those older than
+# the retention, but never one at or
 # past the oldest entry that any group still has pending or has not been
 # delivered yet (the lowest of the groups' last-delivered ids and oldest
 # pending ids). A topic's stream that no group reads yet keeps what the
@@ -62,10 +63,25 @@ for i = 3, #ARGV, 2 do
     -- The newest id that the bounds allow to trim below.
     local bound = nil
     if maxlen > 0 then
-      local excess = redis.call('XLEN', key) - maxlen
-      if excess > 0 then
-        local cut = redis.call('XRANGE', key, '-', '+', 'COUNT', math.min(excess, 10000) + 1)
+      local length = redis.call('XLEN', key)
+      local excess = length - maxlen
+      if excess > 0 and excess <= 1000 then
+        local cut = redis.call('XRANGE', key, '-', '+', 'COUNT', excess + 1)
         bound = cut[#cut][1]
+      elseif excess > 0 then
+        -- Far past maxlen (a fast stream): reading every entry to the cut
+        -- would cost a copy of each into Lua, so the cut is placed by time
+        -- between the first and the last entry; a stream whose entries
+        -- share one millisecond is cut 1,000 entries at a time.
+        local first = split(redis.call('XRANGE', key, '-', '+', 'COUNT', 1)[1][1])
+        local last = split(redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)[1][1])
+        local at = first + math.floor((last - first) * excess / length)
+        if at > first then
+          bound = string.format('%d-0', at)
+        else
+          local cut = redis.call('XRANGE', key, '-', '+', 'COUNT', 1001)
+          bound = cut[#cut][1]
+        end
       end
     end
     if age_bound and (bound == nil or older(bound, age_bound)) then bound = age_bound end

@@ -133,6 +133,21 @@ async def test_length_bound_stops_at_an_undelivered_entry(server: RedisServer) -
         assert await client.xlen(KEY) == 2
 
 
+async def test_a_stream_far_past_maxlen_is_cut_back_to_it(server: RedisServer) -> None:
+    """2,000 entries every group acked, with ``maxlen=100``: one sweep places the cut by time, the
+    next one exactly, and the stream ends near 100 entries, never above."""
+    async with connected(f"{server.url}?maxlen=100&retention=0") as (broker, client):
+        await broker.subscribe(GROUPS[:1])
+        for first in range(0, 2000, 10):
+            await broker.publish(messages(first, 10))
+            await asyncio.sleep(0.002)
+        for delivery in await collect(broker, "c", GROUPS[:1], 2000, timeout=10):
+            assert await broker.commit(delivery) is CommitStatus.OK
+        await broker.trim()
+        await broker.trim()
+        assert 80 <= await client.xlen(KEY) <= 100
+
+
 async def test_trimming_never_drops_a_pending_or_undelivered_entry(server: RedisServer) -> None:
     """Three groups read and ack at random while retention trims with tiny bounds: after every
     sweep each entry that a group still has pending or not delivered is there, and the stream
