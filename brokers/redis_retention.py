@@ -5,7 +5,7 @@ Retention is on by default, so that Redis memory stays bounded at steady
 state: a stream keeps its newest ``maxlen`` entries (``DEFAULT_MAXLEN`` when
 not given) and nothing older than ``retention`` seconds (a day by default),
 and only what every group is done with is ever trimmed. Sizing arithmetic:
-docs/operations.md, "Memory".
+docs/operations.md, "Memory per event and sizing".
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from brokers.options import BrokerOptions
 
 __all__ = ("DEFAULT_MAXLEN", "TRIM", "retention_bounds")
 
-#: Entries a stream keeps when ``maxlen`` is not given (about 25 MB for a
-#: stream of 200-byte events; see docs/operations.md, "Memory").
+#: Entries a stream keeps when ``maxlen`` is not given (about 40 MB for a
+#: stream of 300-byte event bodies; see docs/operations.md).
 DEFAULT_MAXLEN = 100_000
 
 

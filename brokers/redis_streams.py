@@ -166,7 +166,7 @@ class RedisStreamsBroker(RedisFetch):
         if not self._retention:
             log.warning(
                 "retention is off on %s (maxlen=0 and retention=0): streams keep every entry and Redis memory "
-                "grows without bound; see docs/operations.md, \"Memory\"", self.url,
+                "grows without bound; see docs/operations.md, \"Memory per event and sizing\"", self.url,
             )
 
     async def close(self) -> None:

@@ -25,6 +25,7 @@ from brokers.redis_retention import DEFAULT_MAXLEN, retention_bounds
 from brokers.redis_streams import RedisStreamsBroker
 from tests.deliveries import collect
 from tests.redis_server import RedisServer
+from tests.retention_soak import retention_soak
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -219,3 +220,13 @@ async def test_dedupe_records_are_bounded_by_count(server: RedisServer) -> None:
         old, recent = await collect(broker, "c", [sub], 2)
         assert (old.message_id, old.duplicate) == ("m0", False)
         assert (recent.message_id, recent.duplicate) == ("m9", True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+async def test_redis_memory_is_flat_over_1m_events_at_the_defaults() -> None:
+    """T23: a million events through a worker at its default settings: memory stays bounded after
+    warm-up, and nothing any group still needed was trimmed (missing 0, double 0)."""
+    figures = await retention_soak(1_000_000)
+    print(figures.line())
+    assert (figures.missing, figures.double, figures.flat) == (0, 0, True), figures.line()
