@@ -103,12 +103,29 @@ _BOOL = ("false", "true")
 _COMMIT_ONE = r"""
 local now = 0
 local headers = {}
-local leases = {}   -- stream .. '\n' .. group .. '\n' .. entry -> {consumer, deliveries}
-local settled = {}  -- same keys: settled earlier in this batch
-local acks = {}     -- stream .. '\n' .. group -> {stream, group, {entry ids}, {commits}}
-local ack_order = {}
+local queues = {}   -- stream -> group -> the queue's record (see queue_of)
+local queue_order = {}
 local dedupe = {}   -- group -> {n, at, ttl, ids = {id -> true}, fresh = {ids}, commits = {}}
 local dedupe_order = {}
+
+-- One record per stream and group the batch settles in, looked up by the
+-- strings the headers hold (no key is built per commit): the leases the
+-- fence found (entry -> owner, entry -> deliveries), the entries settled so
+-- far in this batch, and the acks to send with the commits they belong to.
+local function queue_of(skey, group)
+  local by_group = queues[skey]
+  if by_group == nil then
+    by_group = {}
+    queues[skey] = by_group
+  end
+  local q = by_group[group]
+  if q == nil then
+    q = {skey = skey, group = group, owner = {}, count = {}, settled = {}, acks = {}, commits = {}, ranges = {}}
+    by_group[group] = q
+    queue_order[#queue_order + 1] = q
+  end
+  return q
+end
 
 local function id_parts(id)
   local dash = string.find(id, '-', 1, true)
@@ -120,33 +137,40 @@ end
 -- that consumer's leases come back); an entry past the reply's COUNT is
 -- asked for on its own.
 local function fetch_leases(settles)
-  local ranges, order = {}, {}
+  local ranges = {}
   for _, st in ipairs(settles) do
-    local at = st[1] .. '\n' .. st[2] .. '\n' .. st[3]
+    local q = queue_of(st[1], st[2])
     local ms, seq = id_parts(st[4])
-    local r = ranges[at]
+    local r = q.ranges[st[3]]
     if r == nil then
-      r = {st[1], st[2], st[3], ms, seq, ms, seq, {}, st[4], st[4]}
-      ranges[at] = r
-      order[#order + 1] = r
-    elseif ms < r[4] or (ms == r[4] and seq < r[5]) then
-      r[4], r[5], r[9] = ms, seq, st[4]
-    elseif ms > r[6] or (ms == r[6] and seq > r[7]) then
-      r[6], r[7], r[10] = ms, seq, st[4]
+      r = {q, st[3], ms, seq, ms, seq, {}, st[4], st[4]}
+      q.ranges[st[3]] = r
+      ranges[#ranges + 1] = r
+    elseif ms < r[3] or (ms == r[3] and seq < r[4]) then
+      r[3], r[4], r[8] = ms, seq, st[4]
+    elseif ms > r[5] or (ms == r[5] and seq > r[6]) then
+      r[5], r[6], r[9] = ms, seq, st[4]
     end
-    r[8][#r[8] + 1] = st[4]
+    r[7][#r[7] + 1] = st[4]
   end
-  for _, r in ipairs(order) do
-    local limit = #r[8] * 4 + 16
-    local rows = redis.pcall('XPENDING', r[1], r[2], r[9], r[10], limit, r[3])
-    local prefix = r[1] .. '\n' .. r[2] .. '\n'
+  for _, r in ipairs(ranges) do
+    local q = r[1]
+    local owner, count = q.owner, q.count
+    local limit = #r[7] * 4 + 16
+    local rows = redis.pcall('XPENDING', q.skey, q.group, r[8], r[9], limit, r[2])
     if type(rows) == 'table' and not rows.err then
-      for _, row in ipairs(rows) do leases[prefix .. row[1]] = {row[2], tonumber(row[4])} end
+      for _, row in ipairs(rows) do
+        owner[row[1]] = row[2]
+        count[row[1]] = tonumber(row[4])
+      end
       if #rows >= limit then
-        for _, eid in ipairs(r[8]) do
-          if leases[prefix .. eid] == nil then
-            local p = redis.pcall('XPENDING', r[1], r[2], eid, eid, 1)
-            if type(p) == 'table' and not p.err and #p > 0 then leases[prefix .. eid] = {p[1][2], tonumber(p[1][4])} end
+        for _, eid in ipairs(r[7]) do
+          if owner[eid] == nil then
+            local p = redis.pcall('XPENDING', q.skey, q.group, eid, eid, 1)
+            if type(p) == 'table' and not p.err and #p > 0 then
+              owner[eid] = p[1][2]
+              count[eid] = tonumber(p[1][4])
+            end
           end
         end
       end
@@ -199,17 +223,10 @@ local function prepare(argvs)
   for group, ids in pairs(asked) do fetch_dedupe(group, ids, ttls[group]) end
 end
 
-local function queue_ack(at, skey, group, eid, i)
-  local pair = skey .. '\n' .. group
-  local a = acks[pair]
-  if a == nil then
-    a = {skey, group, {}, {}}
-    acks[pair] = a
-    ack_order[#ack_order + 1] = a
-  end
-  a[3][#a[3] + 1] = eid
-  a[4][#a[4] + 1] = i
-  settled[at] = true
+local function queue_ack(q, eid, i)
+  q.acks[#q.acks + 1] = eid
+  q.commits[#q.commits + 1] = i
+  q.settled[eid] = true
 end
 
 local function commit(i, ARGV)
@@ -225,18 +242,17 @@ local function commit(i, ARGV)
   local first_value = at
   local first_body = at + #writes
 
-  local skey, group, eid, deliveries, lease
+  local group, eid, deliveries, q
   if settle then
-    skey, group, eid, deliveries = settle[1], settle[2], settle[4], settle[5]
-    lease = skey .. '\n' .. group .. '\n' .. eid
-    local held = leases[lease]
-    if settled[lease] or held == nil or held[1] ~= settle[3] or held[2] ~= deliveries then return 'lease_lost' end
+    group, eid, deliveries = settle[2], settle[4], settle[5]
+    q = queues[settle[1]][group]
+    if q.settled[eid] or q.owner[eid] ~= settle[3] or q.count[eid] ~= deliveries then return 'lease_lost' end
     local d = dedupe[group]
     if settle[7] and not (settle[11] and settle[13]) and d and d.ids[settle[6]] then
       -- A duplicate that was in flight while the original settled: ack it,
       -- nothing else. A delivery handed out marked as a duplicate may still
       -- be dead-lettered: its consumer found another message under the id.
-      queue_ack(lease, skey, group, eid, i)
+      queue_ack(q, eid, i)
       return 'duplicate'
     end
   end
@@ -274,7 +290,7 @@ local function commit(i, ARGV)
       end
       d.commits[#d.commits + 1] = i
     end
-    queue_ack(lease, skey, group, eid, i)
+    queue_ack(q, eid, i)
   end
   return 'ok'
 end
@@ -316,10 +332,10 @@ local function flush(replies)
       if not ok then fail(d.commits, type(err) == 'table' and err or {err = 'ERR ' .. tostring(err)}) end
     end
   end
-  for _, a in ipairs(ack_order) do
-    for first = 1, #a[3], 1000 do
-      local r = redis.pcall('XACK', a[1], a[2], unpack(a[3], first, math.min(first + 999, #a[3])))
-      if type(r) == 'table' and r.err then fail(a[4], r) end
+  for _, q in ipairs(queue_order) do
+    for first = 1, #q.acks, 1000 do
+      local r = redis.pcall('XACK', q.skey, q.group, unpack(q.acks, first, math.min(first + 999, #q.acks)))
+      if type(r) == 'table' and r.err then fail(q.commits, r) end
     end
   end
 end
