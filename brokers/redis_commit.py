@@ -295,6 +295,15 @@ local function commit(i, ARGV)
   return 'ok'
 end
 
+-- A new bucket starts with one field whose value is longer than Redis keeps
+-- in a listpack, so it is a hash table from its first id on: in a listpack
+-- each HMGET of a batch's ids would scan the bucket once per id (measured:
+-- 17% of Redis's instructions in a short run). The field's name is no id a
+-- producer would use; an entry that carries it anyway is handed out marked.
+local function open_bucket(key)
+  redis.call('HSET', key, '\n#bucket', string.rep('-', 80))
+end
+
 -- Rotation: a bucket takes ids until it holds BUCKET_CAP of them or is
 -- ``ttl`` old; the bucket before the current one is deleted when a new one
 -- begins. A record is so kept at least ``ttl`` (unless the count bound drops
@@ -310,6 +319,7 @@ local function flush(replies)
     if #d.fresh > 0 then
       local ok, err = pcall(function()
         local key = seen_key(group, tostring(d.n))
+        if d.at == nil then open_bucket(key) end
         for first = 1, #d.fresh, 1000 do
           local fields = {}
           for j = first, math.min(first + 999, #d.fresh) do
@@ -326,6 +336,8 @@ local function flush(replies)
         elseif redis.call('HLEN', key) >= BUCKET_CAP or now - d.at >= d.ttl then
           redis.call('HSET', head, 'n', d.n + 1, 'at', now)
           redis.call('DEL', seen_key(group, tostring(d.n - 1)))
+          open_bucket(seen_key(group, tostring(d.n + 1)))
+          redis.call('PEXPIRE', seen_key(group, tostring(d.n + 1)), keep)
         end
         redis.call('PEXPIRE', head, keep)
       end)
