@@ -37,7 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 
@@ -174,10 +174,18 @@ class Round:
     worker_us: float
     redis_us: float
     publisher_s: float
+    #: ``INFO commandstats`` deltas per chain: command -> (calls, microseconds).
+    commands: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def line(self) -> str:
         return (f"{self.rate:9,.0f} events/s  worker CPU {self.worker_us:6.1f} us/chain  "
                 f"Redis CPU {self.redis_us:6.1f} us/chain  publisher {self.publisher_s:6.2f} s")
+
+    def breakdown(self, top: int = 8) -> str:
+        """The commands Redis spent the most time in, per chain (a script's own
+        line includes the commands it called, which are also listed)."""
+        ranked = sorted(self.commands.items(), key=lambda item: -item[1][1])[:top]
+        return "  ".join(f"{name} {calls:.2f}x {usec:.1f}us" for name, (calls, usec) in ranked)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -192,10 +200,16 @@ def redis_cpu(client: redis.Redis) -> float:
     return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
 
+def command_stats(client: redis.Redis) -> dict[str, tuple[int, int]]:
+    """Calls and microseconds per command since the server started."""
+    return {name.removeprefix("cmdstat_"): (int(stat["calls"]), int(stat["usec"]))
+            for name, stat in client.info("commandstats").items()}
+
+
 def measure(client: redis.Redis, worker_pid: int, publisher: subprocess.Popen[str], last: str, chains: int) -> Round:
     """Give the publisher its go and wait until ``chains`` entries reached ``last``."""
     assert publisher.stdin is not None and publisher.stdout is not None
-    worker_before, redis_before = cpu_seconds(worker_pid), redis_cpu(client)
+    worker_before, redis_before, stats_before = cpu_seconds(worker_pid), redis_cpu(client), command_stats(client)
     start = time.perf_counter()
     publisher.stdin.write("go\n")
     publisher.stdin.flush()
@@ -209,8 +223,13 @@ def measure(client: redis.Redis, worker_pid: int, publisher: subprocess.Popen[st
             raise SystemExit(f"stalled at {done} of {chains} chains on {last}")
     elapsed = time.perf_counter() - start
     worker_cpu, server_cpu = cpu_seconds(worker_pid) - worker_before, redis_cpu(client) - redis_before
+    stats = command_stats(client)
     publisher_s = float(publisher.stdout.readline())
-    return Round(chains * 3 / elapsed, worker_cpu / chains * 1e6, server_cpu / chains * 1e6, publisher_s)
+    commands = {name: ((calls - stats_before.get(name, (0, 0))[0]) / chains,
+                       (usec - stats_before.get(name, (0, 0))[1]) / chains)
+                for name, (calls, usec) in stats.items()}
+    return Round(chains * 3 / elapsed, worker_cpu / chains * 1e6, server_cpu / chains * 1e6, publisher_s,
+                 {name: delta for name, delta in commands.items() if delta[0] > 0})
 
 
 def raw_round(children: Children, url: str, args: argparse.Namespace, client: redis.Redis) -> Round:
@@ -244,6 +263,8 @@ def main(args: argparse.Namespace) -> None:
                 rounds[name].append(side(children, server.url, args, client))
                 children.stop()
                 print(f"round {number}: {name:6} {rounds[name][-1].line()}", flush=True)
+                if args.commands:
+                    print(f"         per chain: {rounds[name][-1].breakdown()}", flush=True)
             raw, choreo = rounds["raw"][-1], rounds["choreo"][-1]
             print(f"round {number}: ratio choreo/raw {choreo.rate / raw.rate:.2f} events/s, "
                   f"{choreo.worker_us / raw.worker_us:.2f}x worker CPU, "
@@ -253,8 +274,8 @@ def main(args: argparse.Namespace) -> None:
         children.stop()
         server.stop()
     medians = {
-        name: Round(*(statistics.median(getattr(r, field) for r in side)
-                      for field in ("rate", "worker_us", "redis_us", "publisher_s")))
+        name: Round(*(statistics.median(getattr(r, attr) for r in side)
+                      for attr in ("rate", "worker_us", "redis_us", "publisher_s")))
         for name, side in rounds.items()
     }
     for name, median in medians.items():
@@ -271,6 +292,8 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=3, help="rounds, raw and choreo alternating; medians reported")
     parser.add_argument("--publishers", type=int, default=100, help="concurrent publishing tasks in each publisher")
     parser.add_argument("--worker-args", default="", help='extra flags for choreo worker, e.g. "--concurrency 200"')
+    parser.add_argument("--commands", action="store_true",
+                        help="also print the commands Redis spent the most time in (INFO commandstats), per chain")
     parser.add_argument("--role", choices=ROLES, help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     return parser.parse_args()

@@ -48,7 +48,8 @@ Semantics every adapter gives (the contract tests in ``tests/`` hold them to it)
   it (a duplicate's commit acks it and applies nothing). A duplicate already
   in flight when the original settles is refused at commit (``DUPLICATE``),
   so a message id takes effect once per group. Records are kept for
-  ``dedupe_ttl`` seconds.
+  ``dedupe_ttl`` seconds (on Redis, at most ``dedupe_max`` per group: past
+  that the oldest go first).
 * **Delays.** A message with ``delay`` becomes deliverable that many seconds
   later; a message with ``group`` is delivered to that group of its topic only
   (retries and replays use this, so other groups do not see it twice).

@@ -289,7 +289,7 @@ class MemoryBroker(MemoryInspection):
             group.private.append(entry)
         else:
             topic.log.append(entry)
-            topic.trim(self.options.maxlen)
+            topic.trim(self.options.maxlen or None)
 
     def _release_due(self, now: float) -> None:
         while self._delayed and self._delayed[0][0] <= now:

@@ -19,9 +19,17 @@ class BrokerOptions:
         visibility_timeout: Seconds an uncommitted delivery stays with its
             consumer before another consumer may claim it.
         max_deliveries: Deliveries after which a message is dead-lettered.
-        maxlen: Approximate number of entries kept per topic (``None``: all).
+        maxlen: Approximate number of entries kept per topic. ``None``: the
+            adapter's default (Redis: ``REDIS_DEFAULT_MAXLEN``; memory: only
+            what some group still needs); ``0``: no bound by length.
             Trimming never drops an entry still pending or undelivered.
-        dedupe_ttl: Seconds a settled message id is remembered per group.
+        retention: Seconds an entry that every group is done with is kept
+            (Redis; ``0``: no bound by age). Entries older than this, or past
+            ``maxlen``, are trimmed, never one still pending or undelivered.
+        dedupe_ttl: Seconds a settled message id is remembered per group
+            (``0``: not at all, which turns dedupe off).
+        dedupe_max: Most settled message ids remembered per group (Redis):
+            past it the oldest go first, even before ``dedupe_ttl``.
         claim_interval: Seconds between reclaim sweeps (default: a quarter of
             ``visibility_timeout``, at most 5).
         prefix: Key prefix on Redis.
@@ -30,7 +38,9 @@ class BrokerOptions:
     visibility_timeout: float = 30.0
     max_deliveries: int = 5
     maxlen: int | None = None
+    retention: float = 86400.0
     dedupe_ttl: float = 86400.0
+    dedupe_max: int = 100_000
     claim_interval: float | None = None
     prefix: str = "choreo"
 
@@ -45,7 +55,9 @@ _CONVERTERS = {
     "visibility_timeout": float,
     "max_deliveries": int,
     "maxlen": int,
+    "retention": float,
     "dedupe_ttl": float,
+    "dedupe_max": int,
     "claim_interval": float,
     "prefix": str,
 }
@@ -94,8 +106,14 @@ def parse_url(url: str) -> tuple[str, BrokerOptions]:
         raise BrokerError("broker option visibility_timeout must be positive")
     if options.max_deliveries < 1:
         raise BrokerError("broker option max_deliveries must be at least 1")
-    if options.maxlen is not None and options.maxlen < 1:
-        raise BrokerError("broker option maxlen must be at least 1")
+    if options.maxlen is not None and options.maxlen < 0:
+        raise BrokerError("broker option maxlen must be 0 (no bound) or more")
+    if options.retention < 0:
+        raise BrokerError("broker option retention must be 0 (no bound) or more")
+    if options.dedupe_ttl < 0:
+        raise BrokerError("broker option dedupe_ttl must be 0 (dedupe off) or more")
+    if options.dedupe_max < 2:
+        raise BrokerError("broker option dedupe_max must be at least 2")
     return parts.scheme, options
 
 

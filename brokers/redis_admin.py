@@ -1,4 +1,5 @@
-"""The operations side of the Redis Streams adapter: retention, state reads,
+"""The operations side of the Redis Streams adapter: retention (its script and
+bounds are in ``brokers.redis_retention``), state reads,
 and the ``Inspection`` role (history, cursors, leases, delayed messages,
 backlog, dead letters), mixed into ``RedisStreamsBroker``, with the Lua
 scripts they run. These calls are rare next to fetch and commit, so they
@@ -27,14 +28,14 @@ from brokers.base import (
 )
 from brokers.options import BrokerOptions
 from brokers.redis_keys import Keys
+from brokers.redis_retention import retention_bounds
 from brokers.redis_scripts import COMMON
 from brokers.redis_support import PRIVATE_TAG, Stream, dead_letter_record, is_stream_id, text
 
-__all__ = ("BACKLOG", "LIST_STATE", "REPLAY", "TRIM", "RedisAdmin")
+__all__ = ("BACKLOG", "LIST_STATE", "REPLAY", "RedisAdmin")
 
 #: Entries read per XRANGE call while scanning history.
 _PAGE = 1000
-
 
 class _Host(Protocol):
     """What the mixin needs from the broker it is part of."""
@@ -55,15 +56,17 @@ class RedisAdmin:
     # -- retention -----------------------------------------------------------
 
     async def trim(self: _Host) -> int:
-        """Trim the streams this broker has used to about ``maxlen`` entries.
+        """Apply retention to the streams this broker has used: remove the
+        entries past the newest ``maxlen`` and those older than ``retention``.
 
         Never trims an entry that any group still has pending or has not been
         delivered yet. Runs from ``fetch`` every few seconds; returns how many
-        entries were removed (0 without ``maxlen``).
+        entries were removed (0 with retention off).
         """
-        if self.options.maxlen is None or not self._known:
+        maxlen, retention = retention_bounds(self.options)
+        if not (maxlen or retention) or not self._known:
             return 0
-        args: list[Any] = [self.options.maxlen]
+        args: list[Any] = [maxlen, retention]
         for s in self._known.values():
             args += [s.key, int(s.private)]
         return int(await self._run("TRIM", args))
@@ -256,7 +259,13 @@ local fields = {'body', f.body or ''}
 if f.message_id then
   fields[3] = 'id'
   fields[4] = f.message_id
-  if group ~= '' then redis.call('DEL', seen_key(group, f.message_id)) end
+  if group ~= '' then
+    local n = tonumber(redis.call('HGET', seen_head_key(group), 'n'))
+    if n ~= nil then
+      redis.call('HDEL', seen_key(group, tostring(n)), f.message_id)
+      redis.call('HDEL', seen_key(group, tostring(n - 1)), f.message_id)
+    end
+  end
 end
 redis.call('XADD', stream_key(f.topic or '', group), '*', unpack(fields))
 redis.call('XDEL', dkey, id)
@@ -333,45 +342,4 @@ for _, key in ipairs(keys) do
   end
 end
 return out
-"""
-
-# ARGV: maxlen, then per stream: key, private (0/1). Trims each stream to
-# about maxlen entries, but never at or past the oldest entry that any group
-# still has pending or has not been delivered yet. Returns entries removed.
-TRIM = r"""
-local maxlen = tonumber(ARGV[1])
-
-local function split(id)
-  local dash = string.find(id, '-', 1, true)
-  return tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
-end
-
-local function older(a, b)
-  local am, as = split(a)
-  local bm, bs = split(b)
-  return am < bm or (am == bm and as < bs)
-end
-
-local removed = 0
-for i = 2, #ARGV, 2 do
-  local key, private = ARGV[i], ARGV[i + 1] == '1'
-  local excess = redis.call('XLEN', key) - maxlen
-  local groups = redis.pcall('XINFO', 'GROUPS', key)
-  if excess > 0 and type(groups) == 'table' and not groups.err and not (private and #groups == 0) then
-    local cut = redis.call('XRANGE', key, '-', '+', 'COUNT', math.min(excess, 10000) + 1)
-    local bound = cut[#cut][1]
-    for _, flat in ipairs(groups) do
-      local g = {}
-      for j = 1, #flat, 2 do g[flat[j]] = flat[j + 1] end
-      local floor = g['last-delivered-id']
-      if tonumber(g.pending) > 0 then
-        local summary = redis.call('XPENDING', key, g.name)
-        if older(summary[2], floor) then floor = summary[2] end
-      end
-      if older(floor, bound) then bound = floor end
-    end
-    removed = removed + redis.call('XTRIM', key, 'MINID', bound)
-  end
-end
-return removed
 """

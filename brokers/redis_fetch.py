@@ -47,7 +47,7 @@ log = logging.getLogger("brokers.redis")
 
 #: Seconds between looks at the delayed set when no due time is known.
 _DELAYED_POLL = 0.1
-#: Seconds between retention sweeps (only with ``maxlen``).
+#: Seconds between retention sweeps (not with retention off).
 _TRIM_INTERVAL = 5.0
 
 
@@ -75,6 +75,8 @@ class RedisFetch(redis_admin.RedisAdmin):
     _rotation: int
     _delayed_due: float
     _trim_due: float
+    #: Whether retention is on (``trim`` has a bound to apply).
+    _retention: bool
     #: Stream tails from the last read that drained these streams.
     _drained: dict[frozenset[str], dict[str, str]]
 
@@ -239,7 +241,7 @@ class RedisFetch(redis_admin.RedisAdmin):
     ) -> tuple[list[Delivery], dict[str, str] | None]:
         now = time.monotonic()
         args, move_delayed = self._fetch_args(consumer, streams, limit, max_size, now, True)
-        if self.options.maxlen is not None and now >= self._trim_due:
+        if self._retention and now >= self._trim_due:
             self._trim_due = now + _TRIM_INTERVAL
             await self.trim()
         # On a line of its own, like the waiting fetch: redis-py's command

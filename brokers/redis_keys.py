@@ -15,7 +15,9 @@ with the reserved names):
 ``<p>:_group:<group>:<topic>``     stream      the group's private entries for the topic
 ``<p>:_delayed``                   sorted set  delayed messages, scored by due time (ms)
 ``<p>:_dead``                      stream      dead letters
-``<p>:_seen:<group>:<message id>`` string      dedupe record, expires after ``dedupe_ttl``
+``<p>:_seen:<group>:#<n>``          hash        dedupe records of a group, bucket ``n``:
+                                               one field per settled message id
+``<p>:_seen:<group>:#``             hash        the group's current bucket ``{n, at}``
 ``<p>:_state:<key>``               hash        versioned state ``{v: value, n: version}``
 ``<p>:_state_keys``                sorted set  index of the state keys (lex range)
 =================================  ==========  ==========================================
@@ -66,9 +68,14 @@ class Keys:
         """The dead-letter stream."""
         return f"{self.prefix}:_dead"
 
-    def seen(self, group: str, message_id: str) -> str:
-        """The dedupe record of a message id settled in a group."""
-        return f"{self.prefix}:_seen:{group}:{message_id}"
+    def seen(self, group: str, bucket: str) -> str:
+        """One bucket of the dedupe records of a group (a hash keyed by
+        message id); ``bucket`` is its number, as decimal text."""
+        return f"{self.prefix}:_seen:{group}:#{bucket}"
+
+    def seen_head(self, group: str) -> str:
+        """The hash naming a group's current dedupe bucket and when it began."""
+        return f"{self.prefix}:_seen:{group}:#"
 
     def state(self, key: str) -> str:
         """The hash holding one state key's value and version."""
@@ -104,8 +111,9 @@ class Keys:
         """Lua functions naming the same keys, for the scripts' sources.
 
         ``stream_key(topic, group)`` (the topic's stream when ``group`` is
-        ``''``), ``seen_key(group, id)``, ``state_key(key)``, ``delayed_key()``,
-        ``dead_key()`` and ``state_index_key()``. Each is rendered from the
+        ``''``), ``seen_key(group, bucket)``, ``seen_head_key(group)``,
+        ``state_key(key)``, ``delayed_key()``, ``dead_key()`` and
+        ``state_index_key()``. Each is rendered from the
         method of the same kind, so the two cannot disagree.
         """
         return "\n".join((
@@ -113,7 +121,8 @@ class Keys:
             f"  if group == nil or group == '' then return {_lua_concat(self.stream, 'topic')} end",
             f"  return {_lua_concat(self.private_stream, 'group', 'topic')}",
             "end",
-            _lua_function("seen_key", self.seen, "group", "id"),
+            _lua_function("seen_key", self.seen, "group", "bucket"),
+            _lua_function("seen_head_key", self.seen_head, "group"),
             _lua_function("state_key", self.state, "key"),
             _lua_function("delayed_key", self.delayed),
             _lua_function("dead_key", self.dead_letters),

@@ -12,7 +12,7 @@ from typing import Any
 
 from redis import exceptions as rexc
 
-__all__ = ("Line", "ScriptBatcher", "bulk", "pack_call", "run_script", "wait_then_fetch")
+__all__ = ("Line", "ScriptBatcher", "bulk", "pack_call", "pack_command", "run_script", "wait_then_fetch")
 
 #: Resends of a commit batch after a connection error or socket timeout, and
 #: the first backoff (doubled each time): what redis-py's retry did before.
@@ -132,6 +132,11 @@ def bulk(value: bytes | str | int | float) -> bytes:
 _SMALL_COUNTS = tuple(bulk(n) for n in range(64))
 
 
+def pack_command(command: Sequence[Any]) -> bytes:
+    """One command in RESP, its arguments encoded as ``bulk`` encodes them."""
+    return b"*%d\r\n%s" % (len(command), b"".join(bulk(arg) for arg in command))
+
+
 def pack_call(args: Sequence[Any]) -> tuple[int, bytes]:
     """One call of a batch script in RESP: its argument count, then its
     arguments; and how many bulk strings that makes. Packing a commit here
@@ -164,7 +169,7 @@ class ScriptBatcher:
         self._sha = hashlib.sha1(source.encode()).hexdigest()
         self._max_batch = max_batch
         self._line = Line(client.connection_pool)
-        self._queue: list[tuple[tuple[int, bytes], asyncio.Future[Any]]] = []
+        self._queue: list[tuple[tuple[int, bytes], int, asyncio.Future[Any]]] = []
         self._sender: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -178,6 +183,21 @@ class ScriptBatcher:
             redis.exceptions.RedisError: from the future: the call (or its
                 whole batch) failed.
         """
+        return self._queued(pack_call(args), 0)
+
+    def commands(self, commands: Sequence[Sequence[Any]]) -> asyncio.Future[Any]:
+        """Queue plain commands to go in the next batch's write, ahead of its
+        script call; await the result for their replies (a list, in order; an
+        error reply is in it as its ``ResponseError``). What needs no check on
+        the server costs Redis less as commands than inside the script.
+
+        Raises:
+            redis.exceptions.DataError: an argument Redis cannot take.
+            redis.exceptions.RedisError: from the future: the batch failed.
+        """
+        return self._queued((0, b"".join(pack_command(command) for command in commands)), len(commands))
+
+    def _queued(self, packed: tuple[int, bytes], replies: int) -> asyncio.Future[Any]:
         # The loop is looked up once per batch, not per call: each lookup
         # makes a getpid() system call.
         loop = self._loop
@@ -187,28 +207,28 @@ class ScriptBatcher:
         assert loop is not None
         future: asyncio.Future[Any] = loop.create_future()
         # Packed here, in the caller's turn: RESP for the argument count and
-        # the arguments, ready to be joined into the batch's EVALSHA.
-        self._queue.append((pack_call(args), future))
+        # the arguments (or the whole commands), ready to be joined into the batch.
+        self._queue.append((packed, replies, future))
         return future
 
     async def _send_all(self) -> None:
         try:
             while self._queue:
-                batch = [call for call in self._queue[: self._max_batch] if not call[1].done()]
+                batch = [call for call in self._queue[: self._max_batch] if not call[2].done()]
                 del self._queue[: self._max_batch]
                 if not batch:
                     continue
                 try:
-                    replies = await self._send([packed for packed, _ in batch])
+                    replies = await self._send(batch)
                 except BaseException as exc:
-                    for _, future in batch:
+                    for _, _, future in batch:
                         if not future.done():
                             future.set_exception(exc if isinstance(exc, Exception) else rexc.ConnectionError(
                                 "the batch was cancelled before its reply arrived"))
                     if not isinstance(exc, Exception):
                         raise
                     continue
-                for (_, future), reply in zip(batch, replies, strict=True):
+                for (_, _, future), reply in zip(batch, replies, strict=True):
                     if not future.done():
                         if isinstance(reply, Exception):
                             future.set_exception(reply)
@@ -217,20 +237,32 @@ class ScriptBatcher:
         finally:
             self._sender = None
             if self._queue:  # cancelled with calls still waiting
-                for _, future in self._queue:
+                for _, _, future in self._queue:
                     if not future.done():
                         future.set_exception(rexc.ConnectionError("closed before the call was sent"))
                 self._queue.clear()
 
-    async def _send(self, batch: list[tuple[int, bytes]]) -> list[Any]:
-        head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n0\r\n%s" % (
-            4 + sum(n for n, _ in batch), self._sha.encode(), bulk(len(batch)),
-        )
-        packed = b"".join([head, *[resp for _, resp in batch]])
+    async def _send(self, batch: list[tuple[tuple[int, bytes], int, asyncio.Future[Any]]]) -> list[Any]:
+        """One write: every queued plain command, then one EVALSHA for every
+        script call; the replies, one per queued item, in queue order."""
+        plain = b"".join(packed for (_, packed), replies, _ in batch if replies)
+        expected = sum(replies for _, replies, _ in batch)
+        calls = [packed for packed, replies, _ in batch if not replies]
+        script = b""
+        if calls:
+            script = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n0\r\n%s" % (
+                4 + sum(n for n, _ in calls), self._sha.encode(), bulk(len(calls)),
+            )
+            script = b"".join([script, *[resp for _, resp in calls]])
         failures, loaded = 0, False
+        answers: list[Any] = []
         while True:
             try:
-                (replies,) = await self._line.send(packed, 1)
+                if plain:
+                    answers = await self._line.send(plain + script, expected + bool(calls))
+                    plain = b""  # done: a resent script call must not send them again
+                elif calls:
+                    answers[expected:] = await self._line.send(script, 1)
             except (rexc.ConnectionError, rexc.TimeoutError):
                 # Resent as redis-py's retry would: a batch that did run before
                 # its reply was lost is refused commit by commit (the entries
@@ -240,15 +272,27 @@ class ScriptBatcher:
                     raise
                 await asyncio.sleep(_BATCH_BACKOFF * 2 ** (failures - 1))
                 continue
-            if isinstance(replies, rexc.NoScriptError) and not loaded:
+            if calls and isinstance(answers[-1], rexc.NoScriptError) and not loaded:
                 await self._client.script_load(self._source)
                 loaded = True
                 continue
-            if isinstance(replies, Exception):
-                raise replies
-            if not isinstance(replies, list) or len(replies) != len(batch):
-                raise rexc.ResponseError(f"batch script returned {replies!r:.200} for {len(batch)} calls")
-            return replies
+            break
+        out: list[Any] = []
+        at = 0
+        scripted = answers[expected] if calls else []
+        if isinstance(scripted, Exception):
+            scripted = [scripted] * len(calls)
+        elif not isinstance(scripted, list) or len(scripted) != len(calls):
+            failed = rexc.ResponseError(f"batch script returned {scripted!r:.200} for {len(calls)} calls")
+            scripted = [failed] * len(calls)
+        replies_of_calls = iter(scripted)
+        for _, replies, _ in batch:
+            if replies:
+                out.append(answers[at:at + replies])
+                at += replies
+            else:
+                out.append(next(replies_of_calls))
+        return out
 
     async def close(self) -> None:
         """Stop sending and disconnect; calls still waiting fail with ``ConnectionError``."""

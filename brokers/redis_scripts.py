@@ -1,5 +1,7 @@
 """Lua sources of the Redis Streams adapter's delivery path (see
-``brokers.redis_streams``; the operations scripts are in ``brokers.redis_admin``).
+``brokers.redis_streams``): the shared helpers, FETCH and EXTEND. The commit
+script is in ``brokers.redis_commit``, the operations scripts are in
+``brokers.redis_admin``.
 
 Every multi-step operation is one script, so it is atomic on the server.
 Scripts name keys with the functions of ``Keys.lua`` (``stream_key``,
@@ -11,81 +13,16 @@ no rollback.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
-from brokers.base import BrokerError, Delivery, Message, StateWrite, check_name
 from brokers.redis_keys import Keys
-from brokers.wire import dumps, quote, quote_name
 
-__all__ = ("COMMIT_BATCH", "COMMON", "EXTEND", "FETCH", "commit_args", "render")
-
-
-def commit_args(
-    delivery: Delivery | None,
-    located: tuple[str, str] | None,
-    dead_letter: str | None,
-    state: Sequence[StateWrite],
-    messages: Sequence[Message],
-    done: bool,
-    dedupe_ms: int,
-) -> tuple[list[Any], float | None]:
-    """One commit's arguments for COMMIT_BATCH (see the layout above the
-    script) and the soonest delay of its messages, in seconds. ``dedupe_ms``:
-    how long the dedupe record is kept, in milliseconds (at least 1).
-
-    Every name and id goes into one JSON header and only the bodies and values
-    travel as separate arguments: packing a command costs per argument, and a
-    commit is sent for every delivery.
-
-    Raises:
-        BrokerError: an invalid topic or group name, or a body that is not bytes.
-    """
-    blobs: list[Any] = [b""]
-    if delivery is None or located is None:
-        settle = "false"
-    else:
-        key, entry = located
-        mid = delivery.message_id
-        # The header is written out, not built and then encoded: it is made for
-        # every commit. Layout: see above COMMIT_BATCH.
-        # Entry ids are Redis stream ids (digits and a dash): nothing to escape.
-        dead = '"",false' if dead_letter is None else f"{quote(dead_letter)},true"
-        settle = (
-            f'[{quote_name(key)},{quote_name(delivery.group)},{quote_name(delivery.consumer)},"{entry}",'
-            f"{int(delivery.deliveries)},{quote(mid or '')},{_BOOL[mid is not None]},{_BOOL[bool(done)]},"
-            f"{dedupe_ms},{dead},{quote_name(delivery.topic)},{_BOOL[delivery.duplicate]}]"
-        )
-        if dead_letter is not None:
-            blobs.append(delivery.body)
-    writes = []
-    for write in state:
-        writes.append([write.key, write.value is not None, write.expected_version])
-        blobs.append(write.value or b"")
-    heads = []
-    soonest: float | None = None
-    for m in messages:
-        check_name("topic", m.topic)
-        if m.group is not None:
-            check_name("group", m.group)
-        if type(m.body) is not bytes and not isinstance(m.body, bytes | bytearray):
-            raise BrokerError(f"message {m.id!r} body must be bytes, not {type(m.body).__name__}")
-        delay_ms = max(0, round(m.delay * 1000)) if m.delay else 0
-        if delay_ms:
-            soonest = delay_ms / 1000 if soonest is None else min(soonest, delay_ms / 1000)
-        heads.append(f"[{quote_name(m.topic)},{quote_name(m.group or '')},{quote(m.id)},{delay_ms}]")
-        blobs.append(m.body if type(m.body) is bytes else bytes(m.body))
-    # Names travel as UTF-8, exactly as redis-py would send them.
-    blobs[0] = f"[{settle},{dumps(writes) if writes else '[]'},[{','.join(heads)}]]".encode()
-    return blobs, soonest
+__all__ = ("COMMON", "EXTEND", "FETCH", "render")
 
 
-_BOOL = ("false", "true")
-
-
-def render(keys: Keys, source: str) -> str:
-    """``source`` ready to load: the key functions of ``keys`` in front of it."""
-    return keys.lua() + source
+def render(keys: Keys, source: str, *, bucket_cap: int = 1) -> str:
+    """``source`` ready to load: the key functions of ``keys`` in front of it,
+    and ``BUCKET_CAP``, the most message ids a dedupe bucket takes
+    (``dedupe_max / 2``: a group keeps its current bucket and the one before)."""
+    return f"{keys.lua()}local BUCKET_CAP = {max(1, int(bucket_cap))}\n{source}"
 
 # Shared helpers, prepended to every script that needs them.
 COMMON = r"""
@@ -181,6 +118,10 @@ if move_delayed then
 end
 
 local out, read_any, missing, cursors = {}, 0, {}, {}
+local by_group, group_order = {}, {}
+-- The last entry id each stream gave in this call: when that read reached the
+-- stream's end, it is the stream's tail (nothing is added while a script runs).
+local last_read = {}
 
 local function examine(index, s, eid, flat, count)
   local mid, body
@@ -203,12 +144,15 @@ local function examine(index, s, eid, flat, count)
     dead_letter(s.topic, s.group, mid or false, body or '', reason, count, now, keep)
     buried[#buried + 1] = {s.topic, s.group, eid, reason}
   else
-    -- An id already settled in this group is handed out marked (1), not
-    -- dropped: only the consumer can read the body and see whether it is
-    -- the same event or another one written under a reused id.
-    local duplicate = 0
-    if redis.call('EXISTS', seen_key(s.group, mid)) == 1 then duplicate = 1 end
-    out[#out + 1] = {index, eid, mid, body, count, duplicate}
+    -- Marked a duplicate or not below, once per group for all its entries.
+    out[#out + 1] = {index, eid, mid, body, count, 0}
+    local asked = by_group[s.group]
+    if asked == nil then
+      asked = {}
+      by_group[s.group] = asked
+      group_order[#group_order + 1] = s.group
+    end
+    asked[#asked + 1] = #out
     remaining = remaining - 1
     return
   end
@@ -254,7 +198,29 @@ for index, s in ipairs(streams) do
     read_any = 1
     local asked = remaining
     for _, entry in ipairs(entries) do examine(index, s, entry[1], entry[2], 1) end
+    last_read[index] = entries[#entries][1]
     if #entries < asked then break end
+  end
+end
+
+-- An id already settled in the group is handed out marked (1), not dropped:
+-- only the consumer can read the body and see whether it is the same event
+-- or another one written under a reused id. One HMGET per group and bucket.
+for _, group in ipairs(group_order) do
+  local rows = by_group[group]
+  local head = redis.call('HMGET', seen_head_key(group), 'n')
+  local n = tonumber(head[1])
+  if n ~= nil then
+    for first = 1, #rows, 1000 do
+      local ids = {}
+      for j = first, math.min(first + 999, #rows) do ids[#ids + 1] = out[rows[j]][3] end
+      for _, bucket in ipairs({n, n - 1}) do
+        local found = redis.call('HMGET', seen_key(group, tostring(bucket)), unpack(ids))
+        for j, value in ipairs(found) do
+          if value then out[rows[first + j - 1]][6] = 1 end
+        end
+      end
+    end
   end
 end
 
@@ -264,107 +230,15 @@ end
 local tails = {}
 if drained and remaining > 0 and #missing == 0 then
   for index, s in ipairs(streams) do
-    local last = redis.call('XREVRANGE', s.key, '+', '-', 'COUNT', 1)
-    if #last > 0 then tails[index] = last[1][1] else tails[index] = '0-0' end
+    if last_read[index] then
+      tails[index] = last_read[index]
+    else
+      local last = redis.call('XREVRANGE', s.key, '+', '-', 'COUNT', 1)
+      if #last > 0 then tails[index] = last[1][1] else tails[index] = '0-0' end
+    end
   end
 end
 return {out, read_any, missing, cursors, tails, next_due, buried}
-"""
-
-# One commit's arguments (``commit_args``), seen as ``ARGV`` inside ``commit``.
-# ARGV[1]: a JSON header [settle, writes, messages]:
-#   settle: false, or [stream key, group, consumer, entry id, deliveries,
-#     message id, has message id, done, dedupe ttl ms, dead reason,
-#     has dead letter, topic, handed out marked duplicate];
-#   writes: [[state key, has value, expected version], ...];
-#   messages: [[topic, group, id, delay ms], ...].
-# ARGV[2...]: the bytes, in order: the dead letter's body (only with a dead
-# letter), each write's value, each message's body.
-_COMMIT_ONE = r"""
-local function commit(ARGV)
-  local h = cjson.decode(ARGV[1])
-  local settle, writes, messages = h[1], h[2], h[3]
-  local at = 2
-  local body = ''
-  if settle and settle[11] then
-    body = ARGV[at]
-    at = at + 1
-  end
-  local first_value = at
-  local first_body = at + #writes
-
-  local skey, group, eid, deliveries
-  if settle then
-    skey, group, eid, deliveries = settle[1], settle[2], settle[4], settle[5]
-    if not owns(skey, group, settle[3], eid, deliveries) then return 'lease_lost' end
-    if settle[7] and not (settle[11] and settle[13]) and redis.call('EXISTS', seen_key(group, settle[6])) == 1 then
-      -- A duplicate that was in flight while the original settled: ack it,
-      -- nothing else. A delivery handed out marked as a duplicate may still
-      -- be dead-lettered: its consumer found another message under the id.
-      redis.call('XACK', skey, group, eid)
-      return 'duplicate'
-    end
-  end
-  for _, w in ipairs(writes) do
-    local current = redis.call('HGET', state_key(w[1]), 'n')
-    if (tonumber(current) or 0) ~= w[3] then return 'conflict' end
-  end
-
-  -- Validated: from here on every call writes.
-  local now = now_ms()
-  for i, m in ipairs(messages) do
-    publish(now, m[1], m[2], m[3], ARGV[first_body + i - 1], m[4])
-  end
-  local index = state_index_key()
-  for i, w in ipairs(writes) do
-    local key = state_key(w[1])
-    if w[2] then
-      redis.call('HSET', key, 'v', ARGV[first_value + i - 1], 'n', w[3] + 1)
-      redis.call('ZADD', index, 0, w[1])
-    else
-      redis.call('DEL', key)
-      redis.call('ZREM', index, w[1])
-    end
-  end
-  if settle then
-    if settle[11] then
-      local message_id = false
-      if settle[7] then message_id = settle[6] end
-      dead_letter(settle[12], group, message_id, body, settle[10], deliveries, now)
-    end
-    if settle[8] and settle[7] then
-      redis.call('SET', seen_key(group, settle[6]), '1', 'PX', settle[9])
-    end
-    redis.call('XACK', skey, group, eid)
-  end
-  return 'ok'
-end
-"""
-
-# ARGV: the number of commits, then for each: its argument count and its
-# arguments (``commit_args``). Returns one reply per commit, in order: a status
-# string, or an error reply if that commit failed (the others are unaffected).
-# Each commit is fenced and validated on its own, exactly as if it were a
-# script of its own; one script for the batch saves a command, a reply and
-# their parsing per commit.
-COMMIT_BATCH = COMMON + _COMMIT_ONE + r"""
-local replies = {}
-local at = 2
-for i = 1, tonumber(ARGV[1]) do
-  local n = tonumber(ARGV[at])
-  local argv = {}
-  for j = 1, n do argv[j] = ARGV[at + j] end
-  at = at + n + 1
-  local ok, result = pcall(commit, argv)
-  if ok then
-    replies[i] = result
-  elseif type(result) == 'table' and result.err then
-    replies[i] = result
-  else
-    replies[i] = {err = 'ERR commit failed: ' .. tostring(result)}
-  end
-end
-return replies
 """
 
 # ARGV: stream key, group, consumer, entry id, deliveries. Returns 1 or 0.

@@ -12,9 +12,14 @@ time (server unix ms), each member a JSON header ``[topic, group, id]``, a
 newline, then the body; whichever worker fetches moves due members to their
 stream in one script. Dead letters are a stream with fields ``topic group
 message_id body reason deliveries dead_at`` (plus ``size sha1`` when only the
-first bytes of an oversized entry are kept). A dedupe record is a string key
-with ``PX = dedupe_ttl`` written in the same script as the ack (about 90
-bytes per record with key overhead). State is a hash ``{v: value, n:
+first bytes of an oversized entry are kept). Dedupe records are fields of a
+hash per group and bucket (``Keys.seen``), written in the same script as the
+ack; a group's head hash (``Keys.seen_head``) names its current bucket. A
+bucket takes ids until it holds ``dedupe_max / 2`` or is ``dedupe_ttl`` old;
+when the next one begins, the one before the current is deleted, so a group
+keeps at most ``dedupe_max`` records, each at least ``dedupe_ttl`` unless
+that count bound drops it sooner, and buckets expire ``2 * dedupe_ttl``
+after their last write. State is a hash ``{v: value, n:
 version}`` per key plus a sorted set (all scores 0) indexing the keys, so
 ``list_state`` is a lex range.
 
@@ -24,23 +29,29 @@ Commit is one fenced script: it checks with XPENDING that the consumer still
 holds the entry with the same delivery count (XACK has no owner check; a
 reclaim bumps the count), checks every state version, and only then writes.
 Commits made while others are on the wire are sent together as one call of
-the batch script, which checks and applies each of them on its own (one that
-is refused or fails leaves the others alone). The operations side (retention,
+the batch script (``brokers.redis_commit``), which checks and applies each of
+them on its own (one that is refused or fails leaves the others alone), with
+one XPENDING, one HMGET per dedupe bucket, one XACK and one HSET per stream
+or group for the whole batch. Publishes of messages due now need no check
+and go out as plain XADDs in the same write. The operations side (retention,
 state listing, backlog, dead letters) is in ``brokers.redis_admin``.
 
-Retention: streams are never trimmed with MAXLEN on XADD. With ``maxlen`` set,
-``trim`` (run periodically from ``fetch``) removes the oldest entries down to
-about ``maxlen`` with XTRIM MINID, bounded by every group's oldest pending
-entry and last-delivered id, so an entry still pending or not yet delivered in
-any group is never trimmed. Without ``maxlen`` nothing is trimmed.
+Retention is on by default: streams are never trimmed with MAXLEN on XADD;
+``trim`` (run every few seconds from ``fetch``) removes with XTRIM MINID the
+entries past a stream's newest ``maxlen`` (default ``DEFAULT_MAXLEN`` in
+``brokers.redis_retention``) and those older than ``retention`` (default one
+day), bounded by every group's oldest pending entry and last-delivered id, so
+an entry still pending or not yet delivered in any group is never trimmed.
+``maxlen=0&retention=0`` turns it off (``connect`` warns: memory then grows
+without bound).
 
 Least privilege: a worker needs only its prefix's keys and these commands
 (scripts run under the caller's ACL too); ``CONFIG`` is optional (without it
 the start-up durability check is skipped)::
 
     ACL SETUSER worker on >password resetkeys ~choreo:* resetchannels -@all +ping +hello
-      +evalsha +eval +script|load +multi +exec +time +exists +del +set
-      +hget +hset +hmget +zadd +zrem +zrange +zrangebyscore +zrangebylex +xadd +xack
+      +evalsha +eval +script|load +multi +exec +time +del
+      +hget +hset +hmget +hdel +hlen +pexpire +zadd +zrem +zrange +zrangebyscore +zrangebylex +xadd +xack
       +xautoclaim +xclaim +xdel +xgroup|create +xinfo|groups +xlen +xpending +xrange
       +xrevrange +xread +xreadgroup +xtrim
 
@@ -53,10 +64,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from redis import exceptions as rexc
 
-from brokers import redis_admin
+from brokers import redis_admin, redis_commit, redis_retention
 from brokers import redis_scripts as lua
 from brokers.base import (
     BrokerError,
@@ -65,6 +77,7 @@ from brokers.base import (
     Message,
     StateWrite,
     Subscription,
+    check_name,
 )
 from brokers.options import BrokerOptions, parse_url, redact_url
 from brokers.redis_fetch import RedisFetch
@@ -83,10 +96,6 @@ __all__ = ("RedisStreamsBroker",)
 
 log = logging.getLogger("brokers.redis")
 
-#: Seconds between looks at the delayed set when no due time is known.
-_DELAYED_POLL = 0.1
-#: Seconds between retention sweeps (only with ``maxlen``).
-_TRIM_INTERVAL = 5.0
 _STATUS = {
     b"ok": CommitStatus.OK, b"lease_lost": CommitStatus.LEASE_LOST, b"conflict": CommitStatus.CONFLICT,
     b"duplicate": CommitStatus.DUPLICATE,
@@ -114,7 +123,8 @@ class RedisStreamsBroker(RedisFetch):
         self._redis_url = redis_url(url)
         #: The key layout under ``options.prefix``.
         self.keys = Keys(options.prefix)
-        self._dedupe_ms = max(1, round(options.dedupe_ttl * 1000))
+        # 0 turns dedupe off (nothing recorded); any other ttl is at least 1 ms.
+        self._dedupe_ms = max(1, round(options.dedupe_ttl * 1000)) if options.dedupe_ttl > 0 else 0
         self._client = None
         self._reader = None
         self._lines = []
@@ -126,6 +136,7 @@ class RedisStreamsBroker(RedisFetch):
         self._rotation = 0
         self._delayed_due = 0.0
         self._trim_due = 0.0
+        self._retention = any(redis_retention.retention_bounds(options))
         self._known = {}
         self._published_topics: set[str] = set()
         self._drained = {}
@@ -144,13 +155,19 @@ class RedisStreamsBroker(RedisFetch):
         client, reader = await open_clients(self._redis_url, self.url)
         self._client, self._reader = client, reader
         sources = {"FETCH": lua.FETCH, "EXTEND": lua.EXTEND, "REPLAY": redis_admin.REPLAY,
-                   "BACKLOG": redis_admin.BACKLOG, "LIST_STATE": redis_admin.LIST_STATE, "TRIM": redis_admin.TRIM}
+                   "BACKLOG": redis_admin.BACKLOG, "LIST_STATE": redis_admin.LIST_STATE, "TRIM": redis_retention.TRIM}
         # Rendered once here: the scripts name their keys with this layout's functions.
-        self._scripts = {name: client.register_script(lua.render(self.keys, source))
+        cap = self.options.dedupe_max // 2
+        self._scripts = {name: client.register_script(lua.render(self.keys, source, bucket_cap=cap))
                          for name, source in sources.items()}
-        self._commits = ScriptBatcher(client, lua.render(self.keys, lua.COMMIT_BATCH))
+        self._commits = ScriptBatcher(client, lua.render(self.keys, redis_commit.COMMIT_BATCH, bucket_cap=cap))
         self._fetch_sha = self._scripts["FETCH"].sha
         await check_server(client, self.url, log)
+        if not self._retention:
+            log.warning(
+                "retention is off on %s (maxlen=0 and retention=0): streams keep every entry and Redis memory "
+                "grows without bound; see docs/operations.md, \"Memory per event and sizing\"", self.url,
+            )
 
     async def close(self) -> None:
         """Close both connection pools. Idempotent."""
@@ -179,9 +196,43 @@ class RedisStreamsBroker(RedisFetch):
     # -- publishing and committing -------------------------------------------
 
     async def publish(self, messages: Sequence[Message]) -> None:
-        """Publish all messages in one script (all or none)."""
-        if messages:
+        """Publish all messages, all or none.
+
+        Messages due now go out as plain XADDs (in MULTI/EXEC when there are
+        several), in the commit batch's write: a publish has nothing to check
+        on the server, and a command costs Redis a fraction of a script call.
+        Delayed ones take the commit script, which scores them by server time.
+        """
+        if not messages:
+            return
+        if any(m.delay for m in messages):
             await self.commit(publish=messages)
+            return
+        commands: list[tuple[Any, ...]] = []
+        for m in messages:
+            check_name("topic", m.topic)
+            if m.group is not None:
+                check_name("group", m.group)
+            if not isinstance(m.body, bytes | bytearray):
+                raise BrokerError(f"message {m.id!r} body must be bytes, not {type(m.body).__name__}")
+            key = self.keys.stream(m.topic) if m.group is None else self.keys.private_stream(m.group, m.topic)
+            self._known.setdefault(key, Stream(key, m.topic, m.group or "", m.group is not None))
+            commands.append(("XADD", key, "*", "id", m.id, "body", bytes(m.body)))
+        if len(commands) > 1:
+            commands = [("MULTI",), *commands, ("EXEC",)]
+        batcher = self._commits
+        if batcher is None:
+            raise BrokerError(f"broker {self.url} is not connected: await connect() first")
+        try:
+            replies = await batcher.commands(commands)
+        except rexc.RedisError as exc:
+            raise BrokerError(f"redis publish failed on {self.url}: {type(exc).__name__}: {exc}") from exc
+        if len(commands) > 1:  # MULTI's and each XADD's QUEUED, then EXEC's replies (or its error)
+            done = replies[-1]
+            replies = [*replies[:-1], *(done if isinstance(done, list) else [done])]
+        failed = [r for r in replies if isinstance(r, Exception)]
+        if failed:
+            raise BrokerError(f"redis publish failed on {self.url}: {failed[0]}")
 
     async def commit(
         self,
@@ -196,7 +247,7 @@ class RedisStreamsBroker(RedisFetch):
         if dead_letter is not None and delivery is None:
             raise BrokerError("a dead letter needs the delivery it records")
         located = None if delivery is None else self._locate(delivery)
-        args, soonest = lua.commit_args(delivery, located, dead_letter, state, publish, done, self._dedupe_ms)
+        args, soonest = redis_commit.commit_args(delivery, located, dead_letter, state, publish, done, self._dedupe_ms)
         for m in publish:
             if m.topic not in self._published_topics:  # a set lookup per message, the key built once
                 self._published_topics.add(m.topic)

@@ -21,8 +21,8 @@ from redis import exceptions as rexc
 from redis.connection import Encoder, PythonRespSerializer
 
 from brokers.base import TOPIC_PATTERN, Delivery, Message, StateWrite
+from brokers.redis_commit import commit_args
 from brokers.redis_lines import pack_call
-from brokers.redis_scripts import commit_args
 from brokers.wire import dumps, quote, quote_name
 from choreo.codec import EVENT_TYPE_PATTERN, MAX_ID_LENGTH, MAX_TYPE_LENGTH, WIRE_VERSION, decode_json
 from choreo.errors import DecodeError

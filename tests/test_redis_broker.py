@@ -240,7 +240,7 @@ async def test_retry_to_private_stream_survives_group_subscribe_later(server: Re
 
 ACL_RULES = (
     "on >worker-pass resetkeys ~choreo:* resetchannels -@all +ping +hello +evalsha +eval"
-    " +script|load +multi +exec +time +exists +del +set +hget +hset +hmget +zadd +zrem +zrange +zrangebyscore"
+    " +script|load +multi +exec +time +del +hget +hset +hmget +hdel +hlen +pexpire +zadd +zrem +zrange +zrangebyscore"
     " +zrangebylex +xadd +xack +xautoclaim +xclaim +xdel +xgroup|create +xinfo|groups +xlen +xpending +xrange"
     " +xrevrange +xread +xreadgroup +xtrim"
 )

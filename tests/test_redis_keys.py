@@ -21,7 +21,8 @@ def test_layout_is_the_one_existing_data_was_written_with() -> None:
     assert keys.private_stream("billing.charge", "order.created") == "choreo:_group:billing.charge:order.created"
     assert keys.delayed() == "choreo:_delayed"
     assert keys.dead_letters() == "choreo:_dead"
-    assert keys.seen("billing.charge", "01ABC") == "choreo:_seen:billing.charge:01ABC"
+    assert keys.seen("billing.charge", "7") == "choreo:_seen:billing.charge:#7"
+    assert keys.seen_head("billing.charge") == "choreo:_seen:billing.charge:#"
     assert keys.state("saga:1") == "choreo:_state:saga:1"
     assert keys.state_index() == "choreo:_state_keys"
     assert keys.pattern() == "choreo:*"
@@ -39,7 +40,7 @@ def test_stream_keys_parse_back_to_their_topic_and_group() -> None:
 def test_lua_functions_are_rendered_from_the_key_methods() -> None:
     """The scripts' key functions spell the same names, with any prefix quoted safely."""
     lua = Keys("choreo").lua()
-    assert "return 'choreo:_seen:' .. group .. ':' .. id end" in lua
+    assert "return 'choreo:_seen:' .. group .. ':\\035' .. bucket end" in lua
     assert "return 'choreo:_group:' .. group .. ':' .. topic" in lua
     odd = Keys("it's\n").lua()
     assert "'it\\039s\\010:_dead'" in odd and "it's" not in odd
@@ -63,7 +64,7 @@ async def test_every_key_lands_where_keys_says(redis_server: RedisServer) -> Non
         assert await broker.commit(second, dead_letter="bad") is CommitStatus.OK
         stored = set(redis_server.command("--raw", "KEYS", "*").decode().split("\n")) - {""}
         assert stored == {keys.stream(SUB.topic), keys.private_stream(SUB.group, SUB.topic), keys.delayed(),
-                          keys.dead_letters(), keys.seen(SUB.group, "m1"), keys.seen(SUB.group, "m2"), keys.state("k"),
+                          keys.dead_letters(), keys.seen(SUB.group, "0"), keys.seen_head(SUB.group), keys.state("k"),
                           keys.state_index()}
         assert [m.message_id for m in await broker.delayed()] == ["m1"]
         assert [e.message_id for e in await broker.history()] == ["m1", "m2"]

@@ -89,7 +89,7 @@ async def test_tls_with_the_trusted_ca_works_and_an_untrusted_one_is_refused(
 
 ACL_RULES = (
     "on >w0rker-s3cret resetkeys ~choreo:* resetchannels -@all +ping +hello +evalsha +eval"
-    " +script|load +multi +exec +time +exists +del +set +hget +hset +hmget +zadd +zrem +zrange +zrangebyscore"
+    " +script|load +multi +exec +time +del +hget +hset +hmget +hdel +hlen +pexpire +zadd +zrem +zrange +zrangebyscore"
     " +zrangebylex +xadd +xack +xautoclaim +xclaim +xdel +xgroup|create +xinfo|groups +xlen +xpending +xrange"
     " +xrevrange +xread +xreadgroup +xtrim"
 )
