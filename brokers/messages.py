@@ -22,6 +22,11 @@ class Message:
         body: Opaque bytes.
         delay: Seconds until it becomes deliverable; ``None`` or 0 is now.
         group: If set, only this group of ``topic`` receives it.
+        key: The partition key: the correlation id of the business
+            transaction it belongs to (``None``: its topic). A broker with
+            partitions (Redis Cluster) puts a commit made outside a delivery
+            in the partition of its first message's key; a commit that
+            settles a delivery stays in that delivery's partition.
     """
 
     topic: str
@@ -29,6 +34,7 @@ class Message:
     body: bytes
     delay: float | None = None
     group: str | None = None
+    key: str | None = None
 
 
 #: Where a new consumer group starts reading its topic.
@@ -99,15 +105,18 @@ _message_slots = slot_setters(Message)
 _delivery_slots = slot_setters(Delivery)
 
 
-def new_message(topic: str, id: str, body: bytes, delay: float | None = None, group: str | None = None) -> Message:
-    """``Message(topic, id, body, delay, group)``, built faster."""
+def new_message(
+    topic: str, id: str, body: bytes, delay: float | None = None, group: str | None = None, key: str | None = None
+) -> Message:
+    """``Message(topic, id, body, delay, group, key)``, built faster."""
     message = _new(Message)
-    set_topic, set_id, set_body, set_delay, set_group = _message_slots
+    set_topic, set_id, set_body, set_delay, set_group, set_key = _message_slots
     set_topic(message, topic)
     set_id(message, id)
     set_body(message, body)
     set_delay(message, delay)
     set_group(message, group)
+    set_key(message, key)
     return message
 
 

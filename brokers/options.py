@@ -8,7 +8,7 @@ import attrs
 
 from brokers.base import BrokerError
 
-__all__ = ("REDIS_CONNECTION_OPTIONS", "BrokerOptions", "parse_url", "redact_url")
+__all__ = ("CLUSTER_SCHEMES", "REDIS_CONNECTION_OPTIONS", "BrokerOptions", "parse_url", "redact_url")
 
 
 @attrs.frozen
@@ -25,6 +25,9 @@ class BrokerOptions:
         claim_interval: Seconds between reclaim sweeps (default: a quarter of
             ``visibility_timeout``, at most 5).
         prefix: Key prefix on Redis.
+        partitions: Redis Cluster only: how many partitions (hash tags) the
+            keys are spread over (``None``: 16). One business transaction
+            stays in one partition. Plain Redis has one partition.
     """
 
     visibility_timeout: float = 30.0
@@ -33,6 +36,7 @@ class BrokerOptions:
     dedupe_ttl: float = 86400.0
     claim_interval: float | None = None
     prefix: str = "choreo"
+    partitions: int | None = None
 
     @property
     def effective_claim_interval(self) -> float:
@@ -48,7 +52,11 @@ _CONVERTERS = {
     "dedupe_ttl": float,
     "claim_interval": float,
     "prefix": str,
+    "partitions": int,
 }
+
+#: The URL schemes of Redis Cluster (``redis+cluster://host:port[,host:port...]/``).
+CLUSTER_SCHEMES = frozenset({"redis+cluster", "rediss+cluster"})
 
 
 #: Connection options of redis-py that a ``redis://`` / ``rediss://`` URL may
@@ -59,7 +67,11 @@ REDIS_CONNECTION_OPTIONS = frozenset({
     "ssl_cert_reqs", "ssl_certfile", "ssl_check_hostname", "ssl_ciphers", "ssl_keyfile", "ssl_min_version",
     "ssl_password",
 })
-_ADAPTER_OPTIONS = {"redis": REDIS_CONNECTION_OPTIONS, "rediss": REDIS_CONNECTION_OPTIONS}
+_ADAPTER_OPTIONS = {
+    "redis": REDIS_CONNECTION_OPTIONS, "rediss": REDIS_CONNECTION_OPTIONS,
+    # A cluster has no databases: db is refused.
+    **dict.fromkeys(CLUSTER_SCHEMES, REDIS_CONNECTION_OPTIONS - {"db"}),
+}
 
 
 def parse_url(url: str) -> tuple[str, BrokerOptions]:
@@ -96,16 +108,23 @@ def parse_url(url: str) -> tuple[str, BrokerOptions]:
         raise BrokerError("broker option max_deliveries must be at least 1")
     if options.maxlen is not None and options.maxlen < 1:
         raise BrokerError("broker option maxlen must be at least 1")
+    if options.partitions is not None:
+        if parts.scheme not in CLUSTER_SCHEMES:
+            raise BrokerError(
+                "broker option partitions needs a redis+cluster:// or rediss+cluster:// URL "
+                "(plain Redis keeps one partition)"
+            )
+        if not 1 <= options.partitions <= 16384:
+            raise BrokerError("broker option partitions must be between 1 and 16384")
     return parts.scheme, options
 
 
 def redact_url(url: str) -> str:
     """The URL with any password replaced, safe for logs and errors."""
     parts = urlsplit(url)
-    if parts.password is None:
+    # Split by hand: a cluster's host list is no netloc urllib can take apart.
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    if not at or not colon:
         return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}"))

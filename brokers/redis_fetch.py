@@ -14,10 +14,17 @@ work), which Redis runs the moment the XREAD returns. Nothing that arrives in
 between is missed, and a delivery that trickles in costs one round trip.
 ``Delivery.entry_id`` is the stream entry id, prefixed with ``p:`` for entries
 of a private stream.
+
+On Redis Cluster each partition has its own streams, and one FETCH call
+reads one partition: a fetch sends the calls of up to ``limit`` partitions
+(in rotation) as one cluster pipeline, which redis-py splits into one
+round trip per node, sent concurrently. A blocking XREAD cannot span slots,
+so while nothing arrives it polls, backing off from 2 ms to 50 ms.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -37,9 +44,10 @@ from brokers.base import (
 )
 from brokers.messages import Start
 from brokers.options import BrokerOptions
+from brokers.redis_cluster import call_script
 from brokers.redis_keys import Keys
 from brokers.redis_lines import Line, run_script, wait_then_fetch
-from brokers.redis_support import PRIVATE_TAG, Outage, Stream, is_transient, slot, text
+from brokers.redis_support import PRIVATE_TAG, Outage, Stream, is_transient, slot, tag_entry, text
 
 __all__ = ("RedisFetch",)
 
@@ -49,6 +57,9 @@ log = logging.getLogger("brokers.redis")
 _DELAYED_POLL = 0.1
 #: Seconds between retention sweeps (only with ``maxlen``).
 _TRIM_INTERVAL = 5.0
+#: Seconds between polls of an idle Redis Cluster: the first, and the longest.
+_POLL_FIRST = 0.002
+_POLL_MAX = 0.05
 
 
 class RedisFetch(redis_admin.RedisAdmin):
@@ -58,6 +69,10 @@ class RedisFetch(redis_admin.RedisAdmin):
     url: str
     options: BrokerOptions
     keys: Keys
+    #: On Redis Cluster (``redis+cluster://``), through redis-py's cluster client.
+    clustered: bool
+    #: Per partition, when to look at its delayed set next (Redis Cluster).
+    _partition_delayed: dict[int, float]
     max_deliveries: int
     visibility_timeout: float
     #: Consumer groups recreated after NOGROUP (stream or group gone).
@@ -83,9 +98,13 @@ class RedisFetch(redis_admin.RedisAdmin):
             raise BrokerError(f"broker {self.url} is not connected: await connect() first")
         return self._client
 
-    async def _run(self, script: str, args: Sequence[Any]) -> Any:
-        self._redis()
+    async def _run(self, script: str, args: Sequence[Any], partition: int = 0) -> Any:
+        """Run one of the scripts registered at ``connect`` in ``partition``."""
+        client = self._redis()
         try:
+            if self.clustered:
+                found = self._scripts[script]
+                return await call_script(client, self.keys, partition, found.script, found.sha, args)
             return await self._scripts[script](args=args)
         except rexc.RedisError as exc:
             raise BrokerError(f"redis {script.lower()} failed on {self.url}: {type(exc).__name__}: {exc}") from exc
@@ -98,8 +117,10 @@ class RedisFetch(redis_admin.RedisAdmin):
         for sub in subscriptions:
             check_name("topic", sub.topic)
             check_name("group", sub.group)
-            out.append(Stream(keys.stream(sub.topic), sub.topic, sub.group, False))
-            out.append(Stream(keys.private_stream(sub.group, sub.topic), sub.topic, sub.group, True))
+        for p in range(keys.count):
+            for sub in subscriptions:
+                out.append(Stream(keys.stream(sub.topic, p), sub.topic, sub.group, False, p))
+                out.append(Stream(keys.private_stream(sub.group, sub.topic, p), sub.topic, sub.group, True, p))
         for stream in out:
             self._known.setdefault(stream.key, stream)
         return out
@@ -149,6 +170,8 @@ class RedisFetch(redis_admin.RedisAdmin):
         streams = self._streams(subscriptions)
         if not streams or limit < 1:
             return []
+        if self.clustered:
+            return await self._fetch_partitions(consumer, streams, limit, max_size, time.monotonic() + timeout)
         # Rotate so that a busy subscription cannot starve the ones after it.
         self._rotation = (self._rotation + 2) % len(streams)
         streams = streams[self._rotation:] + streams[: self._rotation]
@@ -269,9 +292,11 @@ class RedisFetch(redis_admin.RedisAdmin):
             # RESP bulk strings and integers: bytes and int already.
             s = streams[index - 1]
             entry_id = entry.decode()
+            if s.private:
+                entry_id = PRIVATE_TAG + entry_id
             found.append(
                 new_delivery(
-                    s.topic, s.group, consumer, PRIVATE_TAG + entry_id if s.private else entry_id,
+                    s.topic, s.group, consumer, tag_entry(self.clustered, s.partition, entry_id),
                     message_id.decode("utf-8", "replace"), body, count, duplicate == 1,
                 )
             )
@@ -288,3 +313,88 @@ class RedisFetch(redis_admin.RedisAdmin):
         # A lost group (destroyed, or FLUSHALL) lost its position: it goes on
         # from the end rather than replay what its stream still holds.
         await self._create_groups(streams, dict.fromkeys(streams, "end"))
+
+    # -- Redis Cluster -------------------------------------------------------
+
+    async def _fetch_partitions(
+        self, consumer: str, streams: list[Stream], limit: int, max_size: int | None, deadline: float
+    ) -> list[Delivery]:
+        """``fetch`` on Redis Cluster (see the module doc)."""
+        by_partition: dict[int, list[Stream]] = {}
+        for s in streams:
+            by_partition.setdefault(s.partition, []).append(s)
+        partitions = sorted(by_partition)
+        pause, unread = _POLL_FIRST, len(partitions)
+        while True:
+            # Never more than ``limit`` in all: each chosen partition gets a share.
+            start = self._rotation % len(partitions)
+            chosen = (partitions[start:] + partitions[:start])[: min(limit, len(partitions))]
+            self._rotation += len(chosen)
+            try:
+                found = await self._fetch_chosen(consumer, by_partition, chosen, limit, max_size)
+                self._outage.ended()
+            except Exception as exc:
+                if self._client is None:
+                    return []  # closed while waiting
+                cause = exc.__cause__ if isinstance(exc, BrokerError) and exc.__cause__ else exc
+                if not is_transient(cause):
+                    if isinstance(exc, rexc.RedisError):
+                        raise BrokerError(f"fetch failed on {self.url}: {type(exc).__name__}: {exc}") from exc
+                    raise
+                await self._outage.pause(cause, deadline - time.monotonic())
+                return []
+            if found:
+                return found
+            unread -= len(chosen)
+            now = time.monotonic()
+            if now >= deadline:
+                return []
+            if unread <= 0:  # every partition read once and found empty: wait a little
+                await asyncio.sleep(min(pause, deadline - now))
+                pause, unread = min(_POLL_MAX, pause * 2), len(partitions)
+
+    async def _fetch_chosen(
+        self, consumer: str, by_partition: dict[int, list[Stream]], chosen: list[int], limit: int,
+        max_size: int | None,
+    ) -> list[Delivery]:
+        now = time.monotonic()
+        if self.options.maxlen is not None and now >= self._trim_due:
+            self._trim_due = now + _TRIM_INTERVAL
+            await self.trim()
+        calls = []
+        for i, p in enumerate(chosen):
+            share = limit // len(chosen) + (1 if i < limit % len(chosen) else 0)
+            args, _ = self._fetch_args(consumer, by_partition[p], share, max_size, now, True)
+            move_delayed = now >= self._partition_delayed.get(p, 0.0)
+            args[3] = int(move_delayed)
+            calls.append((p, args, move_delayed))
+        script = self._scripts["FETCH"]
+        replies: list[Any] = [rexc.NoScriptError()] * len(calls)
+        for attempt in range(2):
+            # Resent after NOSCRIPT (a node restarted, or a replica promoted:
+            # its script cache is empty): only the calls that did not run.
+            again = [i for i, r in enumerate(replies) if isinstance(r, rexc.NoScriptError)]
+            if not again:
+                break
+            if attempt:
+                await self._redis().script_load(script.script)
+            pipe = self._redis().pipeline(transaction=False)
+            for i in again:
+                route = self.keys.route(calls[i][0])
+                pipe.execute_command("EVALSHA", script.sha, len(route), *route, *calls[i][1])
+            for i, reply in zip(again, await pipe.execute(raise_on_error=False), strict=True):
+                replies[i] = reply
+        found: list[Delivery] = []
+        failed: Exception | None = None
+        for (p, _, move_delayed), reply in zip(calls, replies, strict=True):
+            if isinstance(reply, Exception):
+                failed = failed or reply
+                continue
+            if move_delayed:
+                next_due = reply[5]
+                soon = _DELAYED_POLL if next_due < 0 else min(_DELAYED_POLL, next_due / 1000)
+                self._partition_delayed[p] = time.monotonic() + soon
+            found += (await self._fetch_reply(consumer, by_partition[p], reply, False))[0]
+        if failed is not None and not found:
+            raise failed
+        return found

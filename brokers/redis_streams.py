@@ -20,6 +20,13 @@ version}`` per key plus a sorted set (all scores 0) indexing the keys, so
 
 Reading (groups, ``fetch``) is in ``brokers.redis_fetch``.
 
+Redis Cluster (``redis+cluster://``, ``rediss+cluster://``): the same keys
+in ``partitions`` hash tags, through redis-py's cluster client (see
+``brokers.redis_cluster``). A commit settling a delivery runs in that
+delivery's partition; one made outside a delivery in the partition of its
+first message's key (choreo sets it to the correlation id), else of its
+first state key. Entry ids handed out start with ``<partition>:``.
+
 Commit is one fenced script: it checks with XPENDING that the consumer still
 holds the entry with the same delivery count (XACK has no owner check; a
 reclaim bumps the count), checks every state version, and only then writes.
@@ -53,6 +60,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from redis import exceptions as rexc
 
@@ -66,7 +74,15 @@ from brokers.base import (
     StateWrite,
     Subscription,
 )
-from brokers.options import BrokerOptions, parse_url, redact_url
+from brokers.options import CLUSTER_SCHEMES, BrokerOptions, parse_url, redact_url
+from brokers.redis_cluster import (
+    DEFAULT_PARTITIONS,
+    ClusterBatcher,
+    check_cluster_server,
+    check_partitions,
+    open_cluster,
+)
+from brokers.redis_dead_letters import REPLAY, RedisDeadLetters
 from brokers.redis_fetch import RedisFetch
 from brokers.redis_keys import Keys
 from brokers.redis_lines import ScriptBatcher
@@ -77,6 +93,7 @@ from brokers.redis_support import (
     check_server,
     open_clients,
     redis_url,
+    untag_entry,
 )
 
 __all__ = ("RedisStreamsBroker",)
@@ -93,33 +110,41 @@ _STATUS = {
 }
 
 
-class RedisStreamsBroker(RedisFetch):
+class RedisStreamsBroker(RedisFetch, RedisDeadLetters):
     """A ``Broker`` on Redis Streams consumer groups (see the module doc).
 
     Args:
         url: ``redis://[user:password@]host:port/db`` or ``rediss://`` (TLS,
-            certificates verified). redis-py query options pass through;
+            certificates verified); for Redis Cluster
+            ``redis+cluster://[user:password@]host:port[,host:port...]/`` or
+            ``rediss+cluster://``. redis-py query options pass through;
             choreo's delivery options are read from ``options``.
         options: Delivery options; parsed from ``url`` when omitted.
     """
 
     def __init__(self, url: str, *, options: BrokerOptions | None = None) -> None:
+        scheme, parsed = parse_url(url)
         if options is None:
-            _, options = parse_url(url)
+            options = parsed
         self.options = options
         self.url = redact_url(url)
         self.visibility_timeout = options.visibility_timeout
         self.max_deliveries = options.max_deliveries
         self.group_recoveries = 0
         self._redis_url = redis_url(url)
+        self.clustered = scheme in CLUSTER_SCHEMES
         #: The key layout under ``options.prefix``.
-        self.keys = Keys(options.prefix)
+        try:
+            self.keys = Keys(options.prefix, options.partitions or DEFAULT_PARTITIONS if self.clustered else None)
+        except ValueError as exc:
+            raise BrokerError(str(exc)) from None
         self._dedupe_ms = max(1, round(options.dedupe_ttl * 1000))
         self._client = None
         self._reader = None
         self._lines = []
         self._scripts = {}
         self._commits: ScriptBatcher | None = None
+        self._cluster_commits: ClusterBatcher | None = None
         self._fetch_sha = ""
         self._claim_due = {}
         self._cursors = {}
@@ -129,6 +154,7 @@ class RedisStreamsBroker(RedisFetch):
         self._known = {}
         self._published_topics: set[str] = set()
         self._drained = {}
+        self._partition_delayed = {}
         self._outage = Outage(log, self.url)
 
     # -- lifecycle -----------------------------------------------------------
@@ -141,16 +167,29 @@ class RedisStreamsBroker(RedisFetch):
         """
         if self._client is not None:
             return
-        client, reader = await open_clients(self._redis_url, self.url)
-        self._client, self._reader = client, reader
-        sources = {"FETCH": lua.FETCH, "EXTEND": lua.EXTEND, "REPLAY": redis_admin.REPLAY,
+        if self.clustered:
+            client = await open_cluster(self._redis_url, self.url)
+            try:
+                await check_partitions(client, self.keys, self.url)
+            except BaseException:
+                await client.aclose()
+                raise
+            self._client = client
+        else:
+            client, reader = await open_clients(self._redis_url, self.url)
+            self._client, self._reader = client, reader
+        sources = {"FETCH": lua.FETCH, "EXTEND": lua.EXTEND, "REPLAY": REPLAY,
                    "BACKLOG": redis_admin.BACKLOG, "LIST_STATE": redis_admin.LIST_STATE, "TRIM": redis_admin.TRIM}
         # Rendered once here: the scripts name their keys with this layout's functions.
         self._scripts = {name: client.register_script(lua.render(self.keys, source))
                          for name, source in sources.items()}
-        self._commits = ScriptBatcher(client, lua.render(self.keys, lua.COMMIT_BATCH))
         self._fetch_sha = self._scripts["FETCH"].sha
-        await check_server(client, self.url, log)
+        if self.clustered:
+            self._cluster_commits = ClusterBatcher(client, self.keys, lua.render(self.keys, lua.COMMIT_BATCH))
+            await check_cluster_server(client, self.url, log)
+        else:
+            self._commits = ScriptBatcher(client, lua.render(self.keys, lua.COMMIT_BATCH))
+            await check_server(client, self.url, log)
 
     async def close(self) -> None:
         """Close both connection pools. Idempotent."""
@@ -159,6 +198,9 @@ class RedisStreamsBroker(RedisFetch):
         if self._commits is not None:
             await self._commits.close()
             self._commits = None
+        if self._cluster_commits is not None:
+            await self._cluster_commits.close()
+            self._cluster_commits = None
         lines, self._lines = self._lines, []
         for line in lines:
             await line.close()
@@ -197,6 +239,8 @@ class RedisStreamsBroker(RedisFetch):
             raise BrokerError("a dead letter needs the delivery it records")
         located = None if delivery is None else self._locate(delivery)
         args, soonest = lua.commit_args(delivery, located, dead_letter, state, publish, done, self._dedupe_ms)
+        if self.clustered:
+            return await self._commit_in_partition(delivery, located, state, publish, args)
         for m in publish:
             if m.topic not in self._published_topics:  # a set lookup per message, the key built once
                 self._published_topics.add(m.topic)
@@ -213,15 +257,58 @@ class RedisStreamsBroker(RedisFetch):
             raise BrokerError(f"redis commit failed on {self.url}: {type(exc).__name__}: {exc}") from exc
         return _STATUS[reply]
 
+    async def _commit_in_partition(
+        self,
+        delivery: Delivery | None,
+        located: tuple[str, str] | None,
+        state: Sequence[StateWrite],
+        publish: Sequence[Message],
+        args: list[Any],
+    ) -> CommitStatus:
+        """A commit on Redis Cluster, in the partition its delivery, its first
+        message's key or its first state key names (see the module doc)."""
+        keys = self.keys
+        if delivery is not None:
+            partition = self._partition_of(delivery)
+        elif publish:
+            first = publish[0]
+            partition = keys.partition_of(first.key if first.key is not None else first.topic)
+        elif state:
+            partition = keys.partition_of(state[0].key)
+        else:
+            partition = 0
+        for m in publish:
+            key = keys.stream(m.topic, partition)
+            self._known.setdefault(key, Stream(key, m.topic, "", False, partition))
+            if m.delay:
+                due = time.monotonic() + m.delay
+                self._partition_delayed[partition] = min(self._partition_delayed.get(partition, due), due)
+        commits = self._cluster_commits
+        if commits is None:
+            raise BrokerError(f"broker {self.url} is not connected: await connect() first")
+        try:
+            reply = await commits.call(args, partition)
+        except rexc.RedisError as exc:
+            raise BrokerError(f"redis commit failed on {self.url}: {type(exc).__name__}: {exc}") from exc
+        return _STATUS[reply]
+
+    def _partition_of(self, delivery: Delivery) -> int:
+        try:
+            return untag_entry(self.clustered, delivery.entry_id)[0]
+        except ValueError as exc:
+            raise BrokerError(f"delivery {delivery.entry_id!r} is not one of {self.url}: {exc}") from None
+
     def _locate(self, delivery: Delivery) -> tuple[str, str]:
         """The stream key and entry id behind a delivery."""
-        if delivery.entry_id.startswith(PRIVATE_TAG):
-            key = self.keys.private_stream(delivery.group, delivery.topic)
-            return key, delivery.entry_id[len(PRIVATE_TAG):]
-        return self.keys.stream(delivery.topic), delivery.entry_id
+        partition = self._partition_of(delivery)
+        entry_id = untag_entry(self.clustered, delivery.entry_id)[1]
+        if entry_id.startswith(PRIVATE_TAG):
+            key = self.keys.private_stream(delivery.group, delivery.topic, partition)
+            return key, entry_id[len(PRIVATE_TAG):]
+        return self.keys.stream(delivery.topic, partition), entry_id
 
     async def extend(self, delivery: Delivery) -> bool:
         """Reset the idle time of a delivery this consumer still holds."""
         key, entry = self._locate(delivery)
         args = [key, delivery.group, delivery.consumer, entry, delivery.deliveries]
-        return bool(await self._run("EXTEND", args))
+        return bool(await self._run("EXTEND", args, self._partition_of(delivery)))

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from brokers import StateWrite
+from brokers import Delivery, StateWrite
 
 if TYPE_CHECKING:
     from brokers import Broker
@@ -50,10 +50,13 @@ class Context:
             handlers, by name (see ``choreo.lifecycle``).
     """
 
-    __slots__ = ("_logger", "_scope", "_writes", "event", "handler", "idempotency_key", "service")
+    __slots__ = ("_delivery", "_logger", "_scope", "_writes", "event", "handler", "idempotency_key", "service")
 
-    def __init__(self, event: Event, service: str, handler: str, scope: Scope) -> None:
+    def __init__(
+        self, event: Event, service: str, handler: str, scope: Scope, delivery: Delivery | None = None
+    ) -> None:
         self.event = event
+        self._delivery = delivery
         self.service = service
         self.handler = handler
         self.idempotency_key = event.headers.get("idempotency_key") or f"{service}.{handler}:{event.id}"
@@ -106,7 +109,7 @@ class Context:
             if staged.value is None:
                 return None
             return StateValue(json.loads(staged.value), staged.expected_version + 1)
-        stored = await self._scope.broker.get_state(key)
+        stored = await self._scope.broker.get_state(key, near=self._delivery)
         if stored is None:
             return None
         return StateValue(json.loads(stored.value), stored.version)

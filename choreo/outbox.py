@@ -56,7 +56,9 @@ class Outbox:
         Raises:
             DecodeError: the event is not JSON or is over ``max_size``.
         """
-        return new_message(event.type, event.id, encode_event(event, max_size=self.max_size), delay, group)
+        return new_message(
+            event.type, event.id, encode_event(event, max_size=self.max_size), delay, group, event.correlation_id
+        )
 
     async def commit(
         self, events: Sequence[tuple[Event, float | None]], state: Sequence[StateWrite] = ()

@@ -1,0 +1,94 @@
+"""A private Redis Cluster for tests: 3 masters and 3 replicas started on free
+ports in a temporary directory, each node a ``RedisServer`` that a test may
+kill, pause or restart, and the slot map built with ``redis-cli --cluster``."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+from tests.redis_server import RedisServer, free_port
+
+#: Milliseconds before a silent master is failed over: short, so tests wait little.
+NODE_TIMEOUT_MS = 1000
+
+
+class RedisCluster:
+    """Six ``redis-server --cluster-enabled yes`` nodes; the first three start as masters."""
+
+    def __init__(self, *, masters: int = 3, replicas: int = 1, appendonly: bool = True) -> None:
+        self.nodes = [
+            RedisServer(appendonly=appendonly, extra=(
+                "--cluster-enabled", "yes",
+                "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
+                # A node whose replica is gone keeps serving its slots.
+                "--cluster-require-full-coverage", "no",
+                "--cluster-allow-replica-migration", "no",
+            ))
+            for _ in range(masters * (1 + replicas))
+        ]
+        for node in self.nodes:
+            # The bus port on a free port of its own (port + 10000 may be taken or too high).
+            node.extra = (*node.extra, "--cluster-config-file", str(node.dir / "nodes.conf"),
+                          "--cluster-port", str(free_port()))
+        self.masters = masters
+        self.replicas = replicas
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{node.port}" for node in self.nodes[: self.masters])
+        return f"redis+cluster://{hosts}/"
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        if self.masters == 1 and self.replicas == 0:
+            # redis-cli refuses a one-node cluster: give the node every slot itself.
+            self.nodes[0].command("CLUSTER", "ADDSLOTSRANGE", "0", "16383")
+        else:
+            subprocess.run(
+                ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                 "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+                check=True, capture_output=True, timeout=60,
+            )
+        self.wait_ok()
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Wait until every live node reports ``cluster_state:ok`` and agrees on the masters."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            live = [n for n in self.nodes if n.process is not None and n.process.poll() is None]
+            try:
+                if all(b"cluster_state:ok" in n.command("CLUSTER", "INFO") for n in live):
+                    return
+            except subprocess.SubprocessError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("the test cluster did not reach cluster_state:ok")
+
+    def master_ports(self) -> list[int]:
+        """Ports of the nodes that are masters now (failovers change them)."""
+        ports = []
+        for node in self.nodes:
+            if node.process is None or node.process.poll() is not None:
+                continue
+            try:
+                if b"role:master" in node.command("INFO", "replication"):
+                    ports.append(node.port)
+            except subprocess.SubprocessError:
+                continue
+        return ports
+
+    def node(self, port: int) -> RedisServer:
+        return next(n for n in self.nodes if n.port == port)
+
+    def flush(self) -> None:
+        """Empty every master (replicas follow), and every script cache."""
+        for port in self.master_ports():
+            node = self.node(port)
+            node.command("FLUSHALL")
+            node.command("SCRIPT", "FLUSH")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
