@@ -23,9 +23,10 @@ class Message:
         delay: Seconds until it becomes deliverable; ``None`` or 0 is now.
         group: If set, only this group of ``topic`` receives it.
         key: The partition key: the correlation id of the business
-            transaction it belongs to (``None``: its topic). A broker with
-            partitions (Redis Cluster) puts a commit made outside a delivery
-            in the partition of its first message's key; a commit that
+            transaction it belongs to, or ``None``. A broker with partitions
+            (Redis Cluster) puts a commit made outside a delivery in the
+            partition of its first message with a key (else of its first
+            state key, else of its first message's topic); a commit that
             settles a delivery stays in that delivery's partition.
     """
 

@@ -331,7 +331,11 @@ class RedisFetch(redis_admin.RedisAdmin):
             chosen = (partitions[start:] + partitions[:start])[: min(limit, len(partitions))]
             self._rotation += len(chosen)
             try:
-                found = await self._fetch_chosen(consumer, by_partition, chosen, limit, max_size)
+                found: list[Delivery] = []
+                while chosen:
+                    got, chosen = await self._fetch_chosen(consumer, by_partition, chosen, limit - len(found),
+                                                           max_size)
+                    found += got
                 self._outage.ended()
             except Exception as exc:
                 if self._client is None:
@@ -356,14 +360,17 @@ class RedisFetch(redis_admin.RedisAdmin):
     async def _fetch_chosen(
         self, consumer: str, by_partition: dict[int, list[Stream]], chosen: list[int], limit: int,
         max_size: int | None,
-    ) -> list[Delivery]:
+    ) -> tuple[list[Delivery], list[int]]:
+        """One round: deliveries from the ``chosen`` partitions, and those that
+        filled their share (they may hold more) if there is room for more."""
         now = time.monotonic()
         if self.options.maxlen is not None and now >= self._trim_due:
             self._trim_due = now + _TRIM_INTERVAL
             await self.trim()
-        calls = []
+        calls, shares = [], []
         for i, p in enumerate(chosen):
             share = limit // len(chosen) + (1 if i < limit % len(chosen) else 0)
+            shares.append(share)
             args, _ = self._fetch_args(consumer, by_partition[p], share, max_size, now, True)
             move_delayed = now >= self._partition_delayed.get(p, 0.0)
             args[3] = int(move_delayed)
@@ -386,7 +393,8 @@ class RedisFetch(redis_admin.RedisAdmin):
                 replies[i] = reply
         found: list[Delivery] = []
         failed: Exception | None = None
-        for (p, _, move_delayed), reply in zip(calls, replies, strict=True):
+        full = []
+        for (p, _, move_delayed), share, reply in zip(calls, shares, replies, strict=True):
             if isinstance(reply, Exception):
                 failed = failed or reply
                 continue
@@ -394,7 +402,10 @@ class RedisFetch(redis_admin.RedisAdmin):
                 next_due = reply[5]
                 soon = _DELAYED_POLL if next_due < 0 else min(_DELAYED_POLL, next_due / 1000)
                 self._partition_delayed[p] = time.monotonic() + soon
-            found += (await self._fetch_reply(consumer, by_partition[p], reply, False))[0]
+            got = (await self._fetch_reply(consumer, by_partition[p], reply, False))[0]
+            found += got
+            if got and len(got) == share:
+                full.append(p)
         if failed is not None and not found:
             raise failed
-        return found
+        return found, full if found and len(found) < limit else []

@@ -24,8 +24,9 @@ Redis Cluster (``redis+cluster://``, ``rediss+cluster://``): the same keys
 in ``partitions`` hash tags, through redis-py's cluster client (see
 ``brokers.redis_cluster``). A commit settling a delivery runs in that
 delivery's partition; one made outside a delivery in the partition of its
-first message's key (choreo sets it to the correlation id), else of its
-first state key. Entry ids handed out start with ``<partition>:``.
+first message with a key (choreo sets it to the correlation id), else of
+its first state key, else of its first message's topic (so keyless messages
+of one topic keep their order). Entry ids handed out start with ``<partition>:``.
 
 Commit is one fenced script: it checks with XPENDING that the consumer still
 holds the entry with the same delivery count (XACK has no owner check; a
@@ -211,8 +212,9 @@ class RedisStreamsBroker(RedisFetch, RedisDeadLetters):
     async def subscribe(self, subscriptions: Sequence[Subscription]) -> None:
         """Create the groups (topic stream where ``start`` says, private stream at ``0``)."""
         streams = self._streams(subscriptions)
-        # ``_streams`` gives each subscription's topic stream, then its private one.
-        starts = {s: sub.start for sub, s in zip(subscriptions, streams[::2], strict=True)}
+        # ``_streams`` gives each subscription's topic stream, then its private
+        # one, for each partition in turn.
+        starts = {s: sub.start for s, sub in zip(streams[::2], list(subscriptions) * self.keys.count, strict=True)}
         try:
             await self._create_groups(streams, starts)
         except rexc.RedisError as exc:
@@ -268,13 +270,15 @@ class RedisStreamsBroker(RedisFetch, RedisDeadLetters):
         """A commit on Redis Cluster, in the partition its delivery, its first
         message's key or its first state key names (see the module doc)."""
         keys = self.keys
+        keyed = next((m.key for m in publish if m.key is not None), None)
         if delivery is not None:
             partition = self._partition_of(delivery)
-        elif publish:
-            first = publish[0]
-            partition = keys.partition_of(first.key if first.key is not None else first.topic)
+        elif keyed is not None:
+            partition = keys.partition_of(keyed)
         elif state:
             partition = keys.partition_of(state[0].key)
+        elif publish:
+            partition = keys.partition_of(publish[0].topic)
         else:
             partition = 0
         for m in publish:
