@@ -54,12 +54,17 @@ class RedisCluster:
         self.wait_ok()
 
     def wait_ok(self, timeout: float = 30.0) -> None:
-        """Wait until every live node reports ``cluster_state:ok`` and agrees on the masters."""
+        """Wait until every live node reports ``cluster_state:ok`` and every
+        replica is in sync with its master (only such a replica can take over)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             live = [n for n in self.nodes if n.process is not None and n.process.poll() is None]
             try:
-                if all(b"cluster_state:ok" in n.command("CLUSTER", "INFO") for n in live):
+                ok = all(b"cluster_state:ok" in n.command("CLUSTER", "INFO") for n in live)
+                roles = [n.command("INFO", "replication") for n in live]
+                synced = sum(b"role:slave" in r and b"master_link_status:up" in r for r in roles)
+                if ok and synced == sum(b"role:slave" in r for r in roles) and (
+                        synced >= self.masters * self.replicas or len(live) < len(self.nodes)):
                     return
             except subprocess.SubprocessError:
                 pass
@@ -81,6 +86,47 @@ class RedisCluster:
 
     def node(self, port: int) -> RedisServer:
         return next(n for n in self.nodes if n.port == port)
+
+    def node_id(self, port: int) -> str:
+        return self.node(port).command("CLUSTER", "MYID").decode().strip()
+
+    def owner(self, slot: int) -> int:
+        """The port of the master serving ``slot`` now."""
+        for port in self.master_ports():
+            for line in self.node(port).command("CLUSTER", "NODES").decode().splitlines():
+                fields = line.split()
+                if "myself" not in fields[2]:
+                    continue
+                for span in fields[8:]:
+                    if span.startswith("["):
+                        continue
+                    low, _, high = span.partition("-")
+                    if int(low) <= slot <= int(high or low):
+                        return port
+        raise LookupError(f"no master serves slot {slot}")
+
+    def migrate(self, slot: int, to_port: int, *, pause: float = 0.05) -> int:
+        """Move ``slot`` to the master on ``to_port`` as ``redis-cli --cluster
+        reshard`` does (IMPORTING, MIGRATING, MIGRATE key by key, then NODE
+        everywhere), one key at a time with ``pause`` between, so that clients
+        meet the slot half moved. Returns how many keys moved."""
+        source, target = self.node(self.owner(slot)), self.node(to_port)
+        source_id, target_id = self.node_id(source.port), self.node_id(to_port)
+        target.command("CLUSTER", "SETSLOT", str(slot), "IMPORTING", source_id)
+        source.command("CLUSTER", "SETSLOT", str(slot), "MIGRATING", target_id)
+        moved = 0
+        while True:
+            keys = source.command("--raw", "CLUSTER", "GETKEYSINSLOT", str(slot), "1").decode().split()
+            if not keys:
+                break
+            reply = source.command("MIGRATE", "127.0.0.1", str(to_port), "", "0", "5000", "KEYS", *keys)
+            if not reply.startswith(b"OK"):
+                raise RuntimeError(f"MIGRATE of {keys} failed: {reply!r}")
+            moved += 1
+            time.sleep(pause)
+        for port in self.master_ports():
+            self.node(port).command("CLUSTER", "SETSLOT", str(slot), "NODE", target_id)
+        return moved
 
     def flush(self) -> None:
         """Empty every master (replicas follow), and every script cache."""

@@ -1,0 +1,177 @@
+"""Faults of a Redis Cluster under load (RELIABILITY T22): a master killed
+and its replica promoted, a slot moved while workers use it, script caches
+emptied, and a partition count changed between deployments.
+
+Each test starts its own cluster (3 masters, 3 replicas, ``appendonly yes``)
+and runs, in this process, a producer and two consumers (each a broker of its
+own: separate connections, as two worker processes have). A consumer's
+effect is a follow-on message committed with the ack, so the oracle is the
+cluster itself read from outside: every job whose publish was acknowledged
+has exactly one follow-on (missing 0, double 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+
+import pytest
+
+import brokers
+from brokers import BrokerError, Message, Subscription
+from brokers.redis_keys import Keys
+from tests.redis_cluster import RedisCluster
+
+pytestmark = pytest.mark.redis
+
+JOBS = Subscription("cluster.job", "cluster.work")
+DONE = Subscription("cluster.done", "cluster.check")
+QUERY = "?visibility_timeout=1&claim_interval=0.2"
+
+
+@pytest.fixture
+def cluster() -> Iterator[RedisCluster]:
+    instance = RedisCluster(appendonly=True)
+    try:
+        instance.start()
+        yield instance
+    finally:
+        instance.stop()
+
+
+async def consume(url: str, name: str, stop: asyncio.Event) -> None:
+    """Handle jobs until told to stop: the effect is a ``cluster.done`` message
+    committed with the ack, under an id derived from the job's."""
+    broker = brokers.from_url(url)
+    await broker.connect()
+    try:
+        await broker.subscribe([JOBS])
+        while not stop.is_set():
+            try:
+                taken = await broker.fetch(name, [JOBS], limit=20, timeout=0.2)
+            except BrokerError:
+                await asyncio.sleep(0.1)
+                continue
+            for delivery in taken:
+                done = [] if delivery.duplicate else [
+                    Message(DONE.topic, f"done-{delivery.message_id}", delivery.body)]
+                with contextlib.suppress(BrokerError):  # not acked: redelivered after the lease
+                    await broker.commit(delivery, publish=done)
+    finally:
+        await broker.close()
+
+
+async def run_with_fault(url: str, jobs: int, fault: Callable[[], Awaitable[None]]) -> tuple[set[str], Counter[str]]:
+    """Publish ``jobs`` jobs (each retried until acknowledged) while two
+    consumers work; run ``fault`` halfway; wait until the work is done.
+    Returns the acknowledged job ids and the follow-ons per job."""
+    producer = brokers.from_url(url)
+    await producer.connect()
+    await producer.subscribe([JOBS, DONE])
+    stop = asyncio.Event()
+    consumers = [asyncio.create_task(consume(url, f"c{i}", stop)) for i in range(2)]
+    acked: set[str] = set()
+    try:
+        for n in range(jobs):
+            if n == jobs // 2:
+                await fault()
+            job = f"job-{n}"
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    await producer.publish([Message(JOBS.topic, job, job.encode(), key=f"tx-{n}")])
+                    acked.add(job)
+                    break
+                except BrokerError:
+                    assert time.monotonic() < deadline, "publishing stayed refused for 30 s"
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(0.002)
+        done: Counter[str] = Counter()
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            try:
+                history = await producer.history()
+            except BrokerError:
+                await asyncio.sleep(0.2)
+                continue
+            done = Counter(e.message_id.removeprefix("done-") for e in history
+                           if e.topic == DONE.topic and e.message_id is not None)
+            if acked <= set(done):
+                break
+            await asyncio.sleep(0.2)
+        return acked, done
+    finally:
+        stop.set()
+        await asyncio.gather(*consumers, return_exceptions=True)
+        await producer.close()
+
+
+def check(acked: set[str], done: Counter[str]) -> None:
+    missing = sorted(acked - set(done))
+    double = sorted(job for job, count in done.items() if count > 1)
+    assert (missing, double) == ([], []), f"missing {len(missing)}: {missing[:5]}, double {len(double)}: {double[:5]}"
+
+
+async def test_a_master_killed_mid_run_loses_no_acknowledged_job(cluster: RedisCluster) -> None:
+    """kill -9 of a master: its replica takes over, the clients follow, every
+    acknowledged job is handled exactly once."""
+    victim = cluster.master_ports()[0]
+
+    async def kill() -> None:
+        cluster.node(victim).kill()
+
+    acked, done = await run_with_fault(cluster.url + QUERY, 400, kill)
+    check(acked, done)
+    assert victim not in cluster.master_ports() and len(cluster.master_ports()) == 3
+
+
+async def test_a_slot_moved_mid_run_loses_nothing(cluster: RedisCluster) -> None:
+    """A partition's slot moves key by key to another master while it is in
+    use (MOVED, ASK, TRYAGAIN): nothing is lost or doubled, no key is split."""
+    keys = Keys("choreo", 16)
+    busiest = keys.partition_of(JOBS.topic)  # the jobs all carry keys, but the follow-ons land here too
+    slot = _slot(cluster, keys.root(busiest))
+    moved: list[int] = []
+
+    async def migrate() -> None:
+        source = cluster.owner(slot)
+        target = next(p for p in cluster.master_ports() if p != source)
+        moved.append(await asyncio.to_thread(cluster.migrate, slot, target, pause=0.1))
+
+    acked, done = await run_with_fault(cluster.url + QUERY, 400, migrate)
+    check(acked, done)
+    assert moved and moved[0] > 0
+
+
+async def test_script_caches_emptied_mid_run(cluster: RedisCluster) -> None:
+    """Every node's script cache emptied (a restart does that): NOSCRIPT is
+    answered by loading the script, once, and the run goes on."""
+
+    async def flush_scripts() -> None:
+        for port in cluster.master_ports():
+            cluster.node(port).command("SCRIPT", "FLUSH")
+
+    acked, done = await run_with_fault(cluster.url + QUERY, 200, flush_scripts)
+    check(acked, done)
+
+
+async def test_a_changed_partition_count_is_refused(cluster: RedisCluster) -> None:
+    """The partition count is part of the layout: a broker counting otherwise
+    refuses to start and says what to do."""
+    first = brokers.from_url(cluster.url + "?partitions=16")
+    await first.connect()
+    await first.close()
+    other = brokers.from_url(cluster.url + "?partitions=8")
+    with pytest.raises(BrokerError, match=r"partitions=16 .* this broker has partitions=8"):
+        await other.connect()
+    again = brokers.from_url(cluster.url + "?partitions=8&prefix=fresh")
+    await again.connect()  # a new prefix is a new layout
+    await again.close()
+
+
+def _slot(cluster: RedisCluster, key: str) -> int:
+    port = cluster.master_ports()[0]
+    return int(cluster.node(port).command("CLUSTER", "KEYSLOT", key).decode().strip())
