@@ -14,16 +14,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 import brokers
 from brokers import BrokerError, Message, Subscription
 from brokers.redis_keys import Keys
+from choreo import Event
+from choreo.errors import BrokerUnavailable
+from choreo.testing import run_apps
+from tests import ledger
 from tests.redis_cluster import RedisCluster
+from tests.test_network_faults import Producer, drained
+from tests.worker_process import WorkerProcess
 
 pytestmark = pytest.mark.redis
 
@@ -175,3 +184,58 @@ async def test_a_changed_partition_count_is_refused(cluster: RedisCluster) -> No
 def _slot(cluster: RedisCluster, key: str) -> int:
     port = cluster.master_ports()[0]
     return int(cluster.node(port).command("CLUSTER", "KEYSLOT", key).decode().strip())
+
+
+def children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (the worker processes of ``--workers``)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+class RetryingProducer(Producer):
+    """``Producer``, resending a batch the broker refused (during a failover)
+    until it is acknowledged: a batch that did land before its reply was lost
+    is there twice, which consumers dedupe."""
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            events = [Event(type="lab.job", data={"job": f"j{len(self.jobs) + i}"}) for i in range(self.batch)]
+            while True:
+                try:
+                    await self.env.runtime.commit([(e, None) for e in events])
+                    break
+                except BrokerUnavailable:
+                    await asyncio.sleep(0.1)
+            self.jobs += [e.data["job"] for e in events]
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.every)
+
+
+async def test_worker_processes_share_a_cluster_through_worker_and_master_kills(cluster: RedisCluster) -> None:
+    """``choreo worker --workers 2`` on a cluster while jobs flow: one worker
+    process killed (its supervisor starts another), then one master: every
+    acknowledged job takes effect once, across both processes."""
+    url = cluster.url + "?visibility_timeout=1&claim_interval=0.25&max_deliveries=20"
+    worker = WorkerProcess("tests.apps.lab:app", "--broker", url, "--workers", "2").start(count=2)
+    try:
+        async with run_apps(broker=url) as env:
+            async with RetryingProducer(env) as producer:
+                await asyncio.sleep(1.5)
+                assert worker.process is not None
+                os.kill(children(worker.process.pid)[0], signal.SIGKILL)
+                await asyncio.sleep(1.5)
+                cluster.node(cluster.master_ports()[1]).kill()
+                await asyncio.sleep(3.0)
+            await drained(url, producer.jobs, timeout=30)
+            report = ledger.check(producer.jobs, ledger.effects_in_redis(url))
+        assert report.ok, report
+        assert len(producer.jobs) >= 200
+    finally:
+        worker.terminate()
