@@ -24,10 +24,12 @@ class Message:
         group: If set, only this group of ``topic`` receives it.
         key: The partition key: the correlation id of the business
             transaction it belongs to, or ``None``. A broker with partitions
-            (Redis Cluster) puts a commit made outside a delivery in the
-            partition of its first message with a key (else of its first
-            state key, else of its first message's topic); a commit that
-            settles a delivery stays in that delivery's partition.
+            (Redis Cluster) publishes a message outside a delivery in the
+            partition of its key (of its topic without one), so copies of it
+            meet and are deduped; a commit that settles a delivery, and so
+            everything it emits, stays in that delivery's partition; a commit
+            with state writes and no delivery goes to its first keyed
+            message's partition (else its first state key's).
     """
 
     topic: str

@@ -26,7 +26,9 @@ in ``partitions`` hash tags, through redis-py's cluster client (see
 delivery's partition; one made outside a delivery in the partition of its
 first message with a key (choreo sets it to the correlation id), else of
 its first state key, else of its first message's topic (so keyless messages
-of one topic keep their order). Entry ids handed out start with ``<partition>:``.
+of one topic keep their order). Messages published outside a delivery and
+without state go each to its own key's partition, so that a copy published
+again lands with the first and is deduped. Entry ids handed out start with ``<partition>:``.
 
 Commit is one fenced script: it checks with XPENDING that the consumer still
 holds the entry with the same delivery count (XACK has no owner check; a
@@ -58,6 +60,7 @@ user for it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -223,7 +226,8 @@ class RedisStreamsBroker(RedisFetch, RedisDeadLetters):
     # -- publishing and committing -------------------------------------------
 
     async def publish(self, messages: Sequence[Message]) -> None:
-        """Publish all messages in one script (all or none)."""
+        """Publish all messages in one script (all or none); on Redis Cluster
+        one script per partition the messages' keys name."""
         if messages:
             await self.commit(publish=messages)
 
@@ -239,10 +243,12 @@ class RedisStreamsBroker(RedisFetch, RedisDeadLetters):
         """Settle a delivery and apply its effects in one fenced script."""
         if dead_letter is not None and delivery is None:
             raise BrokerError("a dead letter needs the delivery it records")
+        if self.clustered and delivery is None and not state and len(publish) > 1:
+            return await self._publish_by_key(publish)
         located = None if delivery is None else self._locate(delivery)
         args, soonest = lua.commit_args(delivery, located, dead_letter, state, publish, done, self._dedupe_ms)
         if self.clustered:
-            return await self._commit_in_partition(delivery, located, state, publish, args)
+            return await self._commit_in_partition(self._partition(delivery, state, publish), publish, args)
         for m in publish:
             if m.topic not in self._published_topics:  # a set lookup per message, the key built once
                 self._published_topics.add(m.topic)
@@ -259,28 +265,43 @@ class RedisStreamsBroker(RedisFetch, RedisDeadLetters):
             raise BrokerError(f"redis commit failed on {self.url}: {type(exc).__name__}: {exc}") from exc
         return _STATUS[reply]
 
-    async def _commit_in_partition(
-        self,
-        delivery: Delivery | None,
-        located: tuple[str, str] | None,
-        state: Sequence[StateWrite],
-        publish: Sequence[Message],
-        args: list[Any],
-    ) -> CommitStatus:
-        """A commit on Redis Cluster, in the partition its delivery, its first
-        message's key or its first state key names (see the module doc)."""
+    def _partition(self, delivery: Delivery | None, state: Sequence[StateWrite], publish: Sequence[Message]) -> int:
+        """Where a commit runs on Redis Cluster: its delivery's partition, else
+        its first keyed message's, its first state key's, its first topic's."""
         keys = self.keys
         keyed = next((m.key for m in publish if m.key is not None), None)
         if delivery is not None:
-            partition = self._partition_of(delivery)
-        elif keyed is not None:
-            partition = keys.partition_of(keyed)
-        elif state:
-            partition = keys.partition_of(state[0].key)
-        elif publish:
-            partition = keys.partition_of(publish[0].topic)
-        else:
-            partition = 0
+            return self._partition_of(delivery)
+        if keyed is not None:
+            return keys.partition_of(keyed)
+        if state:
+            return keys.partition_of(state[0].key)
+        return keys.partition_of(publish[0].topic) if publish else 0
+
+    async def _publish_by_key(self, publish: Sequence[Message]) -> CommitStatus:
+        """Messages published outside a delivery on Redis Cluster: each in
+        the partition of its own key (its topic without one), so that a copy
+        published again later lands where the first one did and is deduped.
+        One atomic commit per partition; if one fails, the error is raised
+        and the others may have been published (publishing again is safe)."""
+        groups: dict[int, list[Message]] = {}
+        for m in publish:
+            groups.setdefault(self.keys.partition_of(m.key if m.key is not None else m.topic), []).append(m)
+        if len(groups) == 1:
+            (partition, messages), = groups.items()
+            args, _ = lua.commit_args(None, None, None, (), messages, True, self._dedupe_ms)
+            return await self._commit_in_partition(partition, messages, args)
+        # Every group checked (names, bodies) before any is sent.
+        ready = [(p, messages, lua.commit_args(None, None, None, (), messages, True, self._dedupe_ms)[0])
+                 for p, messages in groups.items()]
+        for status in await asyncio.gather(*(self._commit_in_partition(*each) for each in ready)):
+            if status is not CommitStatus.OK:
+                return status
+        return CommitStatus.OK
+
+    async def _commit_in_partition(self, partition: int, publish: Sequence[Message], args: list[Any]) -> CommitStatus:
+        """A commit on Redis Cluster, in ``partition`` (see the module doc)."""
+        keys = self.keys
         for m in publish:
             key = keys.stream(m.topic, partition)
             self._known.setdefault(key, Stream(key, m.topic, "", False, partition))
