@@ -52,3 +52,10 @@ def test_worker_process_benchmark_reports_per_round_figures_and_the_ratio() -> N
     out = bench("worker_process.py", "--chains", "300", "--repeat", "1")
     assert "round 1: raw" in out and "round 1: choreo" in out
     assert "ratio choreo/raw (medians):" in out
+
+
+def test_cluster_scaling_benchmark_reports_every_setup() -> None:
+    out = bench("cluster_scaling.py", "--chains", "100")
+    for setup in ("redis, 1 worker process", "redis, 2 worker processes", "cluster 1 master, 1 worker process",
+                  "cluster 3 masters, 1 worker process", "cluster 3 masters, 2 worker processes"):
+        assert f"round 1: {setup}" in out, out
