@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
+import shlex
 import signal
 import time
 from collections import Counter
@@ -32,6 +34,7 @@ from choreo.testing import run_apps
 from tests import ledger
 from tests.redis_cluster import RedisCluster
 from tests.test_network_faults import Producer, drained
+from tests.test_operations_doc import documented_rules
 from tests.worker_process import WorkerProcess
 
 pytestmark = pytest.mark.redis
@@ -239,3 +242,25 @@ async def test_worker_processes_share_a_cluster_through_worker_and_master_kills(
         assert len(producer.jobs) >= 200
     finally:
         worker.terminate()
+
+
+async def test_the_documented_least_privilege_user_runs_on_a_cluster(redis_cluster: RedisCluster) -> None:
+    """The ACL of docs/operations.md plus its three Redis Cluster commands is
+    all a worker needs on a cluster: connect, subscribe, publish, fetch, commit."""
+    redis_cluster.flush()
+    page = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    extra = re.search(r"ACL SETUSER choreo-worker (\+cluster.*)", page)
+    assert extra is not None, "no Redis Cluster ACL line in docs/operations.md"
+    rules = [*documented_rules(), *shlex.split(extra.group(1))]
+    for port in redis_cluster.master_ports():
+        redis_cluster.node(port).command("ACL", "SETUSER", *rules)
+    url = redis_cluster.url.replace("://", "://choreo-worker:s3cret@")
+    broker = brokers.from_url(url)
+    await broker.connect()
+    try:
+        await broker.subscribe([JOBS])
+        await broker.publish([Message(JOBS.topic, "acl-1", b"x", key="tx")])
+        (delivery,) = await broker.fetch("c", [JOBS], limit=5, timeout=2)
+        assert await broker.commit(delivery) is brokers.CommitStatus.OK
+    finally:
+        await broker.close()
