@@ -18,7 +18,8 @@ bytes per record with key overhead). State is a hash ``{v: value, n:
 version}`` per key plus a sorted set (all scores 0) indexing the keys, so
 ``list_state`` is a lex range.
 
-Reading (groups, ``fetch``) is in ``brokers.redis_fetch``.
+Reading (groups, ``fetch``) is in ``brokers.redis_fetch``, on Redis Cluster in
+``brokers.redis_partitions``.
 
 Redis Cluster (``redis+cluster://``, ``rediss+cluster://``): the same keys
 in ``partitions`` hash tags, through redis-py's cluster client (see
@@ -87,9 +88,9 @@ from brokers.redis_cluster import (
     open_cluster,
 )
 from brokers.redis_dead_letters import REPLAY, RedisDeadLetters
-from brokers.redis_fetch import RedisFetch
 from brokers.redis_keys import Keys
 from brokers.redis_lines import ScriptBatcher
+from brokers.redis_partitions import PartitionedFetch
 from brokers.redis_support import (
     PRIVATE_TAG,
     Outage,
@@ -114,7 +115,7 @@ _STATUS = {
 }
 
 
-class RedisStreamsBroker(RedisFetch, RedisDeadLetters):
+class RedisStreamsBroker(PartitionedFetch, RedisDeadLetters):
     """A ``Broker`` on Redis Streams consumer groups (see the module doc).
 
     Args:
