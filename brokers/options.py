@@ -28,6 +28,10 @@ class BrokerOptions:
         partitions: Redis Cluster only: how many partitions (hash tags) the
             keys are spread over (``None``: 16). One business transaction
             stays in one partition. Plain Redis has one partition.
+        replicas: Redis Cluster only: a commit (and a publish) is
+            acknowledged only once this many replicas of its master have it
+            (``WAIT``, up to 1 s; fewer is an error, and the caller's retry
+            is deduped). ``None``: acknowledged by the master alone.
     """
 
     visibility_timeout: float = 30.0
@@ -37,6 +41,7 @@ class BrokerOptions:
     claim_interval: float | None = None
     prefix: str = "choreo"
     partitions: int | None = None
+    replicas: int | None = None
 
     @property
     def effective_claim_interval(self) -> float:
@@ -53,6 +58,7 @@ _CONVERTERS = {
     "claim_interval": float,
     "prefix": str,
     "partitions": int,
+    "replicas": int,
 }
 
 #: The URL schemes of Redis Cluster (``redis+cluster://host:port[,host:port...]/``).
@@ -116,6 +122,11 @@ def parse_url(url: str) -> tuple[str, BrokerOptions]:
             )
         if not 1 <= options.partitions <= 16384:
             raise BrokerError("broker option partitions must be between 1 and 16384")
+    if options.replicas is not None:
+        if parts.scheme not in CLUSTER_SCHEMES:
+            raise BrokerError("broker option replicas needs a redis+cluster:// or rediss+cluster:// URL")
+        if options.replicas < 1:
+            raise BrokerError("broker option replicas must be at least 1")
     return parts.scheme, options
 
 

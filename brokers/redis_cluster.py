@@ -38,6 +38,8 @@ __all__ = ("ClusterBatcher", "check_partitions", "check_cluster_server", "open_c
 DEFAULT_PARTITIONS = 16
 _BATCH_RETRIES = 2
 _BATCH_BACKOFF = 0.05
+#: Milliseconds a commit waits for its replicas (``BrokerOptions.replicas``).
+_WAIT_MS = 1000
 
 
 async def open_cluster(url: str, safe_url: str) -> Any:
@@ -132,8 +134,9 @@ class ClusterBatcher:
     on the wire go together, one batch-script call per partition (a call is
     atomic only within one slot), each through the cluster client."""
 
-    def __init__(self, client: Any, keys: Keys, source: str, *, max_batch: int = 500) -> None:
+    def __init__(self, client: Any, keys: Keys, source: str, *, max_batch: int = 500, replicas: int = 0) -> None:
         self._client = client
+        self._replicas = replicas
         self._keys = keys
         self._source = source
         self._sha = hashlib.sha1(source.encode()).hexdigest()
@@ -193,7 +196,10 @@ class ClusterBatcher:
         failures = 0
         while True:
             try:
-                replies = await call_script(self._client, self._keys, partition, self._source, self._sha, flat)
+                if self._replicas:
+                    replies = await self._call_and_wait(partition, flat)
+                else:
+                    replies = await call_script(self._client, self._keys, partition, self._source, self._sha, flat)
             except (rexc.ConnectionError, rexc.TimeoutError):
                 # Resent as on a single server (see ``ScriptBatcher``): a batch
                 # that ran before its reply was lost is refused commit by commit.
@@ -205,6 +211,38 @@ class ClusterBatcher:
             if not isinstance(replies, list) or len(replies) != calls:
                 raise rexc.ResponseError(f"batch script returned {replies!r:.200} for {calls} calls")
             return replies
+
+    async def _call_and_wait(self, partition: int, flat: list[Any]) -> Any:
+        """The batch, then WAIT on the same connection (a pipeline to the
+        partition's master): the reply only once ``replicas`` replicas have
+        the batch's writes.
+
+        Raises:
+            redis.exceptions.ResponseError: fewer replicas confirmed it in
+                time, or the slot moved meanwhile (then WAIT spoke for
+                another connection): the batch may have been applied.
+        """
+        client, route = self._client, self._keys.route(partition)
+        for attempt in range(2):
+            node = client.get_node_from_key(route[0])
+            pipe = client.pipeline(transaction=False)
+            pipe.execute_command("EVALSHA", self._sha, len(route), *route, *flat)
+            pipe.execute_command("WAIT", self._replicas, _WAIT_MS, target_nodes=node)
+            replies, confirmed = await pipe.execute(raise_on_error=False)
+            if isinstance(replies, rexc.NoScriptError) and not attempt:
+                await client.script_load(self._source)
+                continue
+            if isinstance(replies, Exception):
+                raise replies
+            moved = client.get_node_from_key(route[0]).name != node.name
+            if moved or isinstance(confirmed, Exception) or int(confirmed) < self._replicas:
+                got = "the slot moved" if moved else f"{confirmed!r} of {self._replicas} replicas confirmed"
+                raise rexc.ResponseError(
+                    f"commit applied on the master but not confirmed by its replicas within {_WAIT_MS} ms "
+                    f"({got}); it is safe to retry (copies are deduped)"
+                )
+            return replies
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def close(self) -> None:
         """Stop sending; calls still waiting fail with ``ConnectionError``."""

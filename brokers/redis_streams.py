@@ -190,7 +190,8 @@ class RedisStreamsBroker(PartitionedFetch, RedisDeadLetters):
                          for name, source in sources.items()}
         self._fetch_sha = self._scripts["FETCH"].sha
         if self.clustered:
-            self._cluster_commits = ClusterBatcher(client, self.keys, lua.render(self.keys, lua.COMMIT_BATCH))
+            self._cluster_commits = ClusterBatcher(client, self.keys, lua.render(self.keys, lua.COMMIT_BATCH),
+                                                   replicas=self.options.replicas or 0)
             await check_cluster_server(client, self.url, log)
         else:
             self._commits = ScriptBatcher(client, lua.render(self.keys, lua.COMMIT_BATCH))

@@ -27,6 +27,7 @@ import pytest
 
 import brokers
 from brokers import BrokerError, Message, Subscription
+from brokers.options import parse_url
 from brokers.redis_keys import Keys
 from choreo import Event
 from choreo.errors import BrokerUnavailable
@@ -264,3 +265,39 @@ async def test_the_documented_least_privilege_user_runs_on_a_cluster(redis_clust
         assert await broker.commit(delivery) is brokers.CommitStatus.OK
     finally:
         await broker.close()
+
+
+async def test_with_replicas_a_commit_is_acknowledged_only_once_a_replica_has_it(cluster: RedisCluster) -> None:
+    """``?replicas=1``: a publish returns once the master's replica has it
+    (WAIT); with that replica gone it fails, saying so, while a broker
+    without the option still publishes."""
+    keys = Keys("choreo", 16)
+    master = cluster.owner(_slot(cluster, keys.root(keys.partition_of("tx-w"))))
+    replica = next(n for n in cluster.nodes
+                   if n.port != master and f"master_port:{master}".encode() in n.command("INFO", "replication"))
+    waiting = brokers.from_url(cluster.url + "?replicas=1")
+    plain = brokers.from_url(cluster.url)
+    await waiting.connect()
+    await plain.connect()
+    try:
+        await waiting.publish([Message(JOBS.topic, "w-1", b"x", key="tx-w")])
+        replica.kill()
+        with pytest.raises(BrokerError, match="not confirmed by its replicas"):
+            await waiting.publish([Message(JOBS.topic, "w-2", b"x", key="tx-w")])
+        await plain.publish([Message(JOBS.topic, "w-3", b"x", key="tx-w")])
+    finally:
+        await waiting.close()
+        await plain.close()
+
+
+def test_cluster_options_need_a_cluster_url() -> None:
+    """partitions and replicas are refused on plain Redis, where there is one
+    partition and no WAIT-based commit; a cluster URL takes them."""
+    for option in ("partitions=4", "replicas=1"):
+        with pytest.raises(BrokerError, match="needs a redis\\+cluster://"):
+            parse_url(f"redis://127.0.0.1:6379/0?{option}")
+    scheme, options = parse_url("rediss+cluster://u:p@10.0.0.1:7000,10.0.0.2:7000/?partitions=4&replicas=1")
+    assert (scheme, options.partitions, options.replicas) == ("rediss+cluster", 4, 1)
+    for bad in ("partitions=0", "replicas=0", "db=1"):
+        with pytest.raises(BrokerError):
+            parse_url(f"redis+cluster://10.0.0.1:7000/?{bad}")
