@@ -7,6 +7,8 @@ from __future__ import annotations
 import subprocess
 import time
 
+import redis
+
 from tests.redis_server import RedisServer, free_port
 
 #: Milliseconds before a silent master is failed over: short, so tests wait little.
@@ -24,6 +26,8 @@ class RedisCluster:
                 # A node whose replica is gone keeps serving its slots.
                 "--cluster-require-full-coverage", "no",
                 "--cluster-allow-replica-migration", "no",
+                # A replica syncs at once (the default waits 5 s for more replicas).
+                "--repl-diskless-sync-delay", "0",
             ))
             for _ in range(masters * (1 + replicas))
         ]
@@ -33,6 +37,7 @@ class RedisCluster:
                           "--cluster-port", str(free_port()))
         self.masters = masters
         self.replicas = replicas
+        self._clients: dict[int, redis.Redis] = {}
 
     @property
     def url(self) -> str:
@@ -129,12 +134,21 @@ class RedisCluster:
         return moved
 
     def flush(self) -> None:
-        """Empty every master (replicas follow), and every script cache."""
-        for port in self.master_ports():
-            node = self.node(port)
-            node.command("FLUSHALL")
-            node.command("SCRIPT", "FLUSH")
+        """Empty every master (replicas follow), over connections kept
+        between calls: a test session flushes before every test."""
+        if not self._clients:
+            self._clients = {port: redis.Redis(port=port) for port in self.master_ports()}
+        try:
+            for client in self._clients.values():
+                client.flushall()
+        except redis.RedisError:  # a failover moved the masters: look again
+            for client in self._clients.values():
+                client.close()
+            self._clients = {}
+            self.flush()
 
     def stop(self) -> None:
+        for client in self._clients.values():
+            client.close()
         for node in self.nodes:
             node.stop()

@@ -2,8 +2,9 @@
 and its replica promoted, a slot moved while workers use it, script caches
 emptied, and a partition count changed between deployments.
 
-Each test starts its own cluster (3 masters, 3 replicas, ``appendonly yes``)
-and runs, in this process, a producer and two consumers (each a broker of its
+A test that kills a node starts a cluster of its own (3 masters, 3 replicas,
+``appendonly yes``); the others use the session's, emptied. The load tests
+run, in this process, a producer and two consumers (each a broker of its
 own: separate connections, as two worker processes have). A consumer's
 effect is a follow-on message committed with the ack, so the oracle is the
 cluster itself read from outside: every job whose publish was acknowledged
@@ -46,7 +47,15 @@ QUERY = "?visibility_timeout=1&claim_interval=0.2"
 
 
 @pytest.fixture
+def shared(redis_cluster: RedisCluster) -> RedisCluster:
+    """The session's cluster, emptied: for the faults that kill no node."""
+    redis_cluster.flush()
+    return redis_cluster
+
+
+@pytest.fixture
 def cluster() -> Iterator[RedisCluster]:
+    """A cluster of its own, for the faults that kill a node."""
     instance = RedisCluster(appendonly=True)
     try:
         instance.start()
@@ -141,46 +150,46 @@ async def test_a_master_killed_mid_run_loses_no_acknowledged_job(cluster: RedisC
     assert victim not in cluster.master_ports() and len(cluster.master_ports()) == 3
 
 
-async def test_a_slot_moved_mid_run_loses_nothing(cluster: RedisCluster) -> None:
+async def test_a_slot_moved_mid_run_loses_nothing(shared: RedisCluster) -> None:
     """A partition's slot moves key by key to another master while it is in
     use (MOVED, ASK, TRYAGAIN): nothing is lost or doubled, no key is split."""
     keys = Keys("choreo", 16)
     busiest = keys.partition_of(JOBS.topic)  # the jobs all carry keys, but the follow-ons land here too
-    slot = _slot(cluster, keys.root(busiest))
+    slot = _slot(shared, keys.root(busiest))
     moved: list[int] = []
 
     async def migrate() -> None:
-        source = cluster.owner(slot)
-        target = next(p for p in cluster.master_ports() if p != source)
-        moved.append(await asyncio.to_thread(cluster.migrate, slot, target, pause=0.1))
+        source = shared.owner(slot)
+        target = next(p for p in shared.master_ports() if p != source)
+        moved.append(await asyncio.to_thread(shared.migrate, slot, target, pause=0.1))
 
-    acked, done = await run_with_fault(cluster.url + QUERY, 400, migrate)
+    acked, done = await run_with_fault(shared.url + QUERY, 400, migrate)
     check(acked, done)
     assert moved and moved[0] > 0
 
 
-async def test_script_caches_emptied_mid_run(cluster: RedisCluster) -> None:
+async def test_script_caches_emptied_mid_run(shared: RedisCluster) -> None:
     """Every node's script cache emptied (a restart does that): NOSCRIPT is
     answered by loading the script, once, and the run goes on."""
 
     async def flush_scripts() -> None:
-        for port in cluster.master_ports():
-            cluster.node(port).command("SCRIPT", "FLUSH")
+        for port in shared.master_ports():
+            shared.node(port).command("SCRIPT", "FLUSH")
 
-    acked, done = await run_with_fault(cluster.url + QUERY, 200, flush_scripts)
+    acked, done = await run_with_fault(shared.url + QUERY, 200, flush_scripts)
     check(acked, done)
 
 
-async def test_a_changed_partition_count_is_refused(cluster: RedisCluster) -> None:
+async def test_a_changed_partition_count_is_refused(shared: RedisCluster) -> None:
     """The partition count is part of the layout: a broker counting otherwise
     refuses to start and says what to do."""
-    first = brokers.from_url(cluster.url + "?partitions=16")
+    first = brokers.from_url(shared.url + "?partitions=16")
     await first.connect()
     await first.close()
-    other = brokers.from_url(cluster.url + "?partitions=8")
+    other = brokers.from_url(shared.url + "?partitions=8")
     with pytest.raises(BrokerError, match=r"partitions=16 .* this broker has partitions=8"):
         await other.connect()
-    again = brokers.from_url(cluster.url + "?partitions=8&prefix=fresh")
+    again = brokers.from_url(shared.url + "?partitions=8&prefix=fresh")
     await again.connect()  # a new prefix is a new layout
     await again.close()
 
