@@ -32,7 +32,9 @@ from redis.retry import Retry
 from brokers.base import BrokerError
 from brokers.redis_keys import Keys
 
-__all__ = ("ClusterBatcher", "check_partitions", "check_cluster_server", "open_cluster")
+__all__ = (
+    "DEFAULT_PARTITIONS", "ClusterBatcher", "call_script", "check_cluster_server", "check_partitions", "open_cluster",
+)
 
 #: Partitions of a cluster URL without ``?partitions=``.
 DEFAULT_PARTITIONS = 16
