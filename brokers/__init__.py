@@ -2,7 +2,8 @@
 ``State``, ``Inspection``; ``Broker`` is all three) and its adapters.
 
 Importable on its own; never imports ``choreo``. ``from_url`` picks the adapter
-by scheme: ``memory://`` or ``redis://`` / ``rediss://``. The Redis adapter is
+by scheme: ``memory://``, ``redis://`` / ``rediss://``, or Redis Cluster's
+``redis+cluster://`` / ``rediss+cluster://``. The Redis adapter is
 imported only when asked for.
 """
 
@@ -73,8 +74,9 @@ def from_url(url: str) -> Broker:
         from brokers.memory import MemoryBroker
 
         return MemoryBroker(options=options)
-    if scheme in ("redis", "rediss"):
+    if scheme in ("redis", "rediss", "redis+cluster", "rediss+cluster"):
         from brokers.redis_streams import RedisStreamsBroker
 
         return RedisStreamsBroker(url, options=options)
-    raise BrokerError(f"unknown broker scheme {scheme!r} in {redact_url(url)}: use memory://, redis:// or rediss://")
+    raise BrokerError(f"unknown broker scheme {scheme!r} in {redact_url(url)}: use memory://, redis://, rediss://, "
+                      "redis+cluster:// or rediss+cluster://")

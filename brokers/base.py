@@ -267,8 +267,13 @@ class State(Protocol):
 
     url: str
 
-    async def get_state(self, key: str) -> Versioned | None:
+    async def get_state(self, key: str, *, near: Delivery | None = None) -> Versioned | None:
         """Read one state key (``None`` if absent).
+
+        ``near``: the delivery whose commit may write the key next. A broker
+        with partitions (Redis Cluster) keeps state in the partition of the
+        commit that wrote it, and reads it there; without ``near`` it looks
+        in every partition and returns the highest version.
 
         Raises:
             BrokerError: not connected, or the transport failed.

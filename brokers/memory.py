@@ -230,7 +230,7 @@ class MemoryBroker(MemoryInspection):
         owned[1].deadline = self._clock() + self.visibility_timeout
         return True
 
-    async def get_state(self, key: str) -> Versioned | None:
+    async def get_state(self, key: str, *, near: Delivery | None = None) -> Versioned | None:
         """Read one state key."""
         self._require_connected()
         return self._state.get(key)

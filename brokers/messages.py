@@ -22,6 +22,14 @@ class Message:
         body: Opaque bytes.
         delay: Seconds until it becomes deliverable; ``None`` or 0 is now.
         group: If set, only this group of ``topic`` receives it.
+        key: The partition key: the correlation id of the business
+            transaction it belongs to, or ``None``. A broker with partitions
+            (Redis Cluster) publishes a message outside a delivery in the
+            partition of its key (of its topic without one), so copies of it
+            meet and are deduped; a commit that settles a delivery, and so
+            everything it emits, stays in that delivery's partition; a commit
+            with state writes and no delivery goes to its first keyed
+            message's partition (else its first state key's).
     """
 
     topic: str
@@ -29,6 +37,7 @@ class Message:
     body: bytes
     delay: float | None = None
     group: str | None = None
+    key: str | None = None
 
 
 #: Where a new consumer group starts reading its topic.
@@ -99,15 +108,18 @@ _message_slots = slot_setters(Message)
 _delivery_slots = slot_setters(Delivery)
 
 
-def new_message(topic: str, id: str, body: bytes, delay: float | None = None, group: str | None = None) -> Message:
-    """``Message(topic, id, body, delay, group)``, built faster."""
+def new_message(
+    topic: str, id: str, body: bytes, delay: float | None = None, group: str | None = None, key: str | None = None
+) -> Message:
+    """``Message(topic, id, body, delay, group, key)``, built faster."""
     message = _new(Message)
-    set_topic, set_id, set_body, set_delay, set_group = _message_slots
+    set_topic, set_id, set_body, set_delay, set_group, set_key = _message_slots
     set_topic(message, topic)
     set_id(message, id)
     set_body(message, body)
     set_delay(message, delay)
     set_group(message, group)
+    set_key(message, key)
     return message
 
 

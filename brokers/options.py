@@ -8,7 +8,7 @@ import attrs
 
 from brokers.base import BrokerError
 
-__all__ = ("REDIS_CONNECTION_OPTIONS", "BrokerOptions", "parse_url", "redact_url")
+__all__ = ("CLUSTER_SCHEMES", "REDIS_CONNECTION_OPTIONS", "BrokerOptions", "parse_url", "redact_url")
 
 
 @attrs.frozen
@@ -33,6 +33,13 @@ class BrokerOptions:
         claim_interval: Seconds between reclaim sweeps (default: a quarter of
             ``visibility_timeout``, at most 5).
         prefix: Key prefix on Redis.
+        partitions: Redis Cluster only: how many partitions (hash tags) the
+            keys are spread over (``None``: 16). One business transaction
+            stays in one partition. Plain Redis has one partition.
+        replicas: Redis Cluster only: a commit (and a publish) is
+            acknowledged only once this many replicas of its master have it
+            (``WAIT``, up to 1 s; fewer is an error, and the caller's retry
+            is deduped). ``None``: acknowledged by the master alone.
     """
 
     visibility_timeout: float = 30.0
@@ -43,6 +50,8 @@ class BrokerOptions:
     dedupe_max: int = 100_000
     claim_interval: float | None = None
     prefix: str = "choreo"
+    partitions: int | None = None
+    replicas: int | None = None
 
     @property
     def effective_claim_interval(self) -> float:
@@ -60,7 +69,12 @@ _CONVERTERS = {
     "dedupe_max": int,
     "claim_interval": float,
     "prefix": str,
+    "partitions": int,
+    "replicas": int,
 }
+
+#: The URL schemes of Redis Cluster (``redis+cluster://host:port[,host:port...]/``).
+CLUSTER_SCHEMES = frozenset({"redis+cluster", "rediss+cluster"})
 
 
 #: Connection options of redis-py that a ``redis://`` / ``rediss://`` URL may
@@ -71,7 +85,11 @@ REDIS_CONNECTION_OPTIONS = frozenset({
     "ssl_cert_reqs", "ssl_certfile", "ssl_check_hostname", "ssl_ciphers", "ssl_keyfile", "ssl_min_version",
     "ssl_password",
 })
-_ADAPTER_OPTIONS = {"redis": REDIS_CONNECTION_OPTIONS, "rediss": REDIS_CONNECTION_OPTIONS}
+_ADAPTER_OPTIONS = {
+    "redis": REDIS_CONNECTION_OPTIONS, "rediss": REDIS_CONNECTION_OPTIONS,
+    # A cluster has no databases: db is refused.
+    **dict.fromkeys(CLUSTER_SCHEMES, REDIS_CONNECTION_OPTIONS - {"db"}),
+}
 
 
 def parse_url(url: str) -> tuple[str, BrokerOptions]:
@@ -114,16 +132,28 @@ def parse_url(url: str) -> tuple[str, BrokerOptions]:
         raise BrokerError("broker option dedupe_ttl must be 0 (dedupe off) or more")
     if options.dedupe_max < 2:
         raise BrokerError("broker option dedupe_max must be at least 2")
+    if options.partitions is not None:
+        if parts.scheme not in CLUSTER_SCHEMES:
+            raise BrokerError(
+                "broker option partitions needs a redis+cluster:// or rediss+cluster:// URL "
+                "(plain Redis keeps one partition)"
+            )
+        if not 1 <= options.partitions <= 16384:
+            raise BrokerError("broker option partitions must be between 1 and 16384")
+    if options.replicas is not None:
+        if parts.scheme not in CLUSTER_SCHEMES:
+            raise BrokerError("broker option replicas needs a redis+cluster:// or rediss+cluster:// URL")
+        if options.replicas < 1:
+            raise BrokerError("broker option replicas must be at least 1")
     return parts.scheme, options
 
 
 def redact_url(url: str) -> str:
     """The URL with any password replaced, safe for logs and errors."""
     parts = urlsplit(url)
-    if parts.password is None:
+    # Split by hand: a cluster's host list is no netloc urllib can take apart.
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    if not at or not colon:
         return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}"))

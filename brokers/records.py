@@ -176,6 +176,12 @@ class GroupCursor:
     private: bool
     last_delivered: str
 
+    def holds(self, entry_id: str) -> bool:
+        """Whether ``entry_id`` is an entry of this cursor's queue: a broker
+        with partitions (Redis Cluster) has one queue per partition, and
+        one cursor for each."""
+        return entry_id.rpartition(":")[0] == self.last_delivered.rpartition(":")[0]
+
     def handed_out(self, entry_id: str) -> bool:
         """Whether the entry ``entry_id`` of this queue was handed to the group
         (it may still be pending); ``False`` means it is still waiting."""

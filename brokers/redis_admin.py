@@ -3,7 +3,9 @@ bounds are in ``brokers.redis_retention``), state reads,
 and the ``Inspection`` role (history, cursors, leases, delayed messages,
 backlog, dead letters), mixed into ``RedisStreamsBroker``, with the Lua
 scripts they run. These calls are rare next to fetch and commit, so they
-favour plain commands over batching; the inspection reads may SCAN.
+favour plain commands over batching; the inspection reads may SCAN. On
+Redis Cluster each reads every partition, and the ids it hands out carry
+their partition (``tag_entry``).
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from redis import exceptions as rexc
 
 from brokers.base import (
     BrokerError,
-    DeadLetterRecord,
     DelayedMessage,
+    Delivery,
     GroupBacklog,
     GroupCursor,
     HistoryEntry,
@@ -30,9 +32,15 @@ from brokers.options import BrokerOptions
 from brokers.redis_keys import Keys
 from brokers.redis_retention import retention_bounds
 from brokers.redis_scripts import COMMON
-from brokers.redis_support import PRIVATE_TAG, Stream, dead_letter_record, is_stream_id, text
+from brokers.redis_support import (
+    PRIVATE_TAG,
+    Stream,
+    tag_entry,
+    text,
+    untag_entry,
+)
 
-__all__ = ("BACKLOG", "LIST_STATE", "REPLAY", "RedisAdmin")
+__all__ = ("BACKLOG", "LIST_STATE", "RedisAdmin")
 
 #: Entries read per XRANGE call while scanning history.
 _PAGE = 1000
@@ -43,11 +51,12 @@ class _Host(Protocol):
     url: str
     options: BrokerOptions
     keys: Keys
+    clustered: bool
     _known: dict[str, Stream]
 
     def _redis(self) -> Any: ...
 
-    async def _run(self, script: str, args: Sequence[Any]) -> Any: ...
+    async def _run(self, script: str, args: Sequence[Any], partition: int = 0) -> Any: ...
 
 
 class RedisAdmin:
@@ -66,30 +75,40 @@ class RedisAdmin:
         maxlen, retention = retention_bounds(self.options)
         if not (maxlen or retention) or not self._known:
             return 0
-        args: list[Any] = [maxlen, retention]
+        by_partition: dict[int, list[Any]] = {}
         for s in self._known.values():
-            args += [s.key, int(s.private)]
-        return int(await self._run("TRIM", args))
+            by_partition.setdefault(s.partition, [maxlen, retention]).extend((s.key, int(s.private)))
+        return sum([int(await self._run("TRIM", args, p)) for p, args in by_partition.items()])
 
     # -- state ---------------------------------------------------------------
 
-    async def get_state(self: _Host, key: str) -> Versioned | None:
-        """Read one state key (see ``State.get_state``)."""
+    async def get_state(self: _Host, key: str, *, near: Delivery | None = None) -> Versioned | None:
+        """Read one state key (see ``State.get_state``): on Redis Cluster in
+        the partition of ``near``, else the highest version of every partition's."""
+        if near is not None and self.clustered:
+            partitions = [untag_entry(True, near.entry_id)[0]]
+        else:
+            partitions = list(range(self.keys.count))
         try:
-            value, version = await self._redis().hmget(self.keys.state(key), ["v", "n"])
+            pipe = self._redis().pipeline(transaction=False)
+            for p in partitions:
+                pipe.hmget(self.keys.state(key, p), ["v", "n"])
+            found = [Versioned(value=bytes(value), version=int(version))
+                     for value, version in await pipe.execute() if value is not None]
         except rexc.RedisError as exc:
             raise BrokerError(f"get_state failed on {self.url}: {exc}") from exc
-        if value is None:
-            return None
-        return Versioned(value=bytes(value), version=int(version))
+        return max(found, key=lambda v: v.version, default=None)
 
     async def list_state(self: _Host, prefix: str) -> dict[str, Versioned]:
-        """Read every state key that starts with ``prefix`` (one script)."""
-        flat = await self._run("LIST_STATE", [prefix])
-        return {
-            text(flat[i]): Versioned(value=bytes(flat[i + 1]), version=int(flat[i + 2]))
-            for i in range(0, len(flat), 3)
-        }
+        """Read every state key that starts with ``prefix`` (one script per partition)."""
+        out: dict[str, Versioned] = {}
+        for p in range(self.keys.count):
+            flat = await self._run("LIST_STATE", [prefix], p)
+            for i in range(0, len(flat), 3):
+                key, found = text(flat[i]), Versioned(value=bytes(flat[i + 1]), version=int(flat[i + 2]))
+                if key not in out or out[key].version < found.version:
+                    out[key] = found
+        return dict(sorted(out.items()))
 
     # -- inspection ------------------------------------------------------------
 
@@ -102,7 +121,7 @@ class RedisAdmin:
         client = self._redis()
         found: list[HistoryEntry] = []
         try:
-            for key, topic, group in await _streams(self):
+            for key, topic, group, partition in await _streams(self):
                 cursor = start
                 while True:
                     page = await client.xrange(key, min=cursor, max="+", count=_PAGE)
@@ -113,8 +132,8 @@ class RedisAdmin:
                         mid_text = None if mid is None else text(mid)
                         if message_id is not None and mid_text != message_id:
                             continue
-                        eid = text(entry_id)
-                        found.append(HistoryEntry(topic, group, eid if group is None else PRIVATE_TAG + eid,
+                        eid = text(entry_id) if group is None else PRIVATE_TAG + text(entry_id)
+                        found.append(HistoryEntry(topic, group, tag_entry(self.clustered, partition, eid),
                                                   mid_text, bytes(body)))
                     if len(page) < _PAGE:
                         break
@@ -128,14 +147,14 @@ class RedisAdmin:
         client = self._redis()
         found: list[GroupCursor] = []
         try:
-            for key, topic, group in await _streams(self):
+            for key, topic, group, partition in await _streams(self):
                 for info in await client.xinfo_groups(key):
                     name = text(info["name"])
                     if group is not None and name != group:
                         continue  # only the group itself reads its private stream
                     last = text(info.get("last-delivered-id") or b"0-0")
-                    found.append(GroupCursor(topic, name, group is not None,
-                                             last if group is None else PRIVATE_TAG + last))
+                    last = tag_entry(self.clustered, partition, last if group is None else PRIVATE_TAG + last)
+                    found.append(GroupCursor(topic, name, group is not None, last))
         except rexc.RedisError as exc:
             raise BrokerError(f"cursors failed on {self.url}: {exc}") from exc
         return found
@@ -148,8 +167,11 @@ class RedisAdmin:
             check_name("topic", sub.topic)
             check_name("group", sub.group)
             leases: list[PendingEntry] = []
-            for key, tag in ((self.keys.stream(sub.topic), ""),
-                             (self.keys.private_stream(sub.group, sub.topic), PRIVATE_TAG)):
+            queues = [(self.keys.stream(sub.topic, p), tag_entry(self.clustered, p, ""))
+                      for p in range(self.keys.count)]
+            queues += [(self.keys.private_stream(sub.group, sub.topic, p), tag_entry(self.clustered, p, PRIVATE_TAG))
+                       for p in range(self.keys.count)]
+            for key, tag in queues:
                 try:
                     rows = await client.xpending_range(key, sub.group, min="-", max="+", count=max(1, limit))
                 except rexc.ResponseError as exc:
@@ -166,15 +188,16 @@ class RedisAdmin:
     async def delayed(self: _Host, limit: int = 1000) -> list[DelayedMessage]:
         """The delayed set's soonest members, due times against the server's clock."""
         try:
-            pipe = self._redis().pipeline(transaction=True)
-            pipe.time()
-            pipe.zrange(self.keys.delayed(), 0, max(0, limit) - 1, withscores=True)
-            (seconds, micros), members = await pipe.execute()
+            (seconds, micros) = await self._redis().time()
+            pipe = self._redis().pipeline(transaction=False)
+            for p in range(self.keys.count):
+                pipe.zrange(self.keys.delayed(p), 0, max(0, limit) - 1, withscores=True)
+            members = sorted((m for each in await pipe.execute() for m in each), key=lambda m: m[1])[: max(0, limit)]
         except rexc.RedisError as exc:
             raise BrokerError(f"delayed failed on {self.url}: {exc}") from exc
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         found = []
-        for member, score in members if limit > 0 else []:
+        for member, score in members:
             header, _, body = bytes(member).partition(b"\n")
             try:
                 topic, group, message_id = json.loads(header)
@@ -190,87 +213,28 @@ class RedisAdmin:
             check_name("topic", sub.topic)
             check_name("group", sub.group)
             args += [sub.topic, sub.group]
-        flat = await self._run("BACKLOG", args)
+        counts = [0] * (3 * len(subscriptions))
+        for p in range(self.keys.count):
+            for i, n in enumerate(await self._run("BACKLOG", args, p)):
+                counts[i] += int(n)
         return [
-            GroupBacklog(topic=sub.topic, group=sub.group, ready=int(flat[3 * i]),
-                         pending=int(flat[3 * i + 1]), delayed=int(flat[3 * i + 2]))
+            GroupBacklog(topic=sub.topic, group=sub.group, ready=counts[3 * i],
+                         pending=counts[3 * i + 1], delayed=counts[3 * i + 2])
             for i, sub in enumerate(subscriptions)
         ]
 
-    async def dead_letters(self: _Host, limit: int = 1000) -> list[DeadLetterRecord]:
-        """The dead-letter stream, oldest first."""
-        try:
-            entries = await self._redis().xrange(self.keys.dead_letters(), count=max(1, limit))
-        except rexc.RedisError as exc:
-            raise BrokerError(f"dead_letters failed on {self.url}: {exc}") from exc
-        return [dead_letter_record(entry_id, fields) for entry_id, fields in entries]
 
-    async def replay(self: _Host, dead_letter_id: str) -> bool:
-        """Republish a dead letter and forget its dedupe record (one script)."""
-        if not is_stream_id(dead_letter_id):
-            return False
-        replayed = await self._run("REPLAY", [dead_letter_id])
-        if replayed == -1:
-            raise BrokerError(
-                f"dead letter {dead_letter_id} keeps only a prefix of an oversized entry: it cannot be replayed"
-            )
-        return bool(replayed)
-
-    async def purge_dead_letters(self: _Host, ids: Sequence[str] | None = None) -> int:
-        """Delete the given dead letters (all if ``None``); return how many."""
-        key = self.keys.dead_letters()
-        try:
-            if ids is None:
-                pipe = self._redis().pipeline(transaction=True)
-                pipe.xlen(key)
-                pipe.delete(key)
-                count, _ = await pipe.execute()
-                return int(count)
-            valid = [i for i in ids if is_stream_id(i)]
-            return int(await self._redis().xdel(key, *valid)) if valid else 0
-        except rexc.RedisError as exc:
-            raise BrokerError(f"purge_dead_letters failed on {self.url}: {exc}") from exc
-
-
-async def _streams(host: _Host) -> list[tuple[str, str, str | None]]:
+async def _streams(host: _Host) -> list[tuple[str, str, str | None, int]]:
     """Every topic's and group's stream under the prefix: (key, topic, group
-    or ``None``), sorted by key."""
-    found = []
+    or ``None``, partition), sorted by key."""
+    found = set()
     async for raw in host._redis().scan_iter(match=host.keys.pattern(), count=1000, _type="stream"):
         key = text(raw)
-        parsed = host.keys.parse_stream(key)
+        parsed = host.keys.locate_stream(key)
         if parsed is not None:
-            found.append((key, *parsed))
+            found.add((key, *parsed))
     return sorted(found)
 
-
-# ARGV: dead letter id. Returns 1, or 0 if there is no such letter.
-REPLAY = COMMON + r"""
-local id = ARGV[1]
-local dkey = dead_key()
-local found = redis.call('XRANGE', dkey, id, id)
-if #found == 0 then return 0 end
-local f = {}
-local flat = found[1][2]
-for i = 1, #flat, 2 do f[flat[i]] = flat[i + 1] end
-if f.size then return -1 end  -- only a prefix of an oversized entry was kept
-local group = f.group or ''
-local fields = {'body', f.body or ''}
-if f.message_id then
-  fields[3] = 'id'
-  fields[4] = f.message_id
-  if group ~= '' then
-    local n = tonumber(redis.call('HGET', seen_head_key(group), 'n'))
-    if n ~= nil then
-      redis.call('HDEL', seen_key(group, tostring(n)), f.message_id)
-      redis.call('HDEL', seen_key(group, tostring(n - 1)), f.message_id)
-    end
-  end
-end
-redis.call('XADD', stream_key(f.topic or '', group), '*', unpack(fields))
-redis.call('XDEL', dkey, id)
-return 1
-"""
 
 # ARGV: per subscription: topic, group.
 # Returns {ready, pending, delayed} per subscription, flattened.

@@ -14,6 +14,8 @@ work), which Redis runs the moment the XREAD returns. Nothing that arrives in
 between is missed, and a delivery that trickles in costs one round trip.
 ``Delivery.entry_id`` is the stream entry id, prefixed with ``p:`` for entries
 of a private stream.
+
+On Redis Cluster reading is ``brokers.redis_partitions.PartitionedFetch``.
 """
 
 from __future__ import annotations
@@ -37,9 +39,10 @@ from brokers.base import (
 )
 from brokers.messages import Start
 from brokers.options import BrokerOptions
+from brokers.redis_cluster import call_script
 from brokers.redis_keys import Keys
 from brokers.redis_lines import Line, run_script, wait_then_fetch
-from brokers.redis_support import PRIVATE_TAG, Outage, Stream, is_transient, slot, text
+from brokers.redis_support import PRIVATE_TAG, Outage, Stream, is_transient, slot, tag_entry, text
 
 __all__ = ("RedisFetch",)
 
@@ -58,6 +61,10 @@ class RedisFetch(redis_admin.RedisAdmin):
     url: str
     options: BrokerOptions
     keys: Keys
+    #: On Redis Cluster (``redis+cluster://``), through redis-py's cluster client.
+    clustered: bool
+    #: Per partition, when to look at its delayed set next (Redis Cluster).
+    _partition_delayed: dict[int, float]
     max_deliveries: int
     visibility_timeout: float
     #: Consumer groups recreated after NOGROUP (stream or group gone).
@@ -85,9 +92,13 @@ class RedisFetch(redis_admin.RedisAdmin):
             raise BrokerError(f"broker {self.url} is not connected: await connect() first")
         return self._client
 
-    async def _run(self, script: str, args: Sequence[Any]) -> Any:
-        self._redis()
+    async def _run(self, script: str, args: Sequence[Any], partition: int = 0) -> Any:
+        """Run one of the scripts registered at ``connect`` in ``partition``."""
+        client = self._redis()
         try:
+            if self.clustered:
+                found = self._scripts[script]
+                return await call_script(client, self.keys, partition, found.script, found.sha, args)
             return await self._scripts[script](args=args)
         except rexc.RedisError as exc:
             raise BrokerError(f"redis {script.lower()} failed on {self.url}: {type(exc).__name__}: {exc}") from exc
@@ -100,8 +111,10 @@ class RedisFetch(redis_admin.RedisAdmin):
         for sub in subscriptions:
             check_name("topic", sub.topic)
             check_name("group", sub.group)
-            out.append(Stream(keys.stream(sub.topic), sub.topic, sub.group, False))
-            out.append(Stream(keys.private_stream(sub.group, sub.topic), sub.topic, sub.group, True))
+        for p in range(keys.count):
+            for sub in subscriptions:
+                out.append(Stream(keys.stream(sub.topic, p), sub.topic, sub.group, False, p))
+                out.append(Stream(keys.private_stream(sub.group, sub.topic, p), sub.topic, sub.group, True, p))
         for stream in out:
             self._known.setdefault(stream.key, stream)
         return out
@@ -271,9 +284,11 @@ class RedisFetch(redis_admin.RedisAdmin):
             # RESP bulk strings and integers: bytes and int already.
             s = streams[index - 1]
             entry_id = entry.decode()
+            if s.private:
+                entry_id = PRIVATE_TAG + entry_id
             found.append(
                 new_delivery(
-                    s.topic, s.group, consumer, PRIVATE_TAG + entry_id if s.private else entry_id,
+                    s.topic, s.group, consumer, tag_entry(self.clustered, s.partition, entry_id),
                     message_id.decode("utf-8", "replace"), body, count, duplicate == 1,
                 )
             )

@@ -23,7 +23,18 @@ after their last write. State is a hash ``{v: value, n:
 version}`` per key plus a sorted set (all scores 0) indexing the keys, so
 ``list_state`` is a lex range.
 
-Reading (groups, ``fetch``) is in ``brokers.redis_fetch``.
+Reading (groups, ``fetch``) is in ``brokers.redis_fetch``, on Redis Cluster in
+``brokers.redis_partitions``.
+
+Redis Cluster (``redis+cluster://``, ``rediss+cluster://``): the same keys
+in ``partitions`` hash tags, through redis-py's cluster client (see
+``brokers.redis_cluster``). A commit settling a delivery runs in that
+delivery's partition; one made outside a delivery in the partition of its
+first message with a key (choreo sets it to the correlation id), else of
+its first state key, else of its first message's topic (so keyless messages
+of one topic keep their order). Messages published outside a delivery and
+without state go each to its own key's partition, so that a copy published
+again lands with the first and is deduped. Entry ids handed out start with ``<partition>:``.
 
 Commit is one fenced script: it checks with XPENDING that the consumer still
 holds the entry with the same delivery count (XACK has no owner check; a
@@ -61,6 +72,7 @@ user for it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -79,10 +91,18 @@ from brokers.base import (
     Subscription,
     check_name,
 )
-from brokers.options import BrokerOptions, parse_url, redact_url
-from brokers.redis_fetch import RedisFetch
+from brokers.options import CLUSTER_SCHEMES, BrokerOptions, parse_url, redact_url
+from brokers.redis_cluster import (
+    DEFAULT_PARTITIONS,
+    ClusterBatcher,
+    check_cluster_server,
+    check_partitions,
+    open_cluster,
+)
+from brokers.redis_dead_letters import REPLAY, RedisDeadLetters
 from brokers.redis_keys import Keys
 from brokers.redis_lines import ScriptBatcher
+from brokers.redis_partitions import PartitionedFetch
 from brokers.redis_support import (
     PRIVATE_TAG,
     Outage,
@@ -90,6 +110,7 @@ from brokers.redis_support import (
     check_server,
     open_clients,
     redis_url,
+    untag_entry,
 )
 
 __all__ = ("RedisStreamsBroker",)
@@ -102,27 +123,34 @@ _STATUS = {
 }
 
 
-class RedisStreamsBroker(RedisFetch):
+class RedisStreamsBroker(PartitionedFetch, RedisDeadLetters):
     """A ``Broker`` on Redis Streams consumer groups (see the module doc).
 
     Args:
         url: ``redis://[user:password@]host:port/db`` or ``rediss://`` (TLS,
-            certificates verified). redis-py query options pass through;
+            certificates verified); for Redis Cluster
+            ``redis+cluster://[user:password@]host:port[,host:port...]/`` or
+            ``rediss+cluster://``. redis-py query options pass through;
             choreo's delivery options are read from ``options``.
         options: Delivery options; parsed from ``url`` when omitted.
     """
 
     def __init__(self, url: str, *, options: BrokerOptions | None = None) -> None:
+        scheme, parsed = parse_url(url)
         if options is None:
-            _, options = parse_url(url)
+            options = parsed
         self.options = options
         self.url = redact_url(url)
         self.visibility_timeout = options.visibility_timeout
         self.max_deliveries = options.max_deliveries
         self.group_recoveries = 0
         self._redis_url = redis_url(url)
+        self.clustered = scheme in CLUSTER_SCHEMES
         #: The key layout under ``options.prefix``.
-        self.keys = Keys(options.prefix)
+        try:
+            self.keys = Keys(options.prefix, options.partitions or DEFAULT_PARTITIONS if self.clustered else None)
+        except ValueError as exc:
+            raise BrokerError(str(exc)) from None
         # 0 turns dedupe off (nothing recorded); any other ttl is at least 1 ms.
         self._dedupe_ms = max(1, round(options.dedupe_ttl * 1000)) if options.dedupe_ttl > 0 else 0
         self._client = None
@@ -130,6 +158,7 @@ class RedisStreamsBroker(RedisFetch):
         self._lines = []
         self._scripts = {}
         self._commits: ScriptBatcher | None = None
+        self._cluster_commits: ClusterBatcher | None = None
         self._fetch_sha = ""
         self._claim_due = {}
         self._cursors = {}
@@ -140,6 +169,7 @@ class RedisStreamsBroker(RedisFetch):
         self._known = {}
         self._published_topics: set[str] = set()
         self._drained = {}
+        self._partition_delayed = {}
         self._outage = Outage(log, self.url)
 
     # -- lifecycle -----------------------------------------------------------
@@ -152,17 +182,31 @@ class RedisStreamsBroker(RedisFetch):
         """
         if self._client is not None:
             return
-        client, reader = await open_clients(self._redis_url, self.url)
-        self._client, self._reader = client, reader
-        sources = {"FETCH": lua.FETCH, "EXTEND": lua.EXTEND, "REPLAY": redis_admin.REPLAY,
+        if self.clustered:
+            client = await open_cluster(self._redis_url, self.url)
+            try:
+                await check_partitions(client, self.keys, self.url)
+            except BaseException:
+                await client.aclose()
+                raise
+            self._client = client
+        else:
+            client, reader = await open_clients(self._redis_url, self.url)
+            self._client, self._reader = client, reader
+        sources = {"FETCH": lua.FETCH, "EXTEND": lua.EXTEND, "REPLAY": REPLAY,
                    "BACKLOG": redis_admin.BACKLOG, "LIST_STATE": redis_admin.LIST_STATE, "TRIM": redis_retention.TRIM}
         # Rendered once here: the scripts name their keys with this layout's functions.
         cap = self.options.dedupe_max // 2
         self._scripts = {name: client.register_script(lua.render(self.keys, source, bucket_cap=cap))
                          for name, source in sources.items()}
-        self._commits = ScriptBatcher(client, lua.render(self.keys, redis_commit.COMMIT_BATCH, bucket_cap=cap))
+        commit_batch = lua.render(self.keys, redis_commit.COMMIT_BATCH, bucket_cap=cap)
         self._fetch_sha = self._scripts["FETCH"].sha
-        await check_server(client, self.url, log)
+        if self.clustered:
+            self._cluster_commits = ClusterBatcher(client, self.keys, commit_batch, replicas=self.options.replicas or 0)
+            await check_cluster_server(client, self.url, log)
+        else:
+            self._commits = ScriptBatcher(client, commit_batch)
+            await check_server(client, self.url, log)
         if not self._retention:
             log.warning(
                 "retention is off on %s (maxlen=0 and retention=0): streams keep every entry and Redis memory "
@@ -176,6 +220,9 @@ class RedisStreamsBroker(RedisFetch):
         if self._commits is not None:
             await self._commits.close()
             self._commits = None
+        if self._cluster_commits is not None:
+            await self._cluster_commits.close()
+            self._cluster_commits = None
         lines, self._lines = self._lines, []
         for line in lines:
             await line.close()
@@ -186,8 +233,9 @@ class RedisStreamsBroker(RedisFetch):
     async def subscribe(self, subscriptions: Sequence[Subscription]) -> None:
         """Create the groups (topic stream where ``start`` says, private stream at ``0``)."""
         streams = self._streams(subscriptions)
-        # ``_streams`` gives each subscription's topic stream, then its private one.
-        starts = {s: sub.start for sub, s in zip(subscriptions, streams[::2], strict=True)}
+        # ``_streams`` gives each subscription's topic stream, then its private
+        # one, for each partition in turn.
+        starts = {s: sub.start for s, sub in zip(streams[::2], list(subscriptions) * self.keys.count, strict=True)}
         try:
             await self._create_groups(streams, starts)
         except rexc.RedisError as exc:
@@ -202,10 +250,12 @@ class RedisStreamsBroker(RedisFetch):
         several), in the commit batch's write: a publish has nothing to check
         on the server, and a command costs Redis a fraction of a script call.
         Delayed ones take the commit script, which scores them by server time.
+        On Redis Cluster every publish takes the commit script, one per
+        partition the messages' keys name (see the module doc).
         """
         if not messages:
             return
-        if any(m.delay for m in messages):
+        if self.clustered or any(m.delay for m in messages):
             await self.commit(publish=messages)
             return
         commands: list[tuple[Any, ...]] = []
@@ -246,8 +296,12 @@ class RedisStreamsBroker(RedisFetch):
         """Settle a delivery and apply its effects in one fenced script."""
         if dead_letter is not None and delivery is None:
             raise BrokerError("a dead letter needs the delivery it records")
+        if self.clustered and delivery is None and not state and len(publish) > 1:
+            return await self._publish_by_key(publish)
         located = None if delivery is None else self._locate(delivery)
         args, soonest = redis_commit.commit_args(delivery, located, dead_letter, state, publish, done, self._dedupe_ms)
+        if self.clustered:
+            return await self._commit_in_partition(self._partition(delivery, state, publish), publish, args)
         for m in publish:
             if m.topic not in self._published_topics:  # a set lookup per message, the key built once
                 self._published_topics.add(m.topic)
@@ -264,15 +318,75 @@ class RedisStreamsBroker(RedisFetch):
             raise BrokerError(f"redis commit failed on {self.url}: {type(exc).__name__}: {exc}") from exc
         return _STATUS[reply]
 
+    def _partition(self, delivery: Delivery | None, state: Sequence[StateWrite], publish: Sequence[Message]) -> int:
+        """Where a commit runs on Redis Cluster: its delivery's partition, else
+        its first keyed message's, its first state key's, its first topic's."""
+        keys = self.keys
+        keyed = next((m.key for m in publish if m.key is not None), None)
+        if delivery is not None:
+            return self._partition_of(delivery)
+        if keyed is not None:
+            return keys.partition_of(keyed)
+        if state:
+            return keys.partition_of(state[0].key)
+        return keys.partition_of(publish[0].topic) if publish else 0
+
+    async def _publish_by_key(self, publish: Sequence[Message]) -> CommitStatus:
+        """Messages published outside a delivery on Redis Cluster: each in
+        the partition of its own key (its topic without one), so that a copy
+        published again later lands where the first one did and is deduped.
+        One atomic commit per partition; if one fails, the error is raised
+        and the others may have been published (publishing again is safe)."""
+        groups: dict[int, list[Message]] = {}
+        for m in publish:
+            groups.setdefault(self.keys.partition_of(m.key if m.key is not None else m.topic), []).append(m)
+        if len(groups) == 1:
+            (partition, messages), = groups.items()
+            args, _ = redis_commit.commit_args(None, None, None, (), messages, True, self._dedupe_ms)
+            return await self._commit_in_partition(partition, messages, args)
+        # Every group checked (names, bodies) before any is sent.
+        ready = [(p, messages, redis_commit.commit_args(None, None, None, (), messages, True, self._dedupe_ms)[0])
+                 for p, messages in groups.items()]
+        for status in await asyncio.gather(*(self._commit_in_partition(*each) for each in ready)):
+            if status is not CommitStatus.OK:
+                return status
+        return CommitStatus.OK
+
+    async def _commit_in_partition(self, partition: int, publish: Sequence[Message], args: list[Any]) -> CommitStatus:
+        """A commit on Redis Cluster, in ``partition`` (see the module doc)."""
+        keys = self.keys
+        for m in publish:
+            key = keys.stream(m.topic, partition)
+            self._known.setdefault(key, Stream(key, m.topic, "", False, partition))
+            if m.delay:
+                due = time.monotonic() + m.delay
+                self._partition_delayed[partition] = min(self._partition_delayed.get(partition, due), due)
+        commits = self._cluster_commits
+        if commits is None:
+            raise BrokerError(f"broker {self.url} is not connected: await connect() first")
+        try:
+            reply = await commits.call(args, partition)
+        except rexc.RedisError as exc:
+            raise BrokerError(f"redis commit failed on {self.url}: {type(exc).__name__}: {exc}") from exc
+        return _STATUS[reply]
+
+    def _partition_of(self, delivery: Delivery) -> int:
+        try:
+            return untag_entry(self.clustered, delivery.entry_id)[0]
+        except ValueError as exc:
+            raise BrokerError(f"delivery {delivery.entry_id!r} is not one of {self.url}: {exc}") from None
+
     def _locate(self, delivery: Delivery) -> tuple[str, str]:
         """The stream key and entry id behind a delivery."""
-        if delivery.entry_id.startswith(PRIVATE_TAG):
-            key = self.keys.private_stream(delivery.group, delivery.topic)
-            return key, delivery.entry_id[len(PRIVATE_TAG):]
-        return self.keys.stream(delivery.topic), delivery.entry_id
+        partition = self._partition_of(delivery)
+        entry_id = untag_entry(self.clustered, delivery.entry_id)[1]
+        if entry_id.startswith(PRIVATE_TAG):
+            key = self.keys.private_stream(delivery.group, delivery.topic, partition)
+            return key, entry_id[len(PRIVATE_TAG):]
+        return self.keys.stream(delivery.topic, partition), entry_id
 
     async def extend(self, delivery: Delivery) -> bool:
         """Reset the idle time of a delivery this consumer still holds."""
         key, entry = self._locate(delivery)
         args = [key, delivery.group, delivery.consumer, entry, delivery.deliveries]
-        return bool(await self._run("EXTEND", args))
+        return bool(await self._run("EXTEND", args, self._partition_of(delivery)))

@@ -30,11 +30,16 @@ __all__ = (
     "open_clients",
     "redis_url",
     "slot",
+    "tag_entry",
     "text",
+    "untag_entry",
 )
 
 _OPTION_NAMES = frozenset(field.name for field in attrs.fields(BrokerOptions))
-_TRANSIENT = (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError, OSError)
+#: A cluster mid-failover or mid-migration: ClusterDownError, TryAgainError,
+#: ClusterError ("TTL exhausted" after redirections), MasterDownError.
+_TRANSIENT = (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError, OSError, rexc.ClusterError,
+              rexc.ClusterDownError, rexc.TryAgainError, rexc.MasterDownError, rexc.SlotNotCoveredError)
 #: Seconds between repeated log lines about the same condition.
 _LOG_EVERY = 30.0
 _MAX_BACKOFF = 2.0
@@ -50,12 +55,34 @@ PRIVATE_TAG = "p:"
 
 @attrs.frozen
 class Stream:
-    """One stream a subscription reads: its topic's, or its group's private one."""
+    """One stream a subscription reads: its topic's, or its group's private
+    one, in one partition (always 0 on a single Redis server)."""
 
     key: str
     topic: str
     group: str
     private: bool
+    partition: int = 0
+
+
+def tag_entry(partitioned: bool, partition: int, entry_id: str) -> str:
+    """An id choreo hands out for an entry of ``partition`` (``Delivery.entry_id``,
+    inspection ids): on Redis Cluster ``<partition>:`` goes in front."""
+    return f"{partition}:{entry_id}" if partitioned else entry_id
+
+
+def untag_entry(partitioned: bool, entry_id: str) -> tuple[int, str]:
+    """The partition and the rest of an id made by ``tag_entry``.
+
+    Raises:
+        ValueError: a partitioned id without its partition.
+    """
+    if not partitioned:
+        return 0, entry_id
+    partition, colon, rest = entry_id.partition(":")
+    if not colon or not partition.isdigit():
+        raise ValueError(f"entry id {entry_id!r} names no partition")
+    return int(partition), rest
 
 
 def slot(stream: Stream) -> str:
@@ -139,7 +166,7 @@ async def check_server(client: Any, safe_url: str, log: logging.Logger) -> None:
         )
 
 
-def dead_letter_record(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetterRecord:
+def dead_letter_record(entry_id: bytes | str, fields: dict[bytes, bytes]) -> DeadLetterRecord:
     message_id = fields.get(b"message_id")
     return DeadLetterRecord(
         id=text(entry_id),

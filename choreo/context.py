@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
-from brokers import StateWrite
+from brokers import Delivery, StateWrite
 from choreo.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -81,10 +81,15 @@ class Context:
             handlers, by name (see ``choreo.lifecycle``).
     """
 
-    __slots__ = ("_held", "_logger", "_scope", "_writes", "event", "handler", "idempotency_key", "service")
+    __slots__ = (
+        "_delivery", "_held", "_logger", "_scope", "_writes", "event", "handler", "idempotency_key", "service",
+    )
 
-    def __init__(self, event: Event, service: str, handler: str, scope: Scope) -> None:
+    def __init__(
+        self, event: Event, service: str, handler: str, scope: Scope, delivery: Delivery | None = None
+    ) -> None:
         self.event = event
+        self._delivery = delivery
         self.service = service
         self.handler = handler
         self.idempotency_key = event.headers.get("idempotency_key") or f"{service}.{handler}:{event.id}"
@@ -139,7 +144,7 @@ class Context:
             if staged.value is None:
                 return None
             return StateValue(json.loads(staged.value), staged.expected_version + 1)
-        stored = await self._scope.broker.get_state(key)
+        stored = await self._scope.broker.get_state(key, near=self._delivery)
         if stored is None:
             return None
         return StateValue(json.loads(stored.value), stored.version)

@@ -128,7 +128,7 @@ class Dispatcher:
                 # settled here, so the commit only acks it (DUPLICATE, logged).
                 await self.outbox.settle(delivery, delivery.group)
                 return
-            ctx = Context(event, route.service, route.name, self.scope)
+            ctx = Context(event, route.service, route.name, self.scope, delivery)
             token = logs.enter(event, delivery.group)  # log records carry the event's ids (group: the route's)
             # Entered inline rather than by a coroutine around the attempts:
             # without middleware that wraps handling, this costs one test.

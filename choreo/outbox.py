@@ -57,7 +57,9 @@ class Outbox:
         Raises:
             DecodeError: the event is not JSON or is over ``max_size``.
         """
-        return new_message(event.type, event.id, encode_event(event, max_size=self.max_size), delay, group)
+        return new_message(
+            event.type, event.id, encode_event(event, max_size=self.max_size), delay, group, event.correlation_id
+        )
 
     def emitted(self, event: Event, delay: float | None = None) -> Message:
         """``event``, which the handler running now emits, encoded as the

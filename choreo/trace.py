@@ -80,7 +80,7 @@ class _History:
     #: Topic -> the cursors of its groups in the topic's own queue.
     groups: dict[str, list[GroupCursor]] = attrs.Factory(dict)
     #: (group, topic) -> the cursor of the group's private queue.
-    private: dict[tuple[str, str], GroupCursor] = attrs.Factory(dict)
+    private: dict[tuple[str, str], list[GroupCursor]] = attrs.Factory(dict)
     #: Entry ids each group holds uncommitted: (group, topic) -> ids.
     pending: dict[tuple[str, str], frozenset[str]] = attrs.Factory(dict)
     delayed: list[tuple[str, str | None, str]] = attrs.Factory(list)  # topic, group, message id
@@ -112,7 +112,7 @@ async def _read(broker: Inspection, correlation_id: str) -> _History:
     subscriptions = []
     for cursor in await broker.cursors():
         if cursor.private:
-            history.private[(cursor.group, cursor.topic)] = cursor
+            history.private.setdefault((cursor.group, cursor.topic), []).append(cursor)
         else:
             history.groups.setdefault(cursor.topic, []).append(cursor)
             subscriptions.append(Subscription(cursor.topic, cursor.group))
@@ -177,13 +177,14 @@ def _assemble(history: _History, correlation_id: str, apps: Sequence[App]) -> Tr
         # Without the apps, an event whose parent only one group took came from that group.
         parent = events.get(event.causation_id or "")
         if emitted_by[event.id] is None and parent is not None:
-            takers = [v.group for v in history.groups.get(placed.get(parent.id, (parent.type, ""))[0], [])]
+            takers = list(dict.fromkeys(
+                v.group for v in history.groups.get(placed.get(parent.id, (parent.type, ""))[0], [])))
             if len(takers) == 1:
                 emitted_by[event.id] = takers[0]
     handlings: dict[str, tuple[Handling, ...]] = {}
     for event in ordered:
         topic, entry_id = placed.get(event.id, (event.type, "0-0"))
-        groups = [v.group for v in history.groups.get(topic, [])]
+        groups = list(dict.fromkeys(v.group for v in history.groups.get(topic, [])))
         groups += [g for g, eid in retries if eid == event.id and g not in groups]
         found = []
         for group in groups:
@@ -211,11 +212,11 @@ def _outcome(
             return Handling(group, "dead_lettered", max(attempts, dead.deliveries), dead.reason)
     if any(t == topic and g == group and m == event.id for t, g, m in history.delayed):
         return Handling(group, "retrying", attempts)
-    view = next((v for v in history.groups.get(topic, []) if v.group == group), None)
+    view = next((v for v in history.groups.get(topic, []) if v.group == group and v.holds(entry_id)), None)
     held = history.pending.get((group, topic), frozenset())
     if retried:
-        private = history.private.get((group, topic))
         last = retried[-1][1]
+        private = next((c for c in history.private.get((group, topic), []) if c.holds(last)), None)
         if private is not None and (last in held or not private.handed_out(last)):
             return Handling(group, "retrying", attempts)
     elif view is not None:

@@ -1,9 +1,10 @@
 """Fixtures shared by the whole suite.
 
-``broker_url`` is parametrized over the in-memory broker and a private
-redis-server, so every test that takes it runs on both. The Redis server is
-started once per session on a free port and flushed before each test; tests
-that fault Redis itself start their own ``RedisServer``.
+``broker_url`` is parametrized over the in-memory broker, a private
+redis-server and a private Redis Cluster (3 masters, 3 replicas), so every
+test that takes it runs on all three. The server and the cluster are started
+once per session on free ports and flushed before each test; tests that
+fault Redis itself start their own ``RedisServer`` or ``RedisCluster``.
 
 PostgreSQL likewise: one private cluster per session (``postgres_server``,
 initdb into a temp dir, on a free port; never the machine's own server), a
@@ -20,6 +21,7 @@ import pytest
 
 import brokers
 from tests.postgres_server import PostgresServer
+from tests.redis_cluster import RedisCluster
 from tests.redis_server import RedisServer
 
 
@@ -29,6 +31,16 @@ def redis_server() -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    cluster = RedisCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture
@@ -94,11 +106,15 @@ def start_postgres() -> Iterator[Callable[[], PostgresServer]]:
         instance.close()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 def broker_url(request: pytest.FixtureRequest) -> str:
     """A broker URL, once per broker kind; Redis is empty at the start."""
     if request.param == "memory":
         return "memory://"
+    if request.param == "cluster":
+        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+        cluster.flush()
+        return cluster.url
     server: RedisServer = request.getfixturevalue("redis_server")
     server.command("FLUSHALL")
     return server.url

@@ -25,7 +25,9 @@ from typing import Any
 
 import attrs
 import redis
+from redis.cluster import ClusterNode, RedisCluster
 
+from brokers.redis_keys import Keys
 from choreo.middleware import Middleware
 
 DONE = "lab.done"
@@ -79,29 +81,56 @@ def effects_in_redis(url: str, topic: str = DONE, prefix: str = "choreo") -> Cou
     return Counter(str(data["job"]) for data in effect_data_in_redis(url, topic, prefix))
 
 
-def keep_effects(url: str, topic: str = DONE, prefix: str = "choreo") -> None:
-    """Give the effect stream a consumer group that never reads, so retention
-    (``maxlen``), which trims only what every group is done with, keeps it all."""
-    client = redis.Redis.from_url(url.split("?")[0])
+def streams_of(url: str, topic: str, prefix: str = "choreo") -> tuple[Any, list[str]]:
+    """A client for the Redis (or Redis Cluster) of ``url``, and the keys of
+    ``topic``'s streams there (one per partition on a cluster)."""
+    base, _, query = url.partition("?")
+    if not base.startswith(("redis+cluster://", "rediss+cluster://")):
+        return redis.Redis.from_url(base), [Keys(prefix).stream(topic)]
+    options = dict(part.split("=", 1) for part in query.split("&") if part)
+    keys = Keys(prefix, int(options.get("partitions", 16)))
+    hosts = base.split("://", 1)[1].rstrip("/").rpartition("@")[2]
+    nodes = [ClusterNode(host.rpartition(":")[0], int(host.rpartition(":")[2])) for host in hosts.split(",")]
+    return RedisCluster(startup_nodes=nodes), [keys.stream(topic, p) for p in range(keys.count)]
+
+
+def flush(url: str) -> None:
+    """Empty the Redis (every master of a Redis Cluster) of ``url``."""
+    client, _ = streams_of(url, DONE)
     try:
-        client.xgroup_create(f"{prefix}:{topic}", "ledger.keep", id="0", mkstream=True)
+        if isinstance(client, RedisCluster):
+            client.flushall(target_nodes=RedisCluster.PRIMARIES)
+        else:
+            client.flushall()
+    finally:
+        client.close()
+
+
+def keep_effects(url: str, topic: str = DONE, prefix: str = "choreo") -> None:
+    """Give the effect streams a consumer group that never reads, so retention
+    (``maxlen``), which trims only what every group is done with, keeps it all."""
+    client, keys = streams_of(url, topic, prefix)
+    try:
+        for key in keys:
+            client.xgroup_create(key, "ledger.keep", id="0", mkstream=True)
     finally:
         client.close()
 
 
 def effect_data_in_redis(url: str, topic: str = DONE, prefix: str = "choreo") -> Iterator[dict[str, Any]]:
-    """The data of every event on the stream of ``topic``, read in pages."""
-    client = redis.Redis.from_url(url.split("?")[0])
-    start = "-"
+    """The data of every event on the streams of ``topic``, read in pages."""
+    client, keys = streams_of(url, topic, prefix)
     try:
-        while True:
-            page = client.xrange(f"{prefix}:{topic}", min=start, count=10_000)
-            for _, fields in page:
-                yield json.loads(fields[b"body"])["data"]
-            if len(page) < 10_000:
-                return
-            ms, seq = page[-1][0].decode().split("-")
-            start = f"{ms}-{int(seq) + 1}"
+        for key in keys:
+            start = "-"
+            while True:
+                page = client.xrange(key, min=start, count=10_000)
+                for _, fields in page:
+                    yield json.loads(fields[b"body"])["data"]
+                if len(page) < 10_000:
+                    break
+                ms, seq = page[-1][0].decode().split("-")
+                start = f"{ms}-{int(seq) + 1}"
     finally:
         client.close()
 

@@ -67,3 +67,10 @@ def test_worker_process_benchmark_reports_per_round_figures_and_the_ratio() -> N
 def test_dashboard_pages_benchmark_reports_server_time_against_its_baseline() -> None:
     out = bench("dashboard_pages.py", "--sagas", "300", "--requests", "2")
     assert "baseline: list_state" in out and "/sagas " in out and "p50" in out
+
+
+def test_cluster_scaling_benchmark_reports_every_setup() -> None:
+    out = bench("cluster_scaling.py", "--chains", "100")
+    for setup in ("redis, 1 worker process", "redis, 2 worker processes", "cluster 1 master, 1 worker process",
+                  "cluster 3 masters, 1 worker process", "cluster 3 masters, 2 worker processes"):
+        assert f"round 1: {setup}" in out, out

@@ -247,7 +247,9 @@ async def test_state_compare_and_set(broker: Broker) -> None:
     assert await broker.commit(state=[StateWrite("saga:1", b"again", 0)]) is CommitStatus.CONFLICT
 
     await broker.subscribe([G1, OUT])
-    await broker.publish([msg(1)])
+    # Keyed like the state it goes on to write: a broker with partitions keeps
+    # one transaction's messages and state together (nothing changes elsewhere).
+    await broker.publish([msg(1, key="saga:1")])
     (delivery,) = await collect(broker, "c", [G1], 1)
     writes = [StateWrite("saga:2", b"new", 0), StateWrite("saga:1", b"v2", 7)]
     status = await broker.commit(delivery, publish=[msg(2, topic=OUT.topic)], state=writes)
@@ -515,8 +517,10 @@ async def test_history_keeps_topic_and_group_entries_with_the_delivery_ids(broke
     assert HistoryEntry(TOPIC, None, delivered["m1"].entry_id, "m1", b"body-1") in await broker.history()
 
 
-def cursor(sub: Subscription, private: bool, cursors: list[GroupCursor]) -> GroupCursor:
-    (found,) = [c for c in cursors if (c.topic, c.group, c.private) == (sub.topic, sub.group, private)]
+def cursor(sub: Subscription, private: bool, cursors: list[GroupCursor], entry_id: str) -> GroupCursor:
+    """The cursor of the queue holding ``entry_id`` (with partitions, a group has one per partition)."""
+    (found,) = [c for c in cursors
+                if (c.topic, c.group, c.private) == (sub.topic, sub.group, private) and c.holds(entry_id)]
     return found
 
 
@@ -530,17 +534,17 @@ async def test_cursors_tell_which_entries_each_group_was_handed(broker: Broker) 
     cursors = await broker.cursors()
     assert {(c.topic, c.group, c.private) for c in cursors} >= {
         (TOPIC, G1.group, False), (TOPIC, G1.group, True), (TOPIC, G2.group, False), (TOPIC, G2.group, True)}
-    untouched = cursor(G2, False, cursors)
+    untouched = cursor(G2, False, cursors, ids["m1"])
     assert not untouched.handed_out(ids["m1"]) and not untouched.handed_out(ids["m2"])
 
     await collect(broker, "c", [G1], 2)
     cursors = await broker.cursors()
-    shared, own = cursor(G1, False, cursors), cursor(G1, True, cursors)
+    shared, own = cursor(G1, False, cursors, ids["m1"]), cursor(G1, True, cursors, ids["m3"])
     assert shared.handed_out(ids["m1"]) and shared.handed_out(ids["m2"])
     assert own.handed_out(ids["m3"])
     await broker.publish([msg(4, group=G1.group)])
     (late,) = await broker.history(message_id="m4")
-    assert not cursor(G1, True, await broker.cursors()).handed_out(late.entry_id)
+    assert not cursor(G1, True, await broker.cursors(), late.entry_id).handed_out(late.entry_id)
 
 
 async def test_pending_lists_each_lease_until_it_is_committed(broker: Broker) -> None:

@@ -46,6 +46,33 @@ def test_lua_functions_are_rendered_from_the_key_methods() -> None:
     assert "'it\\039s\\010:_dead'" in odd and "it's" not in odd
 
 
+def test_cluster_layout_puts_each_partition_under_one_hash_tag() -> None:
+    """On Redis Cluster every name starts with ``<prefix>:{<n>}``; partitions
+    are pinned (CRC-32 of the key), since changing them would split transactions."""
+    keys = Keys("choreo", 16)
+    assert keys.stream("order.created", 7) == "choreo:{7}:order.created"
+    assert keys.private_stream("g", "order.created", 7) == "choreo:{7}:_group:g:order.created"
+    assert [keys.delayed(3), keys.dead_letters(3), keys.seen("g", "5", 3), keys.seen_head("g", 3),
+            keys.state("saga:1", 3), keys.state_index(3)] == [
+        "choreo:{3}:_delayed", "choreo:{3}:_dead", "choreo:{3}:_seen:g:#5", "choreo:{3}:_seen:g:#",
+        "choreo:{3}:_state:saga:1", "choreo:{3}:_state_keys"]
+    assert keys.route(7) == ["choreo:{7}", "choreo:{7}:_guard"] and Keys("choreo").route(0) == []
+    assert [keys.partition_of(k) for k in ("order-1", "01J9ZK3V6Q8X4Y2B5N7M0C1D2E", "")] == [15, 9, 0]
+    assert keys.locate_stream("choreo:{7}:_group:g:a:b") == ("a:b", "g", 7)
+    assert keys.locate_stream("choreo:{16}:a.b") is None  # no such partition
+    assert keys.locate_stream("choreo:a.b") is None
+    assert Keys("choreo").locate_stream("choreo:a.b") == ("a.b", None, 0)
+    with pytest.raises(ValueError, match="hash tags"):
+        Keys("my{app}", 16)
+
+
+def test_cluster_lua_functions_start_from_the_partition_the_script_runs_in() -> None:
+    lua = Keys("choreo", 16).lua()
+    assert lua.startswith("local root = KEYS[1]\n")
+    assert "return root .. ':_seen:' .. group .. ':\\035' .. bucket end" in lua
+    assert "return root .. ':_seen:' .. group .. ':\\035' end" in lua
+
+
 @pytest.mark.redis
 async def test_every_key_lands_where_keys_says(redis_server: RedisServer) -> None:
     """With an unusual prefix, publish, retry, settle, state and dead letters all use Keys' names."""

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from brokers import StateWrite
+from brokers import Message, StateWrite
 from choreo import App, Context, SagaCoordinator, SagaState, SagaStep
 from choreo.events import Event
 from choreo.metrics import Metrics
@@ -132,12 +132,15 @@ async def test_duplicate_and_unknown_replies_are_ignored(broker_url: str, caplog
         done = await coordinator.start_saga("order_processing", {"total": 1}, saga_id="r-1", timeout=20)
         await env.settle(timeout=10)
         replies = env.published("saga.reply.order_processing")
+        # Replayed within the saga's transaction (its correlation id), as a
+        # broker redelivering or a participant replying again would.
+        within = {"correlation_id": replies[0].correlation_id}
         for reply in replies:
-            await env.publish(reply.type, reply.data, saga_id=reply.saga_id)
+            await env.publish(reply.type, reply.data, saga_id=reply.saga_id, **within)
         await env.publish(replies[0].type, replies[0].data, saga_id="ghost")
         forged = {**replies[0].data, "token": 999, "outcome": "failed"}
-        await env.publish(replies[0].type, forged, saga_id="r-1")
-        await env.publish(replies[0].type, {**replies[0].data, "step": "no_such_step"}, saga_id="r-1")
+        await env.publish(replies[0].type, forged, saga_id="r-1", **within)
+        await env.publish(replies[0].type, {**replies[0].data, "step": "no_such_step"}, saga_id="r-1", **within)
         await env.settle(timeout=10)
         assert await coordinator.get_saga_state("r-1") == done
         assert env.dead_letters() == []
@@ -197,7 +200,11 @@ async def test_sweeper_fires_the_timer_of_an_overdue_step(broker_url: str) -> No
         record.attempt, record.due_at = 1, time.time() - 5
         record.steps[0].status, record.steps[0].attempts = StepStatus.SUCCEEDED, 1
         record.steps[1].status, record.steps[1].attempts = StepStatus.RUNNING, 1
-        await env.runtime.commit([], state=[StateWrite("saga:lost", record.to_json(), 0)])
+        # Written in the saga's transaction, as start_saga's commit does (its
+        # first event carries the correlation id): a broker with partitions
+        # keeps the record where the saga's events go.
+        marker = Message("saga.test.marker", "lost-marker", b"{}", key=record.correlation)
+        await env.broker.commit(publish=[marker], state=[StateWrite("saga:lost", record.to_json(), 0)])
         assert await coordinator.sweep() == 1
         deadline = time.monotonic() + 10
         while (await coordinator.get_saga_state("lost")).state is SagaState.RUNNING:

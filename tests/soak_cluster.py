@@ -1,0 +1,230 @@
+"""The soak on Redis Cluster (catalogue T15 and T30): many events through
+worker subprocesses while workers and one master are killed.
+
+    python -m tests.soak_cluster --events 1000000
+    python -m tests.soak_cluster --events 100000 --seed 7
+
+What it does, on a private cluster of 3 masters and 3 replicas (``appendonly
+yes`` on every node), ``redis+cluster://`` with the default 16 partitions:
+
+* two ``choreo worker tests.apps.lab:app`` processes consume ``lab.job`` and
+  emit one ``lab.done`` per job (the effect, committed with the ack);
+* a producer publishes N numbered jobs in batches, 1% of them a second time
+  in a later batch (producer duplicates), each batch retried until
+  acknowledged, keeping the backlog bounded;
+* every ``--kill-every`` seconds one worker (in turn) is SIGKILLed and a
+  fresh one started; once, a third of the way in, a master is SIGKILLed
+  (its replica takes over);
+* the ledger reads every partition's ``lab.done`` through its own consumer
+  group and counts effects per job.
+
+It ends when every job took effect and every partition's group is drained,
+and prints the figures. Exit status 0 only with ``missing == 0``,
+``double == 0`` and no dead letters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.cluster import RedisCluster as ClusterClient
+
+from brokers.redis_keys import Keys
+from choreo import Event
+from choreo.worker import run
+from tests.redis_cluster import RedisCluster
+from tests.soak import JOB, LEDGER_GROUP, MASK, Figures, start_worker
+from tests.worker_process import WorkerProcess
+
+KEYS = Keys("choreo", 16)
+
+
+class Ledger:
+    """Counts ``lab.done`` effects per job number, read through a consumer
+    group on each partition's stream."""
+
+    def __init__(self, client: Any, events: int) -> None:
+        self.client = client
+        self.counts = bytearray(events)
+        self.total = 0
+        self.streams = [KEYS.stream("lab.done", p) for p in range(KEYS.count)]
+
+    async def setup(self) -> None:
+        for key in self.streams:
+            await self.client.xgroup_create(key, LEDGER_GROUP, id="0", mkstream=True)
+
+    async def read(self) -> int:
+        """Read what is there now; returns how many effects were counted."""
+        read = 0
+        for key in self.streams:
+            try:
+                reply = await self.client.xreadgroup(LEDGER_GROUP, "ledger", {key: ">"}, count=5000)
+            except Exception:  # a master failing over: read it again later
+                continue
+            if not reply:
+                continue
+            entries = reply[0][1]
+            for _, fields in entries:
+                match = JOB.search(fields[b"body"])
+                job = int(match.group(1)) if match else int(json.loads(fields[b"body"])["data"]["job"])
+                if self.counts[job] < 255:
+                    self.counts[job] += 1
+            read += len(entries)
+            await self.client.xack(key, LEDGER_GROUP, *[entry_id for entry_id, _ in entries])
+        self.total += read
+        if not read:
+            await asyncio.sleep(0.05)
+        return read
+
+    def missing(self) -> int:
+        return self.counts.count(0)
+
+    def double(self) -> int:
+        return len(self.counts) - self.counts.count(0) - self.counts.count(1)
+
+
+async def drained(client: Any) -> bool:
+    """No pending entries and nothing undelivered in the lab group of any partition."""
+    try:
+        for p in range(KEYS.count):
+            key = KEYS.stream("lab.job", p)
+            if not await client.exists(key):
+                continue
+            groups = await client.xinfo_groups(key)
+            info = await client.xinfo_stream(key)
+            group = next((g for g in groups if g["name"] == b"lab.work"), None)
+            if group is None or group["pending"] or group["last-delivered-id"] != info["last-generated-id"]:
+                return False
+            if await client.zcard(KEYS.delayed(p)):
+                return False
+    except Exception:
+        return False
+    return True
+
+
+async def soak(events: int, *, seed: int, kill_every: float, batch: int, log: Any) -> Figures:
+    rng = random.Random(seed)
+    figures = Figures(events)
+    cluster = RedisCluster(appendonly=True)
+    cluster.start()
+    options = "visibility_timeout=2&claim_interval=0.5&max_deliveries=50&dedupe_ttl=3600"
+    url = f"{cluster.url}?{options}"
+    client = ClusterClient(startup_nodes=[ClusterNode("127.0.0.1", port) for port in cluster.master_ports()])
+    workers: list[WorkerProcess] = []
+    retired: list[WorkerProcess] = []
+    try:
+        ledger = Ledger(client, events)
+        await ledger.setup()
+        workers = [await asyncio.to_thread(start_worker, url) for _ in range(2)]
+        started = time.monotonic()
+        done_publishing = asyncio.Event()
+        publish_end: list[float] = []
+
+        async def produce() -> None:
+            async with run(broker=url) as producer:
+                later: list[Event] = []
+                n = 0
+                while n < events or later:
+                    while figures.published - figures.duplicates - ledger.total > 20 * batch:
+                        await asyncio.sleep(0.01)
+                    jobs = [Event(type="lab.job", data={"job": n + i}) for i in range(min(batch, events - n))]
+                    n += len(jobs)
+                    dupes = [e for e in jobs if rng.random() < 0.01]
+                    outgoing = jobs + later
+                    while True:
+                        try:
+                            await producer.commit([(e, None) for e in outgoing])
+                            break
+                        except Exception as exc:  # a master failing over: publish again, dedupe absorbs it
+                            log(f"publish retried: {type(exc).__name__}")
+                            await asyncio.sleep(0.2)
+                    figures.published += len(outgoing)
+                    figures.duplicates += len(later)
+                    later = dupes if jobs else []
+            publish_end.append(time.monotonic())
+            done_publishing.set()
+
+        async def chaos() -> None:
+            killed_master = False
+            turn = 0
+            next_kill = time.monotonic() + kill_every * rng.uniform(0.75, 1.25)
+            while not done_publishing.is_set():
+                await asyncio.sleep(0.05)
+                if not killed_master and ledger.total >= events // 3:
+                    killed_master = True
+                    port = cluster.master_ports()[rng.randrange(3)]
+                    log(f"killing the master on port {port}")
+                    cluster.node(port).kill()
+                    figures.freezes += 1
+                if time.monotonic() >= next_kill:
+                    victim = workers[turn % 2]
+                    victim.kill()
+                    figures.kills += 1
+                    retired.append(victim)
+                    workers[turn % 2] = await asyncio.to_thread(start_worker, url)
+                    turn += 1
+                    next_kill = time.monotonic() + kill_every * rng.uniform(0.75, 1.25)
+
+        async def count() -> None:
+            last_report = time.monotonic()
+            while ledger.missing() and not (done_publishing.is_set() and time.monotonic() - publish_end[0] > 300):
+                await ledger.read()
+                if time.monotonic() - last_report >= 10:
+                    last_report = time.monotonic()
+                    elapsed = last_report - started
+                    log(f"{ledger.total:,} effects in {elapsed:.0f}s ({ledger.total / elapsed:,.0f} ev/s), "
+                        f"{figures.kills} kills")
+
+        await asyncio.gather(produce(), chaos(), count())
+        deadline = time.monotonic() + 120
+        while not await drained(client) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        while await ledger.read():  # late doubles would show up here
+            pass
+        figures.seconds = time.monotonic() - started
+        figures.drain_seconds = time.monotonic() - publish_end[0]
+        figures.effects = ledger.total
+        figures.missing = ledger.missing()
+        figures.double = ledger.double()
+        figures.dead_letters = sum([int(await client.xlen(KEYS.dead_letters(p))) for p in range(KEYS.count)])
+        if not await drained(client):
+            raise SystemExit("the lab group did not drain within 120 s")
+    finally:
+        for worker in workers:
+            worker.kill()
+        lines = [line for w in workers + retired for line in w.lines]
+        figures.worker_log_lines = len(lines)
+        figures.log_kinds = Counter(MASK.sub("#", line.split("] ", 1)[-1])[:100] for line in lines).most_common(5)
+        await client.aclose()
+        cluster.stop()
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.soak_cluster", description=__doc__.split("\n")[0])
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--kill-every", type=float, default=4.0, help="seconds between worker kills")
+    parser.add_argument("--batch", type=int, default=500, help="jobs per producer commit")
+    args = parser.parse_args(argv)
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    figures = asyncio.run(soak(args.events, seed=args.seed, kill_every=args.kill_every, batch=args.batch, log=log))
+    print(figures.line().replace("Redis freeze", "master kill").replace("soak:", "cluster soak:"))
+    for kind, n in figures.log_kinds:
+        print(f"  {n:>7} x {kind}")
+    return 0 if figures.missing == 0 and figures.double == 0 and figures.dead_letters == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
