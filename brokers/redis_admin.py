@@ -171,15 +171,19 @@ class RedisAdmin:
                       for p in range(self.keys.count)]
             queues += [(self.keys.private_stream(sub.group, sub.topic, p), tag_entry(self.clustered, p, PRIVATE_TAG))
                        for p in range(self.keys.count)]
-            for key, tag in queues:
-                try:
-                    rows = await client.xpending_range(key, sub.group, min="-", max="+", count=max(1, limit))
-                except rexc.ResponseError as exc:
-                    if "NOGROUP" in str(exc):
-                        continue  # never subscribed: nothing is pending
-                    raise BrokerError(f"pending failed on {self.url}: {exc}") from exc
-                except rexc.RedisError as exc:
-                    raise BrokerError(f"pending failed on {self.url}: {exc}") from exc
+            # One round trip for the subscription's streams in every partition.
+            pipe = client.pipeline(transaction=False)
+            for key, _ in queues:
+                pipe.xpending_range(key, sub.group, min="-", max="+", count=max(1, limit))
+            try:
+                replies = await pipe.execute(raise_on_error=False)
+            except rexc.RedisError as exc:
+                raise BrokerError(f"pending failed on {self.url}: {exc}") from exc
+            for (_, tag), rows in zip(queues, replies, strict=True):
+                if isinstance(rows, rexc.ResponseError) and "NOGROUP" in str(rows):
+                    continue  # never subscribed: nothing is pending
+                if isinstance(rows, Exception):
+                    raise BrokerError(f"pending failed on {self.url}: {rows}")
                 leases += [PendingEntry(sub.topic, sub.group, tag + text(row["message_id"]), text(row["consumer"]),
                                         int(row["times_delivered"])) for row in rows]
             found += leases[: max(0, limit)]

@@ -115,7 +115,9 @@ async def _read(broker: Inspection, correlation_id: str) -> _History:
             history.private.setdefault((cursor.group, cursor.topic), []).append(cursor)
         else:
             history.groups.setdefault(cursor.topic, []).append(cursor)
-            subscriptions.append(Subscription(cursor.topic, cursor.group))
+            # One cursor per partition on Redis Cluster: one subscription each.
+            if Subscription(cursor.topic, cursor.group) not in subscriptions:
+                subscriptions.append(Subscription(cursor.topic, cursor.group))
     held: dict[tuple[str, str], set[str]] = {}
     for lease in await broker.pending(subscriptions, limit=_MANY):
         held.setdefault((lease.group, lease.topic), set()).add(lease.entry_id)
