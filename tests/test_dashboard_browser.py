@@ -1,11 +1,15 @@
 """The dashboard in a real browser (Debian's Chromium, driven by Playwright),
 on every broker: each page is loaded, filtered and clicked, dead letters are
 replayed from the page, hostile payloads stay text, and a broker that goes
-away while a page is open is announced and the page recovers. Screenshots
-of the memory run are kept in docs/dashboard/ for docs/dashboard.md."""
+away while a page is open is announced and the page recovers. Every page of
+the memory run is screenshotted; with CHOREO_DOC_SCREENSHOTS=1 the shots
+replace those of docs/dashboard/ (docs/dashboard.md shows them), otherwise
+they go to a temporary folder, so a test run leaves the checkout as it was."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +21,11 @@ from tests.dashboard_seed import HOSTILE, run_lab, stuck_saga
 from tests.dashboard_support import LiveSystem, browser_session
 from tests.redis_server import RedisServer
 
-SHOTS = Path(__file__).resolve().parent.parent / "docs" / "dashboard"
+SHOTS = (
+    Path(__file__).resolve().parent.parent / "docs" / "dashboard"
+    if os.environ.get("CHOREO_DOC_SCREENSHOTS") == "1"
+    else Path(tempfile.gettempdir()) / "choreo-dashboard-shots"
+)
 
 
 @pytest.fixture(scope="module")

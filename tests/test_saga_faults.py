@@ -3,6 +3,8 @@
 The coordinator runs as a real subprocess on Redis (short leases, so the
 survivor reclaims the dead one's deliveries quickly); the participants run
 here and count every call by idempotency key, the ledger the checks read.
+The saga records are in the broker's state keys, or in PostgreSQL
+(``PostgresStateStore``) for both coordinators.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from choreo import App, Context
@@ -50,6 +53,7 @@ def participants(calls: Counter[str], gate: asyncio.Event | None = None) -> App:
 
 
 def coordinator(url: str, *args: str, shape: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """The coordinator process; ``shape`` adds to its environment (``SAGA_SHAPE``, ``SAGA_STATE`` ...)."""
     return subprocess.Popen(
         [sys.executable, "-m", "tests.apps.saga_crash", url, *args],
         cwd=ROOT,
@@ -89,25 +93,44 @@ SHAPES = {
 }
 
 
+async def broker_records(env: Any) -> list[dict[str, Any]]:
+    return [json.loads(v.value) for v in (await env.broker.list_state("saga:")).values()]
+
+
+def postgres_records(database_url: str) -> list[dict[str, Any]]:
+    with psycopg.connect(database_url) as conn:
+        return [record for (record,) in conn.execute("SELECT record FROM choreo_sagas").fetchall()]
+
+
 @pytest.mark.parametrize(
-    ("shape", "crash_at", "nth"),
+    ("shape", "crash_at", "nth", "state"),
     [
-        ("sequential", "after_command", 7),
-        ("sequential", "after_reply", 7),
-        ("sequential", "during_compensation", 2),
-        ("parallel", "after_command", 7),
-        ("parallel", "after_reply", 7),
-        ("parallel", "during_compensation", 2),
-        ("versions", "after_reply", 7),
+        ("sequential", "after_command", 7, "broker"),
+        ("sequential", "after_reply", 7, "broker"),
+        ("sequential", "during_compensation", 2, "broker"),
+        ("parallel", "after_command", 7, "broker"),
+        ("parallel", "after_reply", 7, "broker"),
+        ("parallel", "during_compensation", 2, "broker"),
+        ("versions", "after_reply", 7, "broker"),
+        ("sequential", "after_command", 7, "postgres"),
+        ("sequential", "after_reply", 7, "postgres"),
+        ("sequential", "during_compensation", 2, "postgres"),
     ],
 )
 async def test_killed_coordinator_sagas_all_finish_with_effects_once(
-    redis_server: RedisServer, shape: str, crash_at: str, nth: int
+    request: pytest.FixtureRequest, redis_server: RedisServer, shape: str, crash_at: str, nth: int, state: str
 ) -> None:
     """Every saga ends COMPLETED or COMPENSATED after the coordinator is killed, each effect called once;
-    the same with reserve and pay as a Parallel group, and with version 2 deployed in the survivor."""
+    the same with reserve and pay as a Parallel group, with version 2 deployed in the survivor, and with
+    the saga records in PostgreSQL (killed after a transition's commit, before its relay published)."""
     redis_server.command("FLUSHALL")
     url = redis_server.url + "?visibility_timeout=1"
+    first_shape, survivor_shape = SHAPES[shape]
+    database_url = ""
+    if state == "postgres":
+        database_url = request.getfixturevalue("database_url")
+        on_postgres = {"SAGA_STATE": "postgres", "CHOREO_DATABASE_URL": database_url}
+        first_shape, survivor_shape = {**first_shape, **on_postgres}, {**survivor_shape, **on_postgres}
     calls: Counter[str] = Counter()
     first = survivor = None
     try:
@@ -116,19 +139,24 @@ async def test_killed_coordinator_sagas_all_finish_with_effects_once(
         # the machine schedules the two processes.
         gate = asyncio.Event()
         async with run_apps(participants(calls, gate), broker=url) as env:
-            first = coordinator(url, str(SAGAS), crash_at, str(nth), shape=SHAPES[shape][0])
+            first = coordinator(url, str(SAGAS), crash_at, str(nth), shape=first_shape)
             assert first.stdout is not None
             assert (await asyncio.to_thread(first.stdout.readline)).strip() == "started"
             gate.set()
             assert await wait_exit(first, 90) == -signal.SIGKILL
-            survivor = coordinator(url, shape=SHAPES[shape][1])
+            survivor = coordinator(url, shape=survivor_shape)
             deadline = time.monotonic() + 90
             while True:
-                records = [json.loads(v.value) for v in (await env.broker.list_state("saga:")).values()]
+                if state == "postgres":
+                    records = await asyncio.to_thread(postgres_records, database_url)
+                else:
+                    records = await broker_records(env)
                 if len(records) == SAGAS and all(r["state"] in ("completed", "compensated", "failed") for r in records):
                     break
                 assert time.monotonic() < deadline, Counter(r["state"] for r in records)
                 await asyncio.sleep(0.1)
+            if state == "postgres":
+                assert await broker_records(env) == []  # in PostgreSQL, not in the broker's state keys
     finally:
         for process in (first, survivor):
             if process is not None:
