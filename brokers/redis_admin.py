@@ -72,7 +72,7 @@ class RedisAdmin:
         delivered yet. Runs from ``fetch`` every few seconds; returns how many
         entries were removed (0 with retention off).
         """
-        maxlen, retention = retention_bounds(self.options)
+        maxlen, retention = retention_bounds(self.options, self.keys.count)
         if not (maxlen or retention) or not self._known:
             return 0
         by_partition: dict[int, list[Any]] = {}

@@ -67,11 +67,25 @@ async def open_cluster(url: str, safe_url: str) -> Any:
     )
     try:
         await client.initialize()
-        await client.ping()
+        await _ping_any(client)
     except Exception as exc:
         await client.aclose()
         raise BrokerError(f"cannot connect to {safe_url}: {type(exc).__name__}: {exc}") from None
     return client
+
+
+async def _ping_any(client: Any) -> None:
+    """PING the masters until one answers: a master that just died (its
+    replica not yet promoted) leaves the others serving their partitions,
+    so it does not stop a worker from starting."""
+    failure: Exception | None = None
+    for node in client.get_primaries():
+        try:
+            await client.ping(target_nodes=node)
+            return
+        except (rexc.ConnectionError, rexc.TimeoutError) as exc:
+            failure = exc
+    raise failure or rexc.ConnectionError("the slot map names no master")
 
 
 async def check_partitions(client: Any, keys: Keys, safe_url: str) -> None:
@@ -102,6 +116,8 @@ async def check_cluster_server(client: Any, safe_url: str, log: logging.Logger) 
             log.info("Redis at %s: skipped the appendonly / maxmemory-policy check (%s)",
                      safe_url, str(exc).split("\n")[0][:120])
             return
+        except (rexc.ConnectionError, rexc.TimeoutError):
+            continue  # a master down at start-up (failing over): the others are checked
         config = {_text(k): _text(v) for k, v in found.items()}
         if config.get("appendonly", "yes") != "yes":
             log.warning("Redis Cluster node %s of %s runs with appendonly no: acknowledged events are lost "

@@ -105,7 +105,7 @@ class PartitionedFetch(RedisFetch):
         """One round: deliveries from the ``chosen`` partitions, and those that
         filled their share (they may hold more) if there is room for more."""
         now = time.monotonic()
-        if self.options.maxlen is not None and now >= self._trim_due:
+        if self._retention and now >= self._trim_due:
             self._trim_due = now + _TRIM_INTERVAL
             await self.trim()
         calls, shares = [], []

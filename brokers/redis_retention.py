@@ -19,11 +19,16 @@ __all__ = ("DEFAULT_MAXLEN", "TRIM", "retention_bounds")
 DEFAULT_MAXLEN = 100_000
 
 
-def retention_bounds(options: BrokerOptions) -> tuple[int, int]:
+def retention_bounds(options: BrokerOptions, partitions: int = 1) -> tuple[int, int]:
     """The entries each stream keeps and their age in ms (0: no bound), as
-    ``options`` set them on Redis: retention is off only when both are 0."""
+    ``options`` set them on Redis: retention is off only when both are 0.
+
+    ``maxlen`` bounds a topic, so on Redis Cluster each of its ``partitions``
+    streams keeps an even share of it (rounded up): the sizing arithmetic of
+    a single Redis then holds for the whole cluster.
+    """
     maxlen = DEFAULT_MAXLEN if options.maxlen is None else options.maxlen
-    return maxlen, round(options.retention * 1000)
+    return -(-maxlen // partitions), round(options.retention * 1000)
 
 
 # ARGV: maxlen (0: no bound by length), retention ms (0: no bound by age),

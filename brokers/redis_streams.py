@@ -196,7 +196,8 @@ class RedisStreamsBroker(PartitionedFetch, RedisDeadLetters):
         sources = {"FETCH": lua.FETCH, "EXTEND": lua.EXTEND, "REPLAY": REPLAY,
                    "BACKLOG": redis_admin.BACKLOG, "LIST_STATE": redis_admin.LIST_STATE, "TRIM": redis_retention.TRIM}
         # Rendered once here: the scripts name their keys with this layout's functions.
-        cap = self.options.dedupe_max // 2
+        # dedupe_max bounds a group: on a cluster each partition's buckets take an even share.
+        cap = max(1, self.options.dedupe_max // (2 * self.keys.count))
         self._scripts = {name: client.register_script(lua.render(self.keys, source, bucket_cap=cap))
                          for name, source in sources.items()}
         commit_batch = lua.render(self.keys, redis_commit.COMMIT_BATCH, bucket_cap=cap)

@@ -16,17 +16,21 @@ yes`` on every node), ``redis+cluster://`` with the default 16 partitions:
   fresh one started; once, a third of the way in, a master is SIGKILLed
   (its replica takes over);
 * the ledger reads every partition's ``lab.done`` through its own consumer
-  group and counts effects per job.
+  group and counts effects per job;
+* every ``--sample`` effects it records each live node's ``used_memory``.
 
 It ends when every job took effect and every partition's group is drained,
 and prints the figures. Exit status 0 only with ``missing == 0``,
-``double == 0`` and no dead letters.
+``double == 0``, no dead letters and the masters' memory flat after warm-up
+(retention at its defaults: ``maxlen`` and ``dedupe_max`` bound a topic and a
+group across all partitions).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import sys
@@ -34,6 +38,8 @@ import time
 from collections import Counter
 from typing import Any
 
+import attrs
+import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.cluster import RedisCluster as ClusterClient
 
@@ -45,6 +51,44 @@ from tests.soak import JOB, LEDGER_GROUP, MASK, Figures, start_worker
 from tests.worker_process import WorkerProcess
 
 KEYS = Keys("choreo", 16)
+
+
+@attrs.define
+class ClusterFigures(Figures):
+    """The soak's figures and the memory of every node over the run."""
+
+    #: (effects counted, {port: used_memory in bytes} of the nodes that are masters then), in order.
+    memory: list[tuple[int, dict[int, int]]] = attrs.Factory(list)
+
+    @property
+    def flat(self) -> bool:
+        """Bounded after warm-up: the masters' total ``used_memory`` in the
+        second half never exceeds the highest total between a quarter and
+        half way by more than 25% (as ``tests.retention_soak`` judges one Redis:
+        sweeps trim every 5 s and dedupe buckets rotate, so memory saws; without
+        retention it would grow by the second half's entries)."""
+        totals = [(counted, sum(used.values())) for counted, used in self.memory]
+        early = [total for counted, total in totals if self.events // 4 <= counted < self.events // 2]
+        late = [total for counted, total in totals if counted >= self.events // 2]
+        return bool(early and late) and max(late) <= 1.25 * max(early)
+
+    def memory_line(self) -> str:
+        cells = [f"{counted // 1000}k {sum(used.values()) / 2**20:.0f}" for counted, used in self.memory]
+        return f"masters' used_memory MiB by effects: {', '.join(cells)}; flat after warm-up: {self.flat}"
+
+
+async def masters_memory(cluster: RedisCluster) -> dict[int, int]:
+    """``used_memory`` of each node that is a master now (a dead node is left out)."""
+    used: dict[int, int] = {}
+    for node in cluster.nodes:
+        if node.process is None or node.process.poll() is not None:
+            continue
+        client = aioredis.Redis(port=node.port, socket_timeout=2)
+        with contextlib.suppress(Exception):  # a node failing over answers later
+            if (await client.info("replication"))["role"] == "master":
+                used[node.port] = int((await client.info("memory"))["used_memory"])
+        await client.aclose()
+    return used
 
 
 class Ledger:
@@ -110,9 +154,24 @@ async def drained(client: Any) -> bool:
     return True
 
 
-async def soak(events: int, *, seed: int, kill_every: float, batch: int, log: Any) -> Figures:
+async def restart_worker(url: str, log: Any) -> WorkerProcess:
+    """A fresh worker, started again while it fails: one started during the
+    master kill's failover may find the partition count's master down (as a
+    process supervisor would, it is started again)."""
+    for attempt in range(30):
+        try:
+            return await asyncio.to_thread(start_worker, url)
+        except AssertionError as exc:
+            log(f"worker start failed (attempt {attempt + 1}): {str(exc).splitlines()[-1][:160]}")
+            await asyncio.sleep(1.0)
+    return await asyncio.to_thread(start_worker, url)
+
+
+async def soak(
+    events: int, *, seed: int, kill_every: float, batch: int, log: Any, sample: int = 50_000,
+) -> ClusterFigures:
     rng = random.Random(seed)
-    figures = Figures(events)
+    figures = ClusterFigures(events)
     cluster = RedisCluster(appendonly=True)
     cluster.start()
     options = "visibility_timeout=2&claim_interval=0.5&max_deliveries=50&dedupe_ttl=3600"
@@ -169,14 +228,21 @@ async def soak(events: int, *, seed: int, kill_every: float, batch: int, log: An
                     victim.kill()
                     figures.kills += 1
                     retired.append(victim)
-                    workers[turn % 2] = await asyncio.to_thread(start_worker, url)
+                    workers[turn % 2] = await restart_worker(url, log)
                     turn += 1
                     next_kill = time.monotonic() + kill_every * rng.uniform(0.75, 1.25)
 
         async def count() -> None:
             last_report = time.monotonic()
+            next_sample = sample
             while ledger.missing() and not (done_publishing.is_set() and time.monotonic() - publish_end[0] > 300):
                 await ledger.read()
+                if ledger.total >= next_sample:
+                    next_sample += sample
+                    used = await masters_memory(cluster)
+                    figures.memory.append((ledger.total, used))
+                    log(f"{ledger.total:,} effects, used_memory MiB by master port: "
+                        + ", ".join(f"{port} {b / 2**20:.1f}" for port, b in sorted(used.items())))
                 if time.monotonic() - last_report >= 10:
                     last_report = time.monotonic()
                     elapsed = last_report - started
@@ -214,16 +280,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--kill-every", type=float, default=4.0, help="seconds between worker kills")
     parser.add_argument("--batch", type=int, default=500, help="jobs per producer commit")
+    parser.add_argument("--sample", type=int, default=50_000, help="effects between memory samples")
     args = parser.parse_args(argv)
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    figures = asyncio.run(soak(args.events, seed=args.seed, kill_every=args.kill_every, batch=args.batch, log=log))
+    figures = asyncio.run(soak(args.events, seed=args.seed, kill_every=args.kill_every, batch=args.batch, log=log,
+                               sample=args.sample))
     print(figures.line().replace("Redis freeze", "master kill").replace("soak:", "cluster soak:"))
+    print(figures.memory_line())
     for kind, n in figures.log_kinds:
         print(f"  {n:>7} x {kind}")
-    return 0 if figures.missing == 0 and figures.double == 0 and figures.dead_letters == 0 else 1
+    ok = figures.missing == 0 and figures.double == 0 and figures.dead_letters == 0 and figures.flat
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
