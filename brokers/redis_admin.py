@@ -35,6 +35,7 @@ from brokers.redis_scripts import COMMON
 from brokers.redis_support import (
     PRIVATE_TAG,
     Stream,
+    is_transient,
     tag_entry,
     text,
     untag_entry,
@@ -78,7 +79,15 @@ class RedisAdmin:
         by_partition: dict[int, list[Any]] = {}
         for s in self._known.values():
             by_partition.setdefault(s.partition, [maxlen, retention]).extend((s.key, int(s.private)))
-        return sum([int(await self._run("TRIM", args, p)) for p, args in by_partition.items()])
+        removed = 0
+        for p, args in by_partition.items():
+            try:
+                removed += int(await self._run("TRIM", args, p))
+            except BrokerError as exc:
+                # A master failing over or out of reach: its partitions are trimmed by a later sweep.
+                if not (self.clustered and exc.__cause__ is not None and is_transient(exc.__cause__)):
+                    raise
+        return removed
 
     # -- state ---------------------------------------------------------------
 

@@ -19,18 +19,31 @@ from typing import Any
 from redis import exceptions as rexc
 
 from brokers.base import BrokerError, Delivery, Subscription
-from brokers.redis_fetch import _DELAYED_POLL, _TRIM_INTERVAL, RedisFetch
-from brokers.redis_support import Stream, is_transient
+from brokers.redis_cluster import call_script
+from brokers.redis_fetch import _DELAYED_POLL, _TRIM_INTERVAL, RedisFetch, log
+from brokers.redis_support import _LOG_EVERY, Stream, is_transient
 
 __all__ = ("PartitionedFetch",)
 
 #: Seconds between polls of an idle Redis Cluster: the first, and the longest.
 _POLL_FIRST = 0.002
 _POLL_MAX = 0.05
+#: Seconds a fetch waits for the slowest node once it has sent its calls: a
+#: node slow or cut off (a network partition) keeps its call in flight, and a
+#: later fetch hands out what it returns, while the other nodes' partitions
+#: go on being read.
+_NODE_GRACE = 0.1
 
 
 class PartitionedFetch(RedisFetch):
     """``RedisFetch`` with the Redis Cluster path of ``fetch``."""
+
+    #: Per node (``host:port``): the partitions of a fetch call still on the wire, and its task.
+    _node_calls: dict[str, tuple[list[int], asyncio.Task[list[tuple[int, list[Stream], int, bool, Any]]]]]
+    #: Deliveries a late reply brought beyond a fetch's limit, handed out first by the next fetch.
+    _held: list[Delivery]
+    #: Nodes whose fetch failed while others answered: since when, and when last logged.
+    _nodes_down: dict[str, tuple[float, float]]
 
     async def fetch(
         self,
@@ -61,6 +74,9 @@ class PartitionedFetch(RedisFetch):
         self, consumer: str, streams: list[Stream], limit: int, max_size: int | None, deadline: float
     ) -> list[Delivery]:
         """``fetch`` on Redis Cluster (see the module doc)."""
+        if self._held:
+            held, self._held = self._held[:limit], self._held[limit:]
+            return held
         by_partition: dict[int, list[Stream]] = {}
         for s in streams:
             by_partition.setdefault(s.partition, []).append(s)
@@ -108,16 +124,94 @@ class PartitionedFetch(RedisFetch):
         if self._retention and now >= self._trim_due:
             self._trim_due = now + _TRIM_INTERVAL
             await self.trim()
-        calls, shares = [], []
+        # A partition whose node still owes the reply of an earlier call is not called again.
+        owed = {p for partitions, _ in self._node_calls.values() for p in partitions}
+        chosen = [p for p in chosen if p not in owed]
+        calls: dict[str, list[tuple[int, list[Stream], int, bool, list[Any]]]] = {}
         for i, p in enumerate(chosen):
             share = limit // len(chosen) + (1 if i < limit % len(chosen) else 0)
-            shares.append(share)
             args, _ = self._fetch_args(consumer, by_partition[p], share, max_size, now, True)
             move_delayed = now >= self._partition_delayed.get(p, 0.0)
             args[3] = int(move_delayed)
-            calls.append((p, args, move_delayed))
+            node = self._redis().get_node_from_key(self.keys.route(p)[0])
+            calls.setdefault(node.name, []).append((p, by_partition[p], share, move_delayed, args))
+        for name, node_calls in calls.items():
+            task = asyncio.get_running_loop().create_task(self._call_node(node_calls, name in self._nodes_down),
+                                                          name="choreo-redis-fetch")
+            self._node_calls[name] = ([p for p, *_ in node_calls], task)
+        if self._node_calls:
+            await asyncio.wait([task for _, task in self._node_calls.values()], timeout=_NODE_GRACE)
+        found: list[Delivery] = []
+        failed: BaseException | None = None
+        full = []
+        down: dict[str, BaseException] = {}
+        answered = False
+        for name, (_, task) in list(self._node_calls.items()):
+            if not task.done():
+                continue  # a node slow or cut off: its reply is taken by a later fetch
+            del self._node_calls[name]
+            if task.cancelled() or task.exception() is not None:
+                down[name] = task.exception() or rexc.ConnectionError("fetch cancelled")
+                continue
+            answered = True
+            if name in self._nodes_down:
+                log.warning("Redis Cluster node %s of %s is reachable again after %.1f s", name, self.url,
+                            time.monotonic() - self._nodes_down.pop(name)[0])
+            for p, streams, share, move_delayed, reply in task.result():
+                if isinstance(reply, Exception):
+                    failed = failed or reply
+                    continue
+                if move_delayed:
+                    next_due = reply[5]
+                    soon = _DELAYED_POLL if next_due < 0 else min(_DELAYED_POLL, next_due / 1000)
+                    self._partition_delayed[p] = time.monotonic() + soon
+                got = (await self._fetch_reply(consumer, streams, reply, False))[0]
+                found += got
+                if got and len(got) == share:
+                    full.append(p)
+        if down and not answered and not found:
+            raise next(iter(down.values()))  # no node answered: the broker's outage backoff
+        for name, exc in down.items():
+            self._note_down(name, exc)
+        if failed is not None and not found:
+            raise failed
+        # A late reply may bring more than this fetch has room for: the rest waits for the next.
+        found, self._held = self._held + found, []
+        if len(found) > limit:
+            found, self._held = found[:limit], found[limit:]
+            return found, []
+        return found, [p for p in full if p in chosen] if found and len(found) < limit else []
+
+    def _note_down(self, name: str, exc: BaseException) -> None:
+        """Log a node that did not answer while others did: once, then every 30 s."""
+        now = time.monotonic()
+        since, logged = self._nodes_down.get(name, (now, -_LOG_EVERY))
+        if now - logged >= _LOG_EVERY:
+            logged = now
+            log.warning("Redis Cluster node %s of %s is unreachable for %.0f s (%s: %s); the partitions it serves "
+                        "wait, the others are read on", name, self.url, now - since, type(exc).__name__, exc)
+        self._nodes_down[name] = (since, logged)
+
+    async def _call_node(
+        self, calls: list[tuple[int, list[Stream], int, bool, list[Any]]], down: bool,
+    ) -> list[tuple[int, list[Stream], int, bool, Any]]:
+        """The FETCH calls of partitions on one node, as one pipeline; their
+        replies (an exception for a call that failed).
+
+        A node that is ``down`` is probed call by call instead: a cluster
+        pipeline that meets a connection error closes every connection of the
+        client (redis-py resets the whole slot map), which would fail the
+        commits and fetches under way on the healthy nodes each time.
+        """
         script = self._scripts["FETCH"]
         replies: list[Any] = [rexc.NoScriptError()] * len(calls)
+        if down:
+            replies = list(await asyncio.gather(*[
+                call_script(self._redis(), self.keys, p, script.script, script.sha, args)
+                for p, _, _, _, args in calls], return_exceptions=True))
+            lost = next((r for r in replies if isinstance(r, rexc.ConnectionError | rexc.TimeoutError)), None)
+            if lost is not None:
+                raise lost
         for attempt in range(2):
             # Resent after NOSCRIPT (a node restarted, or a replica promoted:
             # its script cache is empty): only the calls that did not run.
@@ -129,24 +223,8 @@ class PartitionedFetch(RedisFetch):
             pipe = self._redis().pipeline(transaction=False)
             for i in again:
                 route = self.keys.route(calls[i][0])
-                pipe.execute_command("EVALSHA", script.sha, len(route), *route, *calls[i][1])
+                pipe.execute_command("EVALSHA", script.sha, len(route), *route, *calls[i][4])
             for i, reply in zip(again, await pipe.execute(raise_on_error=False), strict=True):
                 replies[i] = reply
-        found: list[Delivery] = []
-        failed: Exception | None = None
-        full = []
-        for (p, _, move_delayed), share, reply in zip(calls, shares, replies, strict=True):
-            if isinstance(reply, Exception):
-                failed = failed or reply
-                continue
-            if move_delayed:
-                next_due = reply[5]
-                soon = _DELAYED_POLL if next_due < 0 else min(_DELAYED_POLL, next_due / 1000)
-                self._partition_delayed[p] = time.monotonic() + soon
-            got = (await self._fetch_reply(consumer, by_partition[p], reply, False))[0]
-            found += got
-            if got and len(got) == share:
-                full.append(p)
-        if failed is not None and not found:
-            raise failed
-        return found, full if found and len(found) < limit else []
+        return [(p, streams, share, move_delayed, reply)
+                for (p, streams, share, move_delayed, _), reply in zip(calls, replies, strict=True)]

@@ -170,6 +170,7 @@ class RedisStreamsBroker(PartitionedFetch, RedisDeadLetters):
         self._published_topics: set[str] = set()
         self._drained = {}
         self._partition_delayed = {}
+        self._node_calls, self._held, self._nodes_down = {}, [], {}
         self._outage = Outage(log, self.url)
 
     # -- lifecycle -----------------------------------------------------------
@@ -224,6 +225,9 @@ class RedisStreamsBroker(PartitionedFetch, RedisDeadLetters):
         if self._cluster_commits is not None:
             await self._cluster_commits.close()
             self._cluster_commits = None
+        for _, task in self._node_calls.values():
+            task.cancel()  # a fetch left on the wire to a slow node: what it took is reclaimed
+        self._node_calls, self._held = {}, []
         lines, self._lines = self._lines, []
         for line in lines:
             await line.close()

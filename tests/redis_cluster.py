@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Sequence
+from pathlib import Path
 
 import redis
 
@@ -18,7 +20,13 @@ NODE_TIMEOUT_MS = 1000
 class RedisCluster:
     """Six ``redis-server --cluster-enabled yes`` nodes; the first three start as masters."""
 
-    def __init__(self, *, masters: int = 3, replicas: int = 1, appendonly: bool = True) -> None:
+    def __init__(
+        self, *, masters: int = 3, replicas: int = 1, appendonly: bool = True, addresses: Sequence[str] = (),
+        tls: Path | None = None,
+    ) -> None:
+        """``tls``: a directory with ``server.crt``, ``server.key`` and ``ca.crt``:
+        each node also listens with TLS (on ``tls_ports``), and talks TLS to
+        the other nodes (bus and replication); ``url`` is then ``rediss+cluster://``."""
         self.nodes = [
             RedisServer(appendonly=appendonly, extra=(
                 "--cluster-enabled", "yes",
@@ -35,13 +43,35 @@ class RedisCluster:
             # The bus port on a free port of its own (port + 10000 may be taken or too high).
             node.extra = (*node.extra, "--cluster-config-file", str(node.dir / "nodes.conf"),
                           "--cluster-port", str(free_port()))
+        #: Where clients and the other nodes reach each node: 127.0.0.1, or one
+        #: address each (a node then listens on it and on 127.0.0.1, and
+        #: announces it), so that a test can cut a client off from one node.
+        self.hosts = list(addresses) or ["127.0.0.1"] * len(self.nodes)
+        if addresses:
+            if len(addresses) != len(self.nodes):
+                raise ValueError(f"{len(self.nodes)} nodes need as many addresses, not {len(addresses)}")
+            for node, address in zip(self.nodes, addresses, strict=True):
+                # Protected mode would refuse clients on the address (no password is set).
+                node.extra = (*node.extra, "--bind", address, "127.0.0.1", "--cluster-announce-ip", address,
+                              "--protected-mode", "no")
+        self.tls_ports: dict[int, int] = {}
+        if tls is not None:
+            for node in self.nodes:
+                self.tls_ports[node.port] = free_port()
+                node.extra = (*node.extra, "--tls-port", str(self.tls_ports[node.port]),
+                              "--tls-cert-file", str(tls / "server.crt"), "--tls-key-file", str(tls / "server.key"),
+                              "--tls-ca-cert-file", str(tls / "ca.crt"), "--tls-auth-clients", "no",
+                              "--tls-cluster", "yes", "--tls-replication", "yes")
         self.masters = masters
         self.replicas = replicas
         self._clients: dict[int, redis.Redis] = {}
 
     @property
     def url(self) -> str:
-        hosts = ",".join(f"127.0.0.1:{node.port}" for node in self.nodes[: self.masters])
+        if self.tls_ports:
+            hosts = ",".join(f"{self.host(n.port)}:{self.tls_ports[n.port]}" for n in self.nodes[: self.masters])
+            return f"rediss+cluster://{hosts}/"
+        hosts = ",".join(f"{self.host(node.port)}:{node.port}" for node in self.nodes[: self.masters])
         return f"redis+cluster://{hosts}/"
 
     def start(self) -> None:
@@ -52,7 +82,7 @@ class RedisCluster:
             self.nodes[0].command("CLUSTER", "ADDSLOTSRANGE", "0", "16383")
         else:
             subprocess.run(
-                ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                ["redis-cli", "--cluster", "create", *(f"{self.host(n.port)}:{n.port}" for n in self.nodes),
                  "--cluster-replicas", str(self.replicas), "--cluster-yes"],
                 check=True, capture_output=True, timeout=60,
             )
@@ -88,6 +118,10 @@ class RedisCluster:
             except subprocess.SubprocessError:
                 continue
         return ports
+
+    def host(self, port: int) -> str:
+        """The address the node on ``port`` is reached at."""
+        return self.hosts[next(i for i, n in enumerate(self.nodes) if n.port == port)]
 
     def node(self, port: int) -> RedisServer:
         return next(n for n in self.nodes if n.port == port)

@@ -95,8 +95,10 @@ class Ledger:
     """Counts ``lab.done`` effects per job number, read through a consumer
     group on each partition's stream."""
 
-    def __init__(self, client: Any, events: int) -> None:
+    def __init__(self, client: Any, events: int, log: Any = print) -> None:
         self.client = client
+        self.log = log
+        self.quiet_until = 0.0
         self.counts = bytearray(events)
         self.total = 0
         self.streams = [KEYS.stream("lab.done", p) for p in range(KEYS.count)]
@@ -111,7 +113,10 @@ class Ledger:
         for key in self.streams:
             try:
                 reply = await self.client.xreadgroup(LEDGER_GROUP, "ledger", {key: ">"}, count=5000)
-            except Exception:  # a master failing over: read it again later
+            except Exception as exc:  # a master failing over: read it again later
+                if time.monotonic() >= self.quiet_until:
+                    self.quiet_until = time.monotonic() + 10
+                    self.log(f"ledger read of {key} failed: {type(exc).__name__}: {exc}")
                 continue
             if not reply:
                 continue
@@ -180,7 +185,7 @@ async def soak(
     workers: list[WorkerProcess] = []
     retired: list[WorkerProcess] = []
     try:
-        ledger = Ledger(client, events)
+        ledger = Ledger(client, events, log)
         await ledger.setup()
         workers = [await asyncio.to_thread(start_worker, url) for _ in range(2)]
         started = time.monotonic()

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,15 +30,18 @@ def choreo(*args: str, timeout: float = 30, env: dict[str, str] | None = None) -
 class WorkerProcess:
     """One ``choreo worker`` process (and, with ``--workers``, its children)."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, launcher: Sequence[str] = ()) -> None:
+        """``launcher``: a command the worker runs under (``ip netns exec NS``),
+        which must exec it, so that the pid kept here is the worker's."""
         self.args = args
+        self.launcher = tuple(launcher)
         self.lines: list[str] = []
         self.process: subprocess.Popen[str] | None = None
         self._reader: threading.Thread | None = None
 
     def start(self, ready: str = "running", timeout: float = 20.0, count: int = 1) -> WorkerProcess:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "choreo", "worker", *self.args], cwd=ROOT, text=True,
+            [*self.launcher, sys.executable, "-m", "choreo", "worker", *self.args], cwd=ROOT, text=True,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
