@@ -19,7 +19,8 @@ class BrokerOptions:
         visibility_timeout: Seconds an uncommitted delivery stays with its
             consumer before another consumer may claim it.
         max_deliveries: Deliveries after which a message is dead-lettered.
-        maxlen: Approximate number of entries kept per topic. ``None``: the
+        maxlen: Approximate number of entries kept per topic (on Redis
+            Cluster, across its partitions). ``None``: the
             adapter's default (Redis: ``REDIS_DEFAULT_MAXLEN``; memory: only
             what some group still needs); ``0``: no bound by length.
             Trimming never drops an entry still pending or undelivered.
@@ -28,7 +29,8 @@ class BrokerOptions:
             ``maxlen``, are trimmed, never one still pending or undelivered.
         dedupe_ttl: Seconds a settled message id is remembered per group
             (``0``: not at all, which turns dedupe off).
-        dedupe_max: Most settled message ids remembered per group (Redis):
+        dedupe_max: Most settled message ids remembered per group (Redis;
+            on Redis Cluster, across its partitions):
             past it the oldest go first, even before ``dedupe_ttl``.
         claim_interval: Seconds between reclaim sweeps (default: a quarter of
             ``visibility_timeout``, at most 5).

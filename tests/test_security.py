@@ -1,4 +1,5 @@
-"""TLS and ACL (catalogue T17): certificates are verified, a worker's ACL user
+"""TLS and ACL (catalogue T17): certificates are verified (on one Redis and on
+a Redis Cluster that speaks TLS between its nodes too), a worker's ACL user
 can do its job and nothing else, no secret reaches a log or a scrape, and the
 metrics endpoint listens on 127.0.0.1 only.
 
@@ -10,18 +11,20 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 from redis.exceptions import NoPermissionError
 
-from choreo import Event
+from choreo import App, Event
 from choreo.errors import BrokerUnavailable
 from choreo.testing import run_apps
 from tests import ledger
 from tests.apps.lab import app
+from tests.redis_cluster import RedisCluster
 from tests.redis_server import RedisServer, free_port
 from tests.test_network_faults import drained
 from tests.worker_process import WorkerProcess, scrape
@@ -84,6 +87,58 @@ async def test_tls_with_the_trusted_ca_works_and_an_untrusted_one_is_refused(
     for untrusted in (f"rediss://127.0.0.1:{port}/0", f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={rogue}"):
         with pytest.raises(BrokerUnavailable, match=r"(?i)certificate verify failed"):
             async with run_apps(app, broker=untrusted):
+                pass
+
+
+chain = App("tls_chain")
+
+
+@chain.on_event("tls.placed")
+@chain.emits("tls.confirmed")
+async def confirm(data: dict[str, Any]) -> dict[str, Any]:
+    return {**data, "hops": 1}
+
+
+@chain.on_event("tls.confirmed")
+@chain.emits("tls.paid")
+async def pay(data: dict[str, Any]) -> dict[str, Any]:
+    return {**data, "hops": 2}
+
+
+@chain.on_event("tls.paid")
+@chain.emits("tls.shipped")
+async def ship(data: dict[str, Any]) -> dict[str, Any]:
+    return {**data, "hops": 3}
+
+
+@pytest.fixture
+def tls_cluster(certificates: Path) -> Iterator[RedisCluster]:
+    """3 masters and 3 replicas that talk TLS to clients, to each other and to their replicas."""
+    shutil.copy(certificates / "choreo-test-ca.crt", certificates / "ca.crt")
+    instance = RedisCluster(appendonly=False, tls=certificates)
+    try:
+        instance.start()
+        yield instance
+    finally:
+        instance.stop()
+
+
+async def test_rediss_cluster_verifies_certificates_end_to_end(tls_cluster: RedisCluster, certificates: Path) -> None:
+    """rediss+cluster:// takes the TLS options of rediss:// (``ssl_ca_certs``): a 3-hop chain
+    round-trips over TLS with the certificates verified; the system store and a rogue CA are
+    refused at connect, with a clear error."""
+    trusted = f"{tls_cluster.url}?ssl_ca_certs={certificates / 'choreo-test-ca.crt'}"
+    assert trusted.startswith("rediss+cluster://")
+    async with run_apps(chain, broker=trusted) as env:
+        placed = await env.publish("tls.placed", {"order": "o-1"})
+        await env.settle(timeout=20)
+        (shipped,) = env.published("tls.shipped")
+        assert shipped.data == {"order": "o-1", "hops": 3}
+        assert shipped.correlation_id == placed.correlation_id
+    rogue = certificates / "rogue-ca.crt"
+    for untrusted in (tls_cluster.url, f"{tls_cluster.url}?ssl_ca_certs={rogue}"):
+        with pytest.raises(BrokerUnavailable, match=r"(?i)certificate verify failed"):
+            async with run_apps(chain, broker=untrusted):
                 pass
 
 
