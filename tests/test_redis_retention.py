@@ -90,6 +90,10 @@ def test_retention_is_on_by_default_and_off_only_when_both_bounds_are_zero() -> 
     assert retention_bounds(parse_url("redis://h/0")[1]) == (DEFAULT_MAXLEN, 86_400_000)
     assert retention_bounds(parse_url("redis://h/0?maxlen=0")[1]) == (0, 86_400_000)
     assert retention_bounds(parse_url("redis://h/0?maxlen=0&retention=0")[1]) == (0, 0)
+    # On Redis Cluster maxlen bounds the topic: each of its partitions' streams keeps a share (rounded up).
+    cluster = parse_url("redis+cluster://h:7000/?maxlen=1000")[1]
+    assert retention_bounds(cluster, 16) == (63, 86_400_000)
+    assert retention_bounds(parse_url("redis+cluster://h:7000/")[1], 16) == (DEFAULT_MAXLEN // 16, 86_400_000)
     assert parse_url("redis://h/0?dedupe_max=10")[1].dedupe_max == 10
     for bad in ("maxlen=-1", "retention=-1", "dedupe_max=1", "retention=soon"):
         with pytest.raises(BrokerError, match=bad.split("=")[0]):
