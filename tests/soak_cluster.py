@@ -36,6 +36,7 @@ import random
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -93,15 +94,25 @@ async def masters_memory(cluster: RedisCluster) -> dict[int, int]:
 
 class Ledger:
     """Counts ``lab.done`` effects per job number, read through a consumer
-    group on each partition's stream."""
+    group on each partition's stream.
 
-    def __init__(self, client: Any, events: int, log: Any = print) -> None:
-        self.client = client
+    Its own client may be left stuck by a master kill (redis-py's cluster
+    client, no timeouts of its own): every call has a deadline, and after a
+    failure the client is replaced and the partition's ledger group re-read
+    from its pending entries (a reply lost on the way leaves them there),
+    skipping those counted whose ack was not confirmed.
+    """
+
+    def __init__(self, connect: Callable[[], Any], events: int, log: Any = print) -> None:
+        self.connect = connect
+        self.client = connect()
         self.log = log
         self.quiet_until = 0.0
         self.counts = bytearray(events)
         self.total = 0
         self.streams = [KEYS.stream("lab.done", p) for p in range(KEYS.count)]
+        self.recover: set[str] = set()
+        self.unacked: dict[str, set[bytes]] = {key: set() for key in self.streams}
 
     async def setup(self) -> None:
         for key in self.streams:
@@ -112,26 +123,43 @@ class Ledger:
         read = 0
         for key in self.streams:
             try:
-                reply = await self.client.xreadgroup(LEDGER_GROUP, "ledger", {key: ">"}, count=5000)
-            except Exception as exc:  # a master failing over: read it again later
+                read += await asyncio.wait_for(self._read(key), 10)
+            except Exception as exc:  # a master failing over: read it again later, on a new client
+                self.recover.add(key)
                 if time.monotonic() >= self.quiet_until:
                     self.quiet_until = time.monotonic() + 10
                     self.log(f"ledger read of {key} failed: {type(exc).__name__}: {exc}")
-                continue
-            if not reply:
-                continue
-            entries = reply[0][1]
-            for _, fields in entries:
-                match = JOB.search(fields[b"body"])
-                job = int(match.group(1)) if match else int(json.loads(fields[b"body"])["data"]["job"])
-                if self.counts[job] < 255:
-                    self.counts[job] += 1
-            read += len(entries)
-            await self.client.xack(key, LEDGER_GROUP, *[entry_id for entry_id, _ in entries])
+                old, self.client = self.client, self.connect()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(old.aclose(), 2)
         self.total += read
         if not read:
             await asyncio.sleep(0.05)
         return read
+
+    async def _read(self, key: str) -> int:
+        start = "0" if key in self.recover else ">"
+        reply = await self.client.xreadgroup(LEDGER_GROUP, "ledger", {key: start}, count=5000)
+        entries = reply[0][1] if reply else []
+        if start == "0" and not entries:
+            self.recover.discard(key)
+        counted = 0
+        for entry_id, fields in entries:
+            if entry_id in self.unacked[key]:
+                continue  # counted before its ack failed
+            match = JOB.search(fields[b"body"])
+            job = int(match.group(1)) if match else int(json.loads(fields[b"body"])["data"]["job"])
+            if self.counts[job] < 255:
+                self.counts[job] += 1
+            counted += 1
+        ids = [entry_id for entry_id, _ in entries]
+        self.unacked[key].update(ids)
+        self.total += counted  # counted now: an ack that fails below must not undo it
+        if ids:
+            await self.client.xack(key, LEDGER_GROUP, *ids)
+        self.unacked[key].difference_update(ids)
+        self.total -= counted
+        return counted
 
     def missing(self) -> int:
         return self.counts.count(0)
@@ -181,11 +209,16 @@ async def soak(
     cluster.start()
     options = "visibility_timeout=2&claim_interval=0.5&max_deliveries=50&dedupe_ttl=3600"
     url = f"{cluster.url}?{options}"
-    client = ClusterClient(startup_nodes=[ClusterNode("127.0.0.1", port) for port in cluster.master_ports()])
+
+    def connect() -> Any:
+        return ClusterClient(startup_nodes=[ClusterNode("127.0.0.1", port) for port in cluster.master_ports()],
+                             socket_timeout=5, socket_connect_timeout=2)
+
+    client = connect()
     workers: list[WorkerProcess] = []
     retired: list[WorkerProcess] = []
     try:
-        ledger = Ledger(client, events, log)
+        ledger = Ledger(connect, events, log)
         await ledger.setup()
         workers = [await asyncio.to_thread(start_worker, url) for _ in range(2)]
         started = time.monotonic()
