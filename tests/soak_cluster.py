@@ -124,14 +124,15 @@ class Ledger:
         for key in self.streams:
             try:
                 read += await asyncio.wait_for(self._read(key), 10)
-            except Exception as exc:  # a master failing over: read it again later, on a new client
+            except Exception as exc:  # a master failing over: read it again later
                 self.recover.add(key)
                 if time.monotonic() >= self.quiet_until:
                     self.quiet_until = time.monotonic() + 10
                     self.log(f"ledger read of {key} failed: {type(exc).__name__}: {exc}")
-                old, self.client = self.client, self.connect()
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(old.aclose(), 2)
+                if isinstance(exc, TimeoutError):  # the client is stuck: a new one
+                    old, self.client = self.client, self.connect()
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(old.aclose(), 2)
         self.total += read
         if not read:
             await asyncio.sleep(0.05)
