@@ -35,6 +35,7 @@ Saga commands and replies also carry ``saga.id``, ``saga.name`` and
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -70,7 +71,8 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 #: Events without a ``traceparent`` start a trace of their own, not one
 #: under whatever span was current when the runtime started.
 _ROOT = TraceContext()
-_HEX = frozenset("0123456789abcdef-")
+#: The common form of ``traceparent``: version 00, lowercase hex.
+_TRACEPARENT = re.compile("00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 
 
 class TracingMiddleware(Middleware):
@@ -148,7 +150,10 @@ class TracingMiddleware(Middleware):
         return _Current(span)
 
     def headers(self, event: Event) -> Mapping[str, str] | None:
-        span_context = trace.get_current_span().get_span_context()
+        span = trace.get_current_span()
+        if type(span) is _Remote:  # a trace followed unsampled: its headers pass on as they came
+            return span.carrier
+        span_context = span.get_span_context()
         return _carrier(span_context) if span_context.is_valid else None
 
     def publishing(self, broker: Broker, events: Sequence[Event]) -> contextlib.AbstractContextManager[object]:
@@ -254,6 +259,14 @@ class _Ended:
             span.end()
 
 
+class _Remote(NonRecordingSpan):
+    """The span a ``traceparent`` names, and the W3C headers that named it."""
+
+    def __init__(self, context: SpanContext, carrier: dict[str, str]) -> None:
+        super().__init__(context)
+        self.carrier = carrier
+
+
 def _remote(headers: Mapping[str, str]) -> Span:
     """The span ``headers["traceparent"]`` names (``INVALID_SPAN`` if none):
     what ``_PROPAGATOR.extract(headers, context=_ROOT)`` makes current, with
@@ -261,20 +274,14 @@ def _remote(headers: Mapping[str, str]) -> Span:
     fifth of the time (``brokers.speedups``); anything else goes to the
     propagator."""
     traceparent = headers["traceparent"]
-    if (
-        len(traceparent) == 55
-        and traceparent[:3] == "00-"
-        and traceparent[35] == "-"
-        and traceparent[52] == "-"
-        and traceparent.count("-") == 3
-        and _HEX.issuperset(traceparent)
-        and "tracestate" not in headers
-    ):
-        trace_id, span_id = int(traceparent[3:35], 16), int(traceparent[36:52], 16)
-        if trace_id and span_id:
-            return NonRecordingSpan(
-                SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(int(traceparent[53:], 16)))
+    match = _TRACEPARENT.fullmatch(traceparent)
+    if match is not None and "tracestate" not in headers:
+        trace_id, span_id, flags = match.groups()
+        if trace_id != "0" * 32 and span_id != "0" * 16:
+            span_context = SpanContext(
+                int(trace_id, 16), int(span_id, 16), is_remote=True, trace_flags=TraceFlags(int(flags, 16))
             )
+            return _Remote(span_context, {"traceparent": traceparent})
     return trace.get_current_span(_PROPAGATOR.extract(headers, context=_ROOT))
 
 
