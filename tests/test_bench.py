@@ -69,6 +69,21 @@ def test_dashboard_pages_benchmark_reports_server_time_against_its_baseline() ->
     assert "baseline: list_state" in out and "/sagas " in out and "p50" in out
 
 
+@pytest.mark.redis
+def test_dashboard_pages_benchmark_compares_postgres_state_with_redis_state() -> None:
+    out = bench("dashboard_pages.py", "--sagas", "300", "--requests", "2", "--state", "postgres", "--explain")
+    for page in ("/sagas ", "/sagas?state=failed&name=trip ", "/api/sagas?limit=500 "):
+        assert f"redis: {page}" in out and f"postgres: {page}" in out
+    assert "PostgreSQL CPU" in out and "Execution Time" in out
+
+
+def test_tracing_cost_benchmark_reports_each_sampling_ratio_against_untraced() -> None:
+    out = bench("tracing_cost.py", "--chains", "200", "--repeat", "2")
+    for mode in ("always", "0.1", "0.01"):
+        assert f"{mode} " in out and "cost +" in out
+    assert "untraced  CPU per handled event" in out and "per round:" in out
+
+
 def test_cluster_scaling_benchmark_reports_every_setup() -> None:
     out = bench("cluster_scaling.py", "--chains", "100")
     for setup in ("redis, 1 worker process", "redis, 2 worker processes", "cluster 1 master, 1 worker process",
