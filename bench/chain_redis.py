@@ -327,7 +327,7 @@ async def main() -> None:
         print(f"{name} cost per handled event: {(1 / traced_rate - 1 / choreo_rate) * 1e6:.1f} us, "
               f"CPU +{traced_cpu - choreo_cpu:.1f} us (+{(traced_cpu / choreo_cpu - 1) * 100:.1f}%), "
               f"throughput -{(1 - traced_rate / choreo_rate) * 100:.1f}%, "
-              f"latency p50 +{(traced_p50 / statistics.median(p50s['choreo']) - 1) * 100:.1f}% (target < 10%); "
+              f"latency p50 {(traced_p50 / statistics.median(p50s['choreo']) - 1) * 100:+.1f}% (target < 10%); "
               f"CPU cost per round: "
               + " / ".join(f"+{(t / c - 1) * 100:.0f}%" for t, c in zip(cpu[name], cpu["choreo"], strict=True)))
     if args.repeat > 1:
