@@ -1,7 +1,7 @@
 """A 3-hop chain (A -> B -> C -> D) on a local redis-server: choreo against a
 raw redis-py loop doing the minimum, measured in the same run.
 
-    python bench/chain_redis.py [--events 50000] [--latency-events 1000] [--repeat 3] [--otel]
+    python bench/chain_redis.py [--events 50000] [--latency-events 1000] [--repeat 3] [--otel [--otel-ratios 0.1,0.01]]
 
 Starts its own redis-server on a free port (no persistence, so disk speed does
 not enter). The process sets up Python's garbage collector as ``choreo
@@ -18,7 +18,9 @@ on a shared machine single runs of the latency ratio were seen to spread
 from 1.5 to 2.4. ``--otel`` adds a third contender to each round: choreo with
 ``choreo.otel.TracingMiddleware`` on an SDK tracer provider whose batch
 processor hands spans to an exporter that drops them (the cost of tracing,
-not of shipping spans), compared with choreo untraced.
+not of shipping spans), compared with choreo untraced; ``--otel-ratios``
+adds one more contender per ratio, the same provider sampling with
+``ParentBased(TraceIdRatioBased(ratio))``.
 """
 
 from __future__ import annotations
@@ -222,10 +224,13 @@ class PeakRss:
             await asyncio.sleep(0.01)
 
 
-def tracing() -> list[Middleware]:
-    """Tracing on, with every span dropped once made (needs the otel extra)."""
+def tracing(ratio: float | None = None) -> list[Middleware]:
+    """Tracing on, with every span dropped once made (needs the otel extra):
+    every trace sampled, or with ``ratio`` a ``ParentBased(TraceIdRatioBased)``
+    sampler."""
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRatioBased
 
     from choreo.otel import TracingMiddleware
 
@@ -233,7 +238,7 @@ def tracing() -> list[Middleware]:
         def export(self, spans: Any) -> SpanExportResult:
             return SpanExportResult.SUCCESS
 
-    provider = TracerProvider()
+    provider = TracerProvider(sampler=ALWAYS_ON if ratio is None else ParentBased(TraceIdRatioBased(ratio)))
     provider.add_span_processor(BatchSpanProcessor(Drop()))
     return [TracingMiddleware(provider)]
 
@@ -253,6 +258,8 @@ async def main() -> None:
                         help="collector threshold, as choreo worker sets it (0: Python's default), for both sides")
     parser.add_argument("--otel", action="store_true",
                         help="also run choreo with OpenTelemetry tracing (spans dropped) and compare")
+    parser.add_argument("--otel-ratios", default="",
+                        help="with --otel, also traced with these comma-separated sampling ratios (e.g. 0.1,0.01)")
     args = parser.parse_args()
     tune_collector(args.gc_threshold)
     server = RedisServer()
@@ -261,13 +268,16 @@ async def main() -> None:
         ("raw", raw_throughput, raw_latency),
         ("choreo", functools.partial(choreo_throughput, concurrency=args.concurrency), choreo_latency),
     ]
+    traced_names = []
     if args.otel:
-        traced = tracing()
-        contenders.append((
-            "traced",
-            functools.partial(choreo_throughput, concurrency=args.concurrency, middleware=traced),
-            functools.partial(choreo_latency, middleware=traced),
-        ))
+        for ratio in [None, *(float(r) for r in args.otel_ratios.split(",") if r)]:
+            traced = tracing(ratio)
+            traced_names.append("traced" if ratio is None else f"traced {ratio:g}")
+            contenders.append((
+                traced_names[-1],
+                functools.partial(choreo_throughput, concurrency=args.concurrency, middleware=traced),
+                functools.partial(choreo_latency, middleware=traced),
+            ))
     rates: dict[str, list[float]] = {name: [] for name, _, _ in contenders}
     p50s: dict[str, list[float]] = {name: [] for name, _, _ in contenders}
     lat: dict[str, list[float]] = {name: [] for name, _, _ in contenders}
@@ -302,28 +312,30 @@ async def main() -> None:
             f"p99 {percentile(lat[name], 0.99) * 1000:.2f} ms (mean {statistics.fmean(lat[name]) * 1000:.2f} ms)"
         )
     for name in rates:
-        print(f"{name:<7} process CPU per handled event (publishing included): "
+        print(f"{name:<11} process CPU per handled event (publishing included): "
               f"{statistics.median(cpu[name]):.1f} us; per round: {' / '.join(f'{c:.1f}' for c in cpu[name])}")
     ratio = statistics.median(p50s["choreo"]) / statistics.median(p50s["raw"])
     print(f"latency ratio p50 choreo/raw: {ratio:.2f} (target <= 2)")
     if PeakRss.available():
         print("resident memory added at the peak of a throughput run: "
               f"raw {statistics.median(grown['raw']):.1f} MiB, choreo {statistics.median(grown['choreo']):.1f} MiB")
-    if args.otel:
-        traced_rate = statistics.median(rates["traced"])
-        traced_p50 = statistics.median(p50s["traced"])
-        print(f"traced:    {traced_rate:,.0f} events/s, 3-hop latency p50 {traced_p50 * 1000:.2f} ms")
-        traced_cpu, choreo_cpu = statistics.median(cpu["traced"]), statistics.median(cpu["choreo"])
-        print(f"tracing cost per handled event: {(1 / traced_rate - 1 / choreo_rate) * 1e6:.1f} us, "
+    for name in traced_names:
+        traced_rate = statistics.median(rates[name])
+        traced_p50 = statistics.median(p50s[name])
+        print(f"{name + ':':<11} {traced_rate:,.0f} events/s, 3-hop latency p50 {traced_p50 * 1000:.2f} ms")
+        traced_cpu, choreo_cpu = statistics.median(cpu[name]), statistics.median(cpu["choreo"])
+        print(f"{name} cost per handled event: {(1 / traced_rate - 1 / choreo_rate) * 1e6:.1f} us, "
               f"CPU +{traced_cpu - choreo_cpu:.1f} us (+{(traced_cpu / choreo_cpu - 1) * 100:.1f}%), "
               f"throughput -{(1 - traced_rate / choreo_rate) * 100:.1f}%, "
-              f"latency p50 +{(traced_p50 / statistics.median(p50s['choreo']) - 1) * 100:.1f}% (target < 10%)")
+              f"latency p50 {(traced_p50 / statistics.median(p50s['choreo']) - 1) * 100:+.1f}% (target < 10%); "
+              f"CPU cost per round: "
+              + " / ".join(f"+{(t / c - 1) * 100:.0f}%" for t, c in zip(cpu[name], cpu["choreo"], strict=True)))
     if args.repeat > 1:
         rounds = zip(rates["raw"], rates["choreo"], p50s["raw"], p50s["choreo"], strict=True)
         print("per round (throughput ratio, latency ratio):",
               " ".join(f"({c / r:.2f}, {cl / rl:.2f})" for r, c, rl, cl in rounds))
         for name in rates:
-            print(f"per round {name:<7} events/s: {' / '.join(f'{r:,.0f}' for r in rates[name])}")
+            print(f"per round {name:<11} events/s: {' / '.join(f'{r:,.0f}' for r in rates[name])}")
 
 
 async def server_flush(url: str) -> None:

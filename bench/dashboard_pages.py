@@ -1,6 +1,7 @@
-"""Server time of the dashboard's saga list with many sagas in Redis state.
+"""Server time of the dashboard's saga list with many sagas in Redis state
+and in PostgreSQL state.
 
-    python bench/dashboard_pages.py [--sagas 100000] [--requests 15]
+    python bench/dashboard_pages.py [--sagas 100000] [--requests 15] [--state redis|postgres] [--explain]
 
 Starts its own redis-server on a free port, writes ``--sagas`` saga records
 (a tenth FAILED, the rest COMPLETED, two saga names) through the broker's
@@ -10,6 +11,16 @@ wall time, the dashboard process's CPU time and Redis's CPU time per
 request. The baseline, measured in the same run, is one read of every
 record through the broker's State role (``list_state``): the least any page
 that reads sagas from broker state can cost without an index.
+
+``--state postgres`` then does the same with the records in PostgreSQL
+(``choreo dashboard --database``): a private cluster (``tests.postgres_server``,
+fsync off) is started, the same records are written with one COPY, the table
+is vacuumed and analyzed (what autovacuum does soon after a bulk load), and
+the pages are asked of a dashboard reading ``PostgresStateStore``. Its extra
+column is the CPU time of the PostgreSQL server's processes per request; its
+baseline is one ``get_record`` (one round trip and one record decoded: the
+least any page costs from the database). ``--explain`` prints the plans of
+the queries behind the pages (``EXPLAIN ANALYZE``).
 """
 
 from __future__ import annotations
@@ -20,6 +31,8 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -29,8 +42,22 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import brokers
 from choreo.dashboard import create_app
 from choreo.saga.definition import SagaState
+from choreo.saga.record import SagaRecord
 from tests.dashboard_seed import record, write_records
 from tests.redis_server import RedisServer
+
+PAGES = ("/sagas", "/sagas?state=failed&name=trip", "/api/sagas?limit=500")
+#: The SQL behind the pages (``PostgresStateStore.page_records`` and ``count_records``), for ``--explain``.
+PLANS = (
+    "SELECT record FROM choreo_sagas ORDER BY created_at DESC, saga_id DESC LIMIT 51",
+    "SELECT state, count(*) FROM choreo_sagas GROUP BY state",
+    "SELECT record FROM choreo_sagas WHERE state = 'failed' AND name = 'trip'"
+    " ORDER BY created_at DESC, saga_id DESC LIMIT 51",
+    "SELECT state, count(*) FROM choreo_sagas WHERE name = 'trip' GROUP BY state",
+    "SELECT record FROM choreo_sagas ORDER BY created_at DESC, saga_id DESC LIMIT 501",
+)
+
+Cpu = Callable[[], Awaitable[float]]
 
 
 async def get(app: Any, path: str) -> tuple[int, bytes]:
@@ -51,60 +78,88 @@ async def get(app: Any, path: str) -> tuple[int, bytes]:
     return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
 
 
-async def redis_cpu(client: aioredis.Redis) -> float:
-    cpu: dict[str, Any] = await client.info("cpu")
-    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+def redis_cpu(client: aioredis.Redis) -> Cpu:
+    async def used() -> float:
+        cpu: dict[str, Any] = await client.info("cpu")
+        return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+    return used
 
 
-async def measure(label: str, call: Any, requests: int, watcher: aioredis.Redis) -> None:
+def server_cpu(leader: int) -> Cpu:
+    """CPU seconds of ``leader`` and its live children: the PostgreSQL
+    server and its backends (Linux ``/proc``; each backend is a session of
+    its own, so not in the server's process group)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+
+    async def used() -> float:
+        total = 0
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rpartition(")")[2].split()
+            except OSError:
+                continue  # gone meanwhile
+            if int(entry.name) == leader or int(fields[1]) == leader:  # ppid
+                total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total / ticks
+    return used
+
+
+async def measure(label: str, call: Callable[[], Awaitable[Any]], requests: int, server: str, cpu: Cpu) -> None:
     await call()  # warm
     walls = []
-    cpu_start, redis_start = time.process_time(), await redis_cpu(watcher)
+    cpu_start, server_start = time.process_time(), await cpu()
     for _ in range(requests):
         start = time.perf_counter()
         await call()
         walls.append(time.perf_counter() - start)
-    cpu = (time.process_time() - cpu_start) / requests
-    redis_used = (await redis_cpu(watcher) - redis_start) / requests
+    used = (time.process_time() - cpu_start) / requests
+    server_used = (await cpu() - server_start) / requests
     walls.sort()
     p90 = walls[min(len(walls) - 1, int(len(walls) * 0.9))]
-    print(f"{label:34} p50 {statistics.median(walls) * 1000:8.1f} ms  p90 {p90 * 1000:8.1f} ms"
-          f"  CPU {cpu * 1000:8.1f} ms  Redis CPU {redis_used * 1000:7.1f} ms  per request")
+    print(f"{label:44} p50 {statistics.median(walls) * 1000:8.1f} ms  p90 {p90 * 1000:8.1f} ms"
+          f"  CPU {used * 1000:8.1f} ms  {server} CPU {server_used * 1000:7.1f} ms  per request")
 
 
-async def main(args: argparse.Namespace) -> None:
+async def pages(app: Any, state: str, requests: int, server: str, cpu: Cpu) -> None:
+    for path in PAGES:
+        async def page(path: str = path) -> None:
+            status, body = await get(app, path)
+            if status != 200:
+                raise SystemExit(f"{path}: {status} {body[:200]!r}")
+        await measure(f"{state}: {path}", page, requests, server, cpu)
+
+
+def seed(count: int) -> list[SagaRecord]:
+    now = time.time()
+    return [
+        record(f"S-{n:07d}", now - count + n, name="checkout" if n % 2 else "trip",
+               state=SagaState.FAILED if n % 10 == 0 else SagaState.COMPLETED)
+        for n in range(count)
+    ]
+
+
+async def redis_state(args: argparse.Namespace, records: list[SagaRecord]) -> None:
     server = RedisServer()
     server.start()
     try:
         broker = brokers.from_url(server.url)
         await broker.connect()
-        now = time.time()
-        records = [
-            record(f"S-{n:07d}", now - args.sagas + n, name="checkout" if n % 2 else "trip",
-                   state=SagaState.FAILED if n % 10 == 0 else SagaState.COMPLETED)
-            for n in range(args.sagas)
-        ]
         started = time.perf_counter()
         await write_records(broker, records)
-        print(f"{args.sagas} saga records written in {time.perf_counter() - started:.1f} s "
+        print(f"{len(records)} saga records written to Redis state in {time.perf_counter() - started:.1f} s "
               f"(redis-server at {server.url}); {args.requests} requests per page")
         watcher = aioredis.Redis.from_url(server.url)
         app = create_app(server.url)
         await get(app, "/api/health")
 
-        async def page(path: str) -> None:
-            status, body = await get(app, path)
-            if status != 200:
-                raise SystemExit(f"{path}: {status} {body[:200]!r}")
-
         async def baseline() -> None:
             await broker.list_state("saga:")
 
-        await measure("baseline: list_state of every saga", baseline, args.requests, watcher)
-        await measure("/sagas", lambda: page("/sagas"), args.requests, watcher)
-        await measure("/sagas?state=failed&name=trip", lambda: page("/sagas?state=failed&name=trip"),
-                      args.requests, watcher)
-        await measure("/api/sagas?limit=500", lambda: page("/api/sagas?limit=500"), args.requests, watcher)
+        await measure("redis: baseline, list_state of every saga", baseline, args.requests, "Redis",
+                      redis_cpu(watcher))
+        await pages(app, "redis", args.requests, "Redis", redis_cpu(watcher))
         await watcher.aclose()
         await broker.close()
         await app.state.dashboard.broker.close()
@@ -112,8 +167,69 @@ async def main(args: argparse.Namespace) -> None:
         server.stop()
 
 
+async def copy_records(store: Any, records: list[SagaRecord]) -> None:
+    """The records as ``PostgresStateStore`` writes them, in one COPY."""
+    columns = ("saga_id, name, state, definition_version, correlation_id, created_at, updated_at, due_at,"
+               " deadline_at, record, row_version")
+    async with store.database.connection() as conn, conn.cursor() as cur:
+        async with cur.copy(f"COPY choreo_sagas ({columns}) FROM STDIN") as copy:
+            for r in records:
+                await copy.write_row((r.saga_id, r.name, r.state.value, r.version, r.correlation, r.created_at,
+                                      r.updated_at, r.due_at, r.deadline_at, r.to_json().decode(), 1))
+        await conn.execute("VACUUM ANALYZE choreo_sagas")
+
+
+async def postgres_state(args: argparse.Namespace, records: list[SagaRecord]) -> None:
+    from choreo.postgres import PostgresStateStore
+    from tests.postgres_server import PostgresServer
+
+    redis_server = RedisServer()  # the dashboard's broker (streams, dead letters): not read by these pages
+    redis_server.start()
+    postgres = PostgresServer()
+    try:
+        postgres.start()
+        url = postgres.create_database("dashboard")
+        store = PostgresStateStore(url)
+        await store.database.open()  # creates the tables
+        started = time.perf_counter()
+        await copy_records(store, records)
+        print(f"{len(records)} saga records written to PostgreSQL state in {time.perf_counter() - started:.1f} s "
+              f"(one COPY, then VACUUM ANALYZE); {args.requests} requests per page")
+        assert postgres.process is not None
+        cpu = server_cpu(postgres.process.pid)
+        app = create_app(redis_server.url, sagas=store, database=url)
+        await get(app, "/api/health")
+
+        async def baseline() -> None:
+            await store.get_record(records[len(records) // 2].saga_id)
+
+        await measure("postgres: baseline, get_record of one saga", baseline, args.requests, "PostgreSQL", cpu)
+        await pages(app, "postgres", args.requests, "PostgreSQL", cpu)
+        if args.explain:
+            async with store.database.connection() as conn:
+                for sql in PLANS:
+                    cur = await conn.execute("EXPLAIN (ANALYZE, BUFFERS) " + sql)
+                    plan = "\n    ".join(row[0] for row in await cur.fetchall())
+                    print(f"\n{sql}\n    {plan}")
+        await store.database.close()
+        await app.state.dashboard.broker.close()
+    finally:
+        postgres.close()
+        redis_server.stop()
+
+
+async def main(args: argparse.Namespace) -> None:
+    records = seed(args.sagas)
+    await redis_state(args, records)
+    if args.state == "postgres":
+        await postgres_state(args, records)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sagas", type=int, default=100_000)
     parser.add_argument("--requests", type=int, default=15)
+    parser.add_argument("--state", choices=("redis", "postgres"), default="redis",
+                        help="postgres: the pages with Redis state, then with PostgreSQL state, in the same run")
+    parser.add_argument("--explain", action="store_true", help="with --state postgres: the queries' plans")
     asyncio.run(main(parser.parse_args()))

@@ -30,11 +30,20 @@ What it records, following OpenTelemetry's messaging semantic conventions
 
 Saga commands and replies also carry ``saga.id``, ``saga.name`` and
 ``saga.step``.
+
+Sampling is the tracer provider's (``ParentBased(TraceIdRatioBased(r))``
+keeps a share ``r`` of transactions, whole). A trace sampled out costs
+little: its root publish asks the sampler once, every event of it carries
+``traceparent`` with the sampled flag off, and a service handling such an
+event makes its publisher's context current without starting a span
+(``follow_parent``), so the handler's own spans and the events it emits
+stay out of the trace too. docs/tracing.md has the measured costs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -70,7 +79,8 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 #: Events without a ``traceparent`` start a trace of their own, not one
 #: under whatever span was current when the runtime started.
 _ROOT = TraceContext()
-_HEX = frozenset("0123456789abcdef-")
+#: The common form of ``traceparent``: version 00, lowercase hex.
+_TRACEPARENT = re.compile("00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 
 
 class TracingMiddleware(Middleware):
@@ -80,11 +90,19 @@ class TracingMiddleware(Middleware):
         tracer_provider: Where spans go; ``None`` uses the global provider
             (``opentelemetry.trace.set_tracer_provider``, or what
             ``opentelemetry-instrument`` configures).
+        follow_parent: An event whose ``traceparent`` has the sampled flag
+            off is handled without a span of its own, its publisher's
+            context current instead (what the handler emits carries the
+            flag off, so services downstream follow the decision too): what
+            a ``ParentBased`` sampler, the SDK's default, decides, without
+            asking it. ``False`` asks the sampler for every event (needed
+            only by a sampler that records children of unsampled parents).
     """
 
-    def __init__(self, tracer_provider: trace.TracerProvider | None = None) -> None:
+    def __init__(self, tracer_provider: trace.TracerProvider | None = None, *, follow_parent: bool = True) -> None:
         self.tracer = trace.get_tracer("choreo", tracer_provider=tracer_provider)
         self._start_span = self.tracer.start_span
+        self.follow_parent = follow_parent
         self._systems: dict[str, str] = {}
         #: The attributes a route's spans share, by broker URL and group.
         self._handling: dict[tuple[str, str], dict[str, AttributeValue]] = {}
@@ -102,7 +120,16 @@ class TracingMiddleware(Middleware):
         self, broker: Broker, route: Route, delivery: Delivery, event: Event
     ) -> contextlib.AbstractContextManager[object]:
         headers = event.headers
-        parent = _extract(headers) if "traceparent" in headers else _ROOT
+        if "traceparent" in headers:
+            origin = _remote(headers)
+            if self.follow_parent and type(origin) is _Remote and not origin.sampled:
+                return _Current(origin, end=False)  # a trace sampled out upstream: nothing to record
+            origin_context = origin.get_span_context()
+            if self.follow_parent and origin_context.is_valid and not origin_context.trace_flags.sampled:
+                return _Current(origin, end=False)  # the same, from the propagator (with a tracestate)
+            parent = trace.set_span_in_context(origin, _ROOT)
+        else:
+            origin_context, parent = None, _ROOT
         shared = self._handling.get((broker.url, route.group))
         if shared is None:
             shared = self._handling[(broker.url, route.group)] = {
@@ -112,6 +139,8 @@ class TracingMiddleware(Middleware):
                 "messaging.operation.name": "handle",
                 "messaging.consumer.group.name": route.group,
             }
+        # Given at the start, not after ``is_recording``: samplers may read
+        # them, and the SDK sets them about 8 us cheaper than set_attributes.
         attributes = {
             **shared, "messaging.message.id": event.id, "messaging.message.conversation_id": event.correlation_id
         }
@@ -121,9 +150,9 @@ class TracingMiddleware(Middleware):
         if event.attempt > 1 or delivery.deliveries > 1:
             attributes["choreo.attempt"] = event.attempt
             attributes["choreo.deliveries"] = delivery.deliveries
-            origin = trace.get_current_span(parent).get_span_context()
-            if origin.is_valid:
-                links = [Link(origin, {"choreo.attempt": event.attempt, "choreo.deliveries": delivery.deliveries})]
+            if origin_context is not None and origin_context.is_valid:
+                redelivery = {"choreo.attempt": event.attempt, "choreo.deliveries": delivery.deliveries}
+                links = [Link(origin_context, redelivery)]
         span = self._start_span(
             f"choreo.handle {event.type}", context=parent, kind=SpanKind.CONSUMER, attributes=attributes,
             links=links,
@@ -131,7 +160,10 @@ class TracingMiddleware(Middleware):
         return _Current(span)
 
     def headers(self, event: Event) -> Mapping[str, str] | None:
-        span_context = trace.get_current_span().get_span_context()
+        span = trace.get_current_span()
+        if type(span) is _Remote:  # a trace followed unsampled: its headers pass on as they came
+            return span.carrier
+        span_context = span.get_span_context()
         return _carrier(span_context) if span_context.is_valid else None
 
     def publishing(self, broker: Broker, events: Sequence[Event]) -> contextlib.AbstractContextManager[object]:
@@ -144,7 +176,7 @@ class TracingMiddleware(Middleware):
         for event in events:
             headers = event.headers
             # A caller that sets the trace context of its event chooses the parent.
-            parent = _extract(headers) if "traceparent" in headers else batch
+            parent = trace.set_span_in_context(_remote(headers), _ROOT) if "traceparent" in headers else batch
             attributes: dict[str, AttributeValue] = {
                 "messaging.system": system,
                 "messaging.destination.name": event.type,
@@ -162,21 +194,27 @@ class TracingMiddleware(Middleware):
             if span_context.is_valid:
                 headers.update(_carrier(span_context))
             spans.append(span)
-            if batch is None:
+            if batch is None and len(events) > 1:
                 batch = trace.set_span_in_context(span)
         return _Ended(spans)
 
     def on_error(self, route: Route, event: Event, error: BaseException) -> None:
-        trace.get_current_span().record_exception(error)
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.record_exception(error)
 
     def on_dead_letter(self, route: Route, event: Event | None, reason: str) -> None:
         if event is not None:  # else no span: undecodable deliveries are not traced
-            trace.get_current_span().set_status(Status(StatusCode.ERROR, reason))
+            span = trace.get_current_span()
+            if span.is_recording():
+                span.set_status(Status(StatusCode.ERROR, reason))
 
     def on_handled(self, route: Route, event: Event | None, outcome: str, duration: float) -> None:
         if event is None:
             return
         span = trace.get_current_span()
+        if not span.is_recording():  # sampled out
+            return
         span.set_attribute("choreo.outcome", outcome)
         if outcome == Outcome.RETRY or outcome == Outcome.FAILED:
             span.set_status(Status(StatusCode.ERROR, f"handler {outcome}"))
@@ -184,23 +222,27 @@ class TracingMiddleware(Middleware):
 
 class _Current:
     """``tracer.start_as_current_span``'s work for a span already started:
-    current while entered, an escaping exception recorded, ended on exit.
+    current while entered, an escaping exception recorded, ended on exit
+    (with ``end=False``, a publisher's span made current, nothing else).
     Done by a plain object, not by the SDK's two generator-based context
     managers: it wraps every handled event (``brokers.speedups``)."""
 
-    __slots__ = ("_span", "_token")
+    __slots__ = ("_end", "_span", "_token")
 
-    def __init__(self, span: Span) -> None:
+    def __init__(self, span: Span, end: bool = True) -> None:
         self._span = span
+        self._end = end
 
     def __enter__(self) -> Span:
         self._token = attach(trace.set_span_in_context(self._span))
         return self._span
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        detach(self._token)
+        if not self._end:
+            return
         span = self._span
         try:
-            detach(self._token)
             if isinstance(exc, Exception) and span.is_recording():  # as use_span: not CancelledError
                 span.record_exception(exc)
                 span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
@@ -227,26 +269,43 @@ class _Ended:
             span.end()
 
 
-def _extract(headers: Mapping[str, str]) -> TraceContext:
-    """The context whose span is the one ``headers["traceparent"]`` names:
-    ``_PROPAGATOR.extract(headers, context=_ROOT)``, with the common form
-    (version 00, no ``tracestate``) read here in about a fifth of the time
-    (``brokers.speedups``); anything else goes to the propagator."""
+class _Remote(NonRecordingSpan):
+    """The span a common-form ``traceparent`` names, and the headers that
+    named it. Its ``SpanContext`` is made when first asked for: an event of
+    a trace sampled out and followed (``follow_parent``) may never need it,
+    its headers passing on as they came."""
+
+    def __init__(self, traceparent: str, trace_id: str, span_id: str, flags: str) -> None:
+        # NonRecordingSpan.__init__ is not called: it only stores the
+        # context, which get_span_context makes here on demand.
+        self.carrier = {"traceparent": traceparent}
+        self._parts = (trace_id, span_id, int(flags, 16))
+        self.sampled = bool(self._parts[2] & TraceFlags.SAMPLED)
+        self._made: SpanContext | None = None
+
+    def get_span_context(self) -> SpanContext:
+        if self._made is None:
+            trace_id, span_id, flags = self._parts
+            self._made = SpanContext(int(trace_id, 16), int(span_id, 16), is_remote=True, trace_flags=TraceFlags(flags))
+        return self._made
+
+    def __repr__(self) -> str:
+        return f"_Remote({self.carrier['traceparent']!r})"
+
+
+def _remote(headers: Mapping[str, str]) -> Span:
+    """The span ``headers["traceparent"]`` names (``INVALID_SPAN`` if none):
+    what ``_PROPAGATOR.extract(headers, context=_ROOT)`` makes current, with
+    the common form (version 00, no ``tracestate``) read here in about a
+    fifth of the time (``brokers.speedups``); anything else goes to the
+    propagator."""
     traceparent = headers["traceparent"]
-    if (
-        len(traceparent) == 55
-        and traceparent[:3] == "00-"
-        and traceparent[35] == "-"
-        and traceparent[52] == "-"
-        and traceparent.count("-") == 3
-        and _HEX.issuperset(traceparent)
-        and "tracestate" not in headers
-    ):
-        trace_id, span_id = int(traceparent[3:35], 16), int(traceparent[36:52], 16)
-        if trace_id and span_id:
-            origin = SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(int(traceparent[53:], 16)))
-            return trace.set_span_in_context(NonRecordingSpan(origin), _ROOT)
-    return _PROPAGATOR.extract(headers, context=_ROOT)
+    match = _TRACEPARENT.fullmatch(traceparent)
+    if match is not None and "tracestate" not in headers:
+        trace_id, span_id, flags = match.groups()
+        if trace_id != "0" * 32 and span_id != "0" * 16:
+            return _Remote(traceparent, trace_id, span_id, flags)
+    return trace.get_current_span(_PROPAGATOR.extract(headers, context=_ROOT))
 
 
 def _carrier(span_context: SpanContext) -> dict[str, str]:

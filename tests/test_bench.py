@@ -37,6 +37,14 @@ def test_redis_chain_reports_throughput_and_latency_ratios() -> None:
 
 
 @pytest.mark.redis
+def test_redis_chain_reports_the_cost_of_tracing_at_each_sampling_ratio() -> None:
+    out = bench("chain_redis.py", "--events", "200", "--latency-events", "10", "--repeat", "2", "--otel",
+                "--otel-ratios", "0.5")
+    assert "traced cost per handled event" in out and "traced 0.5 cost per handled event" in out
+    assert "CPU cost per round" in out
+
+
+@pytest.mark.redis
 def test_saga_throughput_runs_on_both_brokers() -> None:
     out = bench("saga_throughput.py", "--sagas", "20", "--concurrency", "5")
     assert "memory" in out and "redis" in out
@@ -66,7 +74,22 @@ def test_worker_process_benchmark_reports_per_round_figures_and_the_ratio() -> N
 @pytest.mark.redis
 def test_dashboard_pages_benchmark_reports_server_time_against_its_baseline() -> None:
     out = bench("dashboard_pages.py", "--sagas", "300", "--requests", "2")
-    assert "baseline: list_state" in out and "/sagas " in out and "p50" in out
+    assert "redis: baseline, list_state" in out and "redis: /sagas " in out and "p50" in out
+
+
+@pytest.mark.redis
+def test_dashboard_pages_benchmark_compares_postgres_state_with_redis_state() -> None:
+    out = bench("dashboard_pages.py", "--sagas", "300", "--requests", "2", "--state", "postgres", "--explain")
+    for page in ("/sagas ", "/sagas?state=failed&name=trip ", "/api/sagas?limit=500 "):
+        assert f"redis: {page}" in out and f"postgres: {page}" in out
+    assert "PostgreSQL CPU" in out and "Execution Time" in out
+
+
+def test_tracing_cost_benchmark_reports_each_sampling_ratio_against_untraced() -> None:
+    out = bench("tracing_cost.py", "--chains", "200", "--repeat", "2")
+    for mode in ("always", "0.1", "0.01"):
+        assert f"{mode} " in out and "cost +" in out
+    assert "untraced  CPU per handled event" in out and "per round:" in out
 
 
 def test_cluster_scaling_benchmark_reports_every_setup() -> None:

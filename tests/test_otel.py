@@ -19,6 +19,8 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags, TraceState
 
 from choreo import App, Context, Emit, SagaCoordinator, SagaState, SagaStep, otel
@@ -165,6 +167,49 @@ async def test_a_callers_traceparent_header_is_the_parent_of_its_publish(
     assert event.headers["tracestate"] == "vendor=1"
     assert headers == {"traceparent": f"00-{trace_id:032x}-{span_id:016x}-01", "tracestate": "vendor=1"}
     assert {span.context.trace_id for span in exporter.get_finished_spans()} == {trace_id}
+
+
+class Alternating(RandomIdGenerator):
+    """Trace ids that ``TraceIdRatioBased(0.5)`` samples and drops in turn
+    (it compares their low 64 bits with half of 2**64)."""
+
+    def __init__(self) -> None:
+        self.ids = iter([(1 << 100) | 1, (2 << 100) | (2**64 - 1)] * 100)
+
+    def generate_trace_id(self) -> int:
+        return next(self.ids)
+
+
+@pytest.mark.parametrize("follow_parent", [True, False])
+async def test_with_a_ratio_sampler_a_trace_is_recorded_whole_or_not_at_all(
+    broker_url: str, exporter: InMemorySpanExporter, follow_parent: bool
+) -> None:
+    """A root sampled out makes no span anywhere downstream (its handlers,
+    and a span a handler starts, follow the flag in ``traceparent``) while
+    its events flow as usual; a sampled root is one whole trace. Whether
+    the middleware follows the flag itself or asks the sampler."""
+    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.5)), id_generator=Alternating())
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    middleware = [TracingMiddleware(provider, follow_parent=follow_parent)]
+    async with run_apps(*three_services(provider), broker=broker_url, middleware=middleware) as env:
+        await env.publish("order.placed", {"order_id": "O-1"})  # sampled
+        await env.publish("order.placed", {"order_id": "O-2"})  # not sampled
+        await env.settle()
+        entries = await env.broker.history()
+    assert len(env.published("payment.taken")) == 2
+    spans = exporter.get_finished_spans()
+    assert {span.context.trace_id for span in spans} == {(1 << 100) | 1}
+    assert sorted(span.name for span in spans) == [
+        "bank.charge", "choreo.handle order.accepted", "choreo.handle order.placed", "choreo.handle payment.taken",
+        "choreo.publish order.placed",
+    ]
+    on_wire: dict[str, list[str]] = {}
+    for entry in entries:
+        event = json.loads(entry.body)
+        on_wire.setdefault(event["headers"]["traceparent"][3:35], []).append(event["headers"]["traceparent"])
+    unsampled = on_wire[f"{(2 << 100) | (2**64 - 1):032x}"]
+    assert len(unsampled) == 3 and not any(int(header[53:], 16) & TraceFlags.SAMPLED for header in unsampled)
+    assert all(int(header[53:], 16) & TraceFlags.SAMPLED for header in on_wire[f"{(1 << 100) | 1:032x}"])
 
 
 async def test_a_failing_handler_is_an_error_and_its_retry_links_to_the_origin(
@@ -336,7 +381,7 @@ def test_a_traceparent_is_read_as_the_w3c_propagator_reads_it(header: str, with_
     headers = {"traceparent": header}
     if with_state:
         headers["tracestate"] = "vendor=value"
-    ours = trace.get_current_span(otel._extract(headers)).get_span_context()
+    ours = otel._remote(headers).get_span_context()
     theirs = trace.get_current_span(otel._PROPAGATOR.extract(headers, context=otel._ROOT)).get_span_context()
     assert ours == theirs
     assert (ours.trace_state, ours.is_remote) == (theirs.trace_state, theirs.is_remote)
