@@ -112,4 +112,7 @@ async def test_a_deadlock_runs_the_losing_handler_again(broker_url: str, databas
         assert env.dead_letters() == []
     with psycopg.connect(database_url) as conn:
         assert dict(conn.execute("SELECT name, n FROM counters").fetchall()) == {"a": 2, "b": 2}
-    assert sorted(runs.values()) == [1, 2]  # the deadlock's loser ran again
+    # The deadlock's loser ran again. Its rerun starts at once and can take
+    # its first row before the winner does, so a second deadlock (and a
+    # third run) is possible; what counts is the rows: each committed once.
+    assert sum(runs.values()) >= 3 and min(runs.values()) >= 1
