@@ -103,6 +103,7 @@ from brokers.redis_dead_letters import REPLAY, RedisDeadLetters
 from brokers.redis_keys import Keys
 from brokers.redis_lines import ScriptBatcher
 from brokers.redis_partitions import PartitionedFetch
+from brokers.redis_reads import BURY, MARK
 from brokers.redis_support import (
     PRIVATE_TAG,
     Outage,
@@ -169,6 +170,8 @@ class RedisStreamsBroker(PartitionedFetch, RedisDeadLetters):
         self._known = {}
         self._published_topics: set[str] = set()
         self._drained = {}
+        self._tails = {}
+        self._spill = {}
         self._partition_delayed = {}
         self._outage = Outage(log, self.url)
 
@@ -193,7 +196,7 @@ class RedisStreamsBroker(PartitionedFetch, RedisDeadLetters):
         else:
             client, reader = await open_clients(self._redis_url, self.url)
             self._client, self._reader = client, reader
-        sources = {"FETCH": lua.FETCH, "EXTEND": lua.EXTEND, "REPLAY": REPLAY,
+        sources = {"FETCH": lua.FETCH, "EXTEND": lua.EXTEND, "REPLAY": REPLAY, "MARK": MARK, "BURY": lua.COMMON + BURY,
                    "BACKLOG": redis_admin.BACKLOG, "LIST_STATE": redis_admin.LIST_STATE, "TRIM": redis_retention.TRIM}
         # Rendered once here: the scripts name their keys with this layout's functions.
         cap = self.options.dedupe_max // 2

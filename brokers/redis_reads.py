@@ -1,0 +1,257 @@
+"""Plain reads for the Redis Streams adapter on a single server: XREADGROUP
+sent by the client, not run inside the FETCH script.
+
+A script that reads hands Redis every entry twice more: its reply turned into
+Lua values, then the script's own reply built from them. Measured under
+``valgrind --tool=callgrind``, that conversion was the largest part of
+Redis's work per event. So while no timer is due and each stream's tail is
+known, ``fetch`` reads with one XREADGROUP per group over all of that group's
+streams (on one write, behind the blocking XREAD when it waits), and asks the
+small MARK script which message ids its groups already settled (ids only, no
+bodies). Entries that must not be handed out (a field missing, a body over
+the consumer's size limit) are dead-lettered by the BURY script, which fences
+on the lease like a commit and copies the entry from the stream itself.
+
+XREADGROUP's COUNT bounds each stream, not the command: the topic stream and
+the private stream of a group may together give more than the group's share.
+What is over ``limit`` waits in a per-consumer spill and goes out first on
+the next ``fetch`` (its lease is held meanwhile; a consumer that stops
+fetching leaves it to be reclaimed, as a crash would).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from brokers import redis_admin
+from brokers.base import DEAD_LETTER_KEPT, BrokerError, Delivery, log_dead_letter, new_delivery
+from brokers.redis_lines import Line, run_script
+from brokers.redis_support import PRIVATE_TAG, Stream, slot
+
+__all__ = ("BURY", "MARK", "PlainReads", "stream_order")
+
+log = logging.getLogger("brokers.redis")
+
+# ARGV: per group: the group, the number of ids, the ids. Returns 1 (settled
+# in the group already) or 0 per id, in order: one HGET of the group's head and
+# one HMGET per dedupe bucket (the current one and the one before).
+MARK = r"""
+local out = {}
+local at = 1
+while at <= #ARGV do
+  local group, n = ARGV[at], tonumber(ARGV[at + 1])
+  local flags = {}
+  for j = 1, n do flags[j] = 0 end
+  local head = redis.call('HGET', seen_head_key(group), 'n')
+  if head then
+    local b = tonumber(head)
+    for first = 1, n, 1000 do
+      local last = math.min(first + 999, n)
+      for _, bucket in ipairs({b, b - 1}) do
+        local key = seen_key(group, tostring(bucket))
+        local found = redis.call('HMGET', key, unpack(ARGV, at + 1 + first, at + 1 + last))
+        for j, value in ipairs(found) do
+          if value then flags[first + j - 1] = 1 end
+        end
+      end
+    end
+  end
+  for j = 1, n do out[#out + 1] = flags[j] end
+  at = at + 2 + n
+end
+return out
+"""
+
+# ARGV: consumer, bytes kept of an oversized entry, then per entry: stream key,
+# topic, group, entry id, reason. Dead-letters each entry this consumer still
+# holds on its first delivery (the fence of a commit), copying it from the
+# stream, and acks it. Returns how many it buried.
+BURY = r"""
+local consumer, keep = ARGV[1], tonumber(ARGV[2])
+local now = now_ms()
+local buried = 0
+for i = 3, #ARGV, 5 do
+  local skey, topic, group, eid, reason = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  if owns(skey, group, consumer, eid, 1) then
+    local mid, body = false, ''
+    local rows = redis.call('XRANGE', skey, eid, eid)
+    if #rows > 0 then
+      local flat = rows[1][2]
+      for j = 1, #flat, 2 do
+        if flat[j] == 'id' then mid = flat[j + 1] elseif flat[j] == 'body' then body = flat[j + 1] end
+      end
+    end
+    dead_letter(topic, group, mid, body, reason, 1, now, keep)
+    redis.call('XACK', skey, group, eid)
+    buried = buried + 1
+  end
+end
+return buried
+"""
+
+
+def stream_order(entry_id: str) -> tuple[int, int]:
+    """A stream entry id (``ms-seq``) as numbers, for comparing two ids."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class PlainReads(redis_admin.RedisAdmin):
+    """The plain-read half of ``RedisFetch`` (see the module doc)."""
+
+    url: str
+    _client: Any | None
+    _scripts: dict[str, Any]
+    #: Per (stream, group): the last entry id known delivered in the group.
+    _tails: dict[str, str]
+    #: Per consumer: deliveries read past a fetch's limit, handed out next.
+    _spill: dict[str, list[Delivery]]
+
+    def _spilled(self, consumer: str, streams: Sequence[Stream], limit: int) -> list[Delivery]:
+        """Up to ``limit`` spilled deliveries of ``consumer`` for ``streams``' groups."""
+        waiting = self._spill.get(consumer)
+        if not waiting:
+            return []
+        wanted = {(s.topic, s.group) for s in streams}
+        out = [d for d in waiting if (d.topic, d.group) in wanted][:limit]
+        if out:
+            taken = {id(d) for d in out}
+            self._spill[consumer] = [d for d in waiting if id(d) not in taken]
+        return out
+
+    def _block_tails(self, streams: Sequence[Stream]) -> dict[str, str] | None:
+        """Per stream key, where a blocking XREAD starts (the lowest tail of
+        its groups), or ``None`` if some stream's tail is unknown."""
+        at: dict[str, str] = {}
+        for s in streams:
+            tail = self._tails.get(slot(s))
+            if tail is None:
+                return None
+            if s.key not in at or stream_order(tail) < stream_order(at[s.key]):
+                at[s.key] = tail
+        return at
+
+    async def _read_plain(
+        self, line: Line, consumer: str, streams: Sequence[Stream], limit: int, max_size: int | None,
+        block_ms: int,
+    ) -> tuple[list[Delivery], bool, bool, list[Stream]]:
+        """One plain read: deliveries (at most ``limit``; the rest spilled),
+        whether every stream was read to its end, whether a blocking XREAD
+        woke, and the streams whose group is gone (NOGROUP). With ``block_ms``
+        the reads wait behind an XREAD BLOCK from the known tails."""
+        groups: dict[str, list[Stream]] = {}
+        for s in streams:
+            groups.setdefault(s.group, []).append(s)
+        commands: list[tuple[Any, ...]] = []
+        if block_ms:
+            tails = self._block_tails(streams)
+            assert tails is not None
+            commands.append(("XREAD", "COUNT", 1, "BLOCK", block_ms, "STREAMS", *tails, *tails.values()))
+        counts = []
+        for i, (group, members) in enumerate(groups.items()):
+            count = max(1, limit // len(groups) + (1 if i < limit % len(groups) else 0))
+            counts.append(count)
+            keys = [s.key for s in members]
+            commands.append(("XREADGROUP", "GROUP", group, consumer, "COUNT", count, "STREAMS",
+                             *keys, *[">"] * len(keys)))
+        replies = await line.call(*commands)
+        woke = False
+        if block_ms:
+            woke = replies[0] is not None and not isinstance(replies[0], Exception)
+            replies = replies[1:]
+        good: list[tuple[Stream, str, bytes, bytes]] = []
+        bad: list[tuple[Stream, str, str]] = []
+        missing: list[Stream] = []
+        drained = True
+        for members, count, reply in zip(groups.values(), counts, replies, strict=True):
+            if isinstance(reply, Exception):
+                if not str(reply).startswith("NOGROUP"):
+                    raise reply
+                missing += members
+                continue
+            by_key = {s.key: s for s in members}
+            for key, entries in reply or ():
+                s = by_key[key.decode()]
+                if len(entries) >= count:
+                    drained = False
+                for entry, fields in entries:
+                    eid = entry.decode()
+                    self._tails[slot(s)] = eid
+                    mid, body = _fields(fields)
+                    reason = _unreadable(mid, body, max_size)
+                    if reason is None:
+                        good.append((s, eid, mid, body))  # type: ignore[arg-type]
+                    else:
+                        bad.append((s, eid, reason))
+        if bad:
+            await self._bury(consumer, bad)
+        flags = await self._mark(line, good) if good else []
+        found = []
+        for (s, eid, mid, body), duplicate in zip(good, flags, strict=True):
+            found.append(new_delivery(s.topic, s.group, consumer, PRIVATE_TAG + eid if s.private else eid,
+                                      mid.decode("utf-8", "replace"), body, 1, duplicate == 1))
+        if len(found) > limit:
+            self._spill.setdefault(consumer, []).extend(found[limit:])
+            del found[limit:]
+        return found, drained and not bad and not missing, woke, missing
+
+    async def _mark(self, line: Line, good: list[tuple[Stream, str, bytes, bytes]]) -> list[int]:
+        """Per entry, 1 if its message id was already settled in its group."""
+        by_group: dict[str, list[int]] = {}
+        for i, (s, *_) in enumerate(good):
+            by_group.setdefault(s.group, []).append(i)
+        args: list[Any] = []
+        order: list[int] = []
+        for group, rows in by_group.items():
+            args += [group, len(rows), *(good[i][2] for i in rows)]
+            order += rows
+        script = self._scripts["MARK"]
+
+        async def load() -> None:
+            await self._redis().script_load(script.script)
+
+        reply = await run_script(line, script.sha, args, load)
+        flags = [0] * len(good)
+        for i, flag in zip(order, reply, strict=True):
+            flags[i] = flag
+        return flags
+
+    async def _bury(self, consumer: str, bad: list[tuple[Stream, str, str]]) -> None:
+        """Dead-letter entries no consumer may be handed (see BURY), and log them."""
+        args: list[Any] = [consumer, DEAD_LETTER_KEPT]
+        for s, eid, reason in bad:
+            args += [s.key, s.topic, s.group, eid, reason]
+        await self._scripts["BURY"](args=args)
+        for s, eid, reason in bad:
+            log_dead_letter(log, s.topic, s.group, PRIVATE_TAG + eid if s.private else eid, reason)
+
+    def _redis(self) -> Any:
+        if self._client is None:
+            raise BrokerError(f"broker {self.url} is not connected: await connect() first")
+        return self._client
+
+
+def _fields(fields: Any) -> tuple[bytes | None, bytes | None]:
+    """An entry's ``id`` and ``body`` fields (a flat RESP2 list of names and values)."""
+    mid = body = None
+    for i in range(0, len(fields) - 1, 2):
+        name = fields[i]
+        if name == b"id":
+            mid = fields[i + 1]
+        elif name == b"body":
+            body = fields[i + 1]
+    return mid, body
+
+
+def _unreadable(mid: bytes | None, body: bytes | None, max_size: int | None) -> str | None:
+    """Why an entry read for the first time may not be handed out, if so
+    (the same reasons, in the same words, as the FETCH script's)."""
+    if mid is None:
+        return 'unreadable entry: missing field "id"'
+    if body is None:
+        return 'unreadable entry: missing field "body"'
+    if max_size and len(body) > max_size:
+        return f"oversized entry: {len(body)} bytes, over the {max_size}-byte limit"
+    return None
