@@ -4,12 +4,13 @@ arguments of one commit (``commit_args``); the shared Lua helpers are in
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from typing import Any
 
 from brokers.base import BrokerError, Delivery, Message, StateWrite, check_name
 from brokers.redis_scripts import COMMON
-from brokers.wire import dumps, quote, quote_name
+from brokers.speedups import remember
 
 __all__ = ("COMMIT_BATCH", "commit_args")
 
@@ -27,62 +28,91 @@ def commit_args(
     script) and the soonest delay of its messages, in seconds. ``dedupe_ms``:
     how long the dedupe record is kept, in milliseconds (at least 1).
 
-    Every name and id goes into one JSON header and only the bodies and values
-    travel as separate arguments: packing a command costs per argument, and a
-    commit is sent for every delivery.
+    Every name and id goes into one binary header and only the bodies and
+    values travel as separate arguments: each argument costs Redis a string
+    object and a Lua string, and the header is read with one ``struct.unpack``
+    per part, which measured about half the instructions of ``cjson.decode``
+    on the same fields.
 
     Raises:
-        BrokerError: an invalid topic or group name, or a body that is not bytes.
+        BrokerError: an invalid topic or group name, a name or id that is not
+            valid Unicode, or a body that is not bytes.
     """
     blobs: list[Any] = [b""]
-    if delivery is None or located is None:
-        settle = "false"
-    else:
-        key, entry = located
-        mid = delivery.message_id
-        # The header is written out, not built and then encoded: it is made for
-        # every commit. Layout: see above COMMIT_BATCH.
-        # Entry ids are Redis stream ids (digits and a dash): nothing to escape.
-        dead = '"",false' if dead_letter is None else f"{quote(dead_letter)},true"
-        settle = (
-            f'[{quote_name(key)},{quote_name(delivery.group)},{quote_name(delivery.consumer)},"{entry}",'
-            f"{int(delivery.deliveries)},{quote(mid or '')},{_BOOL[mid is not None]},{_BOOL[bool(done)]},"
-            f"{dedupe_ms},{dead},{quote_name(delivery.topic)},{_BOOL[delivery.duplicate]}]"
-        )
-        if dead_letter is not None:
-            blobs.append(delivery.body)
-    writes = []
-    for write in state:
-        writes.append([write.key, write.value is not None, write.expected_version])
-        blobs.append(write.value or b"")
-    heads = []
-    soonest: float | None = None
-    for m in messages:
-        check_name("topic", m.topic)
-        if m.group is not None:
-            check_name("group", m.group)
-        if type(m.body) is not bytes and not isinstance(m.body, bytes | bytearray):
-            raise BrokerError(f"message {m.id!r} body must be bytes, not {type(m.body).__name__}")
-        delay_ms = max(0, round(m.delay * 1000)) if m.delay else 0
-        if delay_ms:
-            soonest = delay_ms / 1000 if soonest is None else min(soonest, delay_ms / 1000)
-        heads.append(f"[{quote_name(m.topic)},{quote_name(m.group or '')},{quote(m.id)},{delay_ms}]")
-        blobs.append(m.body if type(m.body) is bytes else bytes(m.body))
-    # Names travel as UTF-8, exactly as redis-py would send them.
-    blobs[0] = f"[{settle},{dumps(writes) if writes else '[]'},[{','.join(heads)}]]".encode()
+    try:
+        if delivery is None or located is None:
+            parts = [_NO_SETTLE]
+        else:
+            key, entry = located
+            mid = delivery.message_id
+            flags = _SETTLE | (_HAS_ID if mid is not None else 0) | (_DONE if done else 0) | (
+                _DEAD if dead_letter is not None else 0) | (_MARKED if delivery.duplicate else 0)
+            parts = [
+                _BYTE[flags], _name(key), _name(delivery.group), _name(delivery.consumer), _text(entry),
+                _U32.pack(int(delivery.deliveries)), _text(mid or ""), _I64.pack(dedupe_ms),
+                _text(dead_letter or ""), _name(delivery.topic),
+            ]
+            if dead_letter is not None:
+                blobs.append(delivery.body)
+        parts.append(_COUNTS.pack(len(state), len(messages)))
+        for write in state:
+            parts += (_name(write.key), _BYTE[write.value is not None], _I64.pack(write.expected_version))
+            blobs.append(write.value or b"")
+        soonest: float | None = None
+        for m in messages:
+            check_name("topic", m.topic)
+            if m.group is not None:
+                check_name("group", m.group)
+            if type(m.body) is not bytes and not isinstance(m.body, bytes | bytearray):
+                raise BrokerError(f"message {m.id!r} body must be bytes, not {type(m.body).__name__}")
+            delay_ms = max(0, round(m.delay * 1000)) if m.delay else 0
+            if delay_ms:
+                soonest = delay_ms / 1000 if soonest is None else min(soonest, delay_ms / 1000)
+            parts += (_name(m.topic), _name(m.group or ""), _text(m.id), _I64.pack(delay_ms))
+            blobs.append(m.body if type(m.body) is bytes else bytes(m.body))
+    except UnicodeEncodeError as exc:
+        raise BrokerError(f"a name or id of this commit is not valid Unicode: {exc}") from None
+    blobs[0] = b"".join(parts)
     return blobs, soonest
 
 
-_BOOL = ("false", "true")
+_SETTLE, _HAS_ID, _DONE, _DEAD, _MARKED = 1, 2, 4, 8, 16
+_BYTE = tuple(bytes((n,)) for n in range(32))
+_U32 = struct.Struct(">I")
+_I64 = struct.Struct(">q")
+_COUNTS = struct.Struct(">II")
+_names: dict[str, bytes] = {}
+
+
+def _text(value: str) -> bytes:
+    """A string as the header holds it: its UTF-8 length, then its bytes."""
+    data = value.encode()
+    return _U32.pack(len(data)) + data
+
+
+def _name(name: str) -> bytes:
+    """``_text`` for names met on every commit (keys, groups, topics): remembered."""
+    packed = _names.get(name)
+    if packed is None:
+        packed = remember(_names, name, _text(name))
+    return packed
+
+
+#: The header of a commit that settles no delivery: no flags, empty fields.
+_NO_SETTLE = b"".join([_BYTE[0], _text(""), _text(""), _text(""), _text(""), _U32.pack(0), _text(""),
+                       _I64.pack(0), _text(""), _text("")])
 
 
 # One commit's arguments (``commit_args``), seen as ``ARGV`` inside ``commit``.
-# ARGV[1]: a JSON header [settle, writes, messages]:
-#   settle: false, or [stream key, group, consumer, entry id, deliveries,
-#     message id, has message id, done, dedupe ttl ms, dead reason,
-#     has dead letter, topic, handed out marked duplicate];
-#   writes: [[state key, has value, expected version], ...];
-#   messages: [[topic, group, id, delay ms], ...].
+# ARGV[1]: a binary header, big-endian, each string as a 4-byte length and
+#   its UTF-8 bytes (``struct`` format ``I4c0``):
+#   flags (1 byte: 1 settles a delivery, 2 has a message id, 4 done, 8 dead
+#     letter, 16 handed out marked duplicate), stream key, group, consumer,
+#     entry id, deliveries (4 bytes), message id, dedupe ttl ms (8 bytes),
+#     dead reason, topic (without a delivery to settle: all empty or 0);
+#   the number of writes and of messages (4 bytes each);
+#   each write: state key, has value (1 byte), expected version (8 bytes);
+#   each message: topic, group, id, delay ms (8 bytes).
 # ARGV[2...]: the bytes, in order: the dead letter's body (only with a dead
 # letter), each write's value, each message's body.
 #
@@ -199,12 +229,39 @@ local function fetch_dedupe(group, ids, ttl)
   return d
 end
 
+-- A header as {settle, writes, messages} (see the layout above); settle is
+-- false, or {stream key, group, consumer, entry id, deliveries, message id,
+-- has message id, done, dedupe ttl ms, dead reason, has dead letter, topic,
+-- handed out marked duplicate}.
+local SETTLE_FORMAT = '>BI4c0I4c0I4c0I4c0I4I4c0i8I4c0I4c0I4I4'
+local function read_header(h)
+  local flags, skey, group, consumer, eid, deliveries, mid, ttl, reason, topic, nw, nm, pos =
+    struct.unpack(SETTLE_FORMAT, h)
+  local settle = false
+  if flags % 2 == 1 then
+    local function bit(b) return math.floor(flags / b) % 2 == 1 end
+    settle = {skey, group, consumer, eid, deliveries, mid, bit(2), bit(4), ttl, reason, bit(8), topic, bit(16)}
+  end
+  local writes, messages = {}, {}
+  for j = 1, nw do
+    local key, has, version
+    key, has, version, pos = struct.unpack('>I4c0Bi8', h, pos)
+    writes[j] = {key, has == 1, version}
+  end
+  for j = 1, nm do
+    local t, g, id, delay
+    t, g, id, delay, pos = struct.unpack('>I4c0I4c0I4c0i8', h, pos)
+    messages[j] = {t, g, id, delay}
+  end
+  return {settle, writes, messages}
+end
+
 local function prepare(argvs)
   now = now_ms()
   local settles, asked, ttls = {}, {}, {}
   for i, argv in ipairs(argvs) do
-    local ok, h = pcall(cjson.decode, argv[1])
-    if ok and type(h) == 'table' then
+    local ok, h = pcall(read_header, argv[1])
+    if ok then
       headers[i] = h
       local st = h[1]
       if st then
@@ -231,7 +288,7 @@ end
 
 local function commit(i, ARGV)
   local h = headers[i]
-  if not h then return {err = 'ERR commit header is not a JSON array'} end
+  if not h then return {err = 'ERR commit header is malformed'} end
   local settle, writes, messages = h[1], h[2], h[3]
   local at = 2
   local body = ''
