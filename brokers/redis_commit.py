@@ -169,19 +169,19 @@ end
 local function fetch_leases(settles)
   local ranges = {}
   for _, st in ipairs(settles) do
-    local q = queue_of(st[1], st[2])
-    local ms, seq = id_parts(st[4])
-    local r = q.ranges[st[3]]
+    local q = queue_of(st[2], st[3])
+    local ms, seq = id_parts(st[5])
+    local r = q.ranges[st[4]]
     if r == nil then
-      r = {q, st[3], ms, seq, ms, seq, {}, st[4], st[4]}
-      q.ranges[st[3]] = r
+      r = {q, st[4], ms, seq, ms, seq, {}, st[5], st[5]}
+      q.ranges[st[4]] = r
       ranges[#ranges + 1] = r
     elseif ms < r[3] or (ms == r[3] and seq < r[4]) then
-      r[3], r[4], r[8] = ms, seq, st[4]
+      r[3], r[4], r[8] = ms, seq, st[5]
     elseif ms > r[5] or (ms == r[5] and seq > r[6]) then
-      r[5], r[6], r[9] = ms, seq, st[4]
+      r[5], r[6], r[9] = ms, seq, st[5]
     end
-    r[7][#r[7] + 1] = st[4]
+    r[7][#r[7] + 1] = st[5]
   end
   for _, r in ipairs(ranges) do
     local q = r[1]
@@ -229,31 +229,31 @@ local function fetch_dedupe(group, ids, ttl)
   return d
 end
 
--- A header as {settle, writes, messages} (see the layout above); settle is
--- false, or {stream key, group, consumer, entry id, deliveries, message id,
--- has message id, done, dedupe ttl ms, dead reason, has dead letter, topic,
--- handed out marked duplicate}.
+-- A header as one flat table, so that a commit costs one table: h[1] flags,
+-- h[2] stream key, h[3] group, h[4] consumer, h[5] entry id, h[6]
+-- deliveries, h[7] message id, h[8] dedupe ttl ms, h[9] dead reason, h[10]
+-- topic, h[11] writes, h[12] messages, h[13] where the writes begin in the
+-- header; then each write as 3 values (state key, has value, expected
+-- version) from h[14], then each message as 4 (topic, group, id, delay ms).
+-- Flags: 1 settles, 2 has a message id, 4 done, 8 dead letter, 16 handed
+-- out marked duplicate (tested with % and >=: Lua 5.1 has no bit operators).
 local SETTLE_FORMAT = '>BI4c0I4c0I4c0I4c0I4I4c0i8I4c0I4c0I4I4'
-local function read_header(h)
-  local flags, skey, group, consumer, eid, deliveries, mid, ttl, reason, topic, nw, nm, pos =
-    struct.unpack(SETTLE_FORMAT, h)
-  local settle = false
-  if flags % 2 == 1 then
-    local function bit(b) return math.floor(flags / b) % 2 == 1 end
-    settle = {skey, group, consumer, eid, deliveries, mid, bit(2), bit(4), ttl, reason, bit(8), topic, bit(16)}
-  end
-  local writes, messages = {}, {}
-  for j = 1, nw do
+local function read_header(raw)
+  local h = {struct.unpack(SETTLE_FORMAT, raw)}
+  local pos, n = h[13], 13
+  for _ = 1, h[11] do
     local key, has, version
-    key, has, version, pos = struct.unpack('>I4c0Bi8', h, pos)
-    writes[j] = {key, has == 1, version}
+    key, has, version, pos = struct.unpack('>I4c0Bi8', raw, pos)
+    h[n + 1], h[n + 2], h[n + 3] = key, has == 1, version
+    n = n + 3
   end
-  for j = 1, nm do
-    local t, g, id, delay
-    t, g, id, delay, pos = struct.unpack('>I4c0I4c0I4c0i8', h, pos)
-    messages[j] = {t, g, id, delay}
+  for _ = 1, h[12] do
+    local topic, group, id, delay
+    topic, group, id, delay, pos = struct.unpack('>I4c0I4c0I4c0i8', raw, pos)
+    h[n + 1], h[n + 2], h[n + 3], h[n + 4] = topic, group, id, delay
+    n = n + 4
   end
-  return {settle, writes, messages}
+  return h
 end
 
 local function prepare(argvs)
@@ -263,13 +263,14 @@ local function prepare(argvs)
     local ok, h = pcall(read_header, argv[1])
     if ok then
       headers[i] = h
-      local st = h[1]
-      if st then
-        settles[#settles + 1] = st
-        if st[7] and st[9] > 0 then  -- a ttl of 0 turns dedupe off
-          asked[st[2]] = asked[st[2]] or {}
-          if not (st[11] and st[13]) then table.insert(asked[st[2]], st[6]) end
-          ttls[st[2]] = st[9]
+      local flags = h[1]
+      if flags % 2 == 1 then
+        settles[#settles + 1] = h
+        if flags % 4 >= 2 and h[8] > 0 then  -- a ttl of 0 turns dedupe off
+          local group = h[3]
+          asked[group] = asked[group] or {}
+          if not (flags % 16 >= 8 and flags >= 16) then table.insert(asked[group], h[7]) end
+          ttls[group] = h[8]
         end
       end
     else
@@ -289,23 +290,26 @@ end
 local function commit(i, ARGV)
   local h = headers[i]
   if not h then return {err = 'ERR commit header is malformed'} end
-  local settle, writes, messages = h[1], h[2], h[3]
+  local flags, writes, messages = h[1], h[11], h[12]
+  local settling, has_id, done = flags % 2 == 1, flags % 4 >= 2, flags % 8 >= 4
+  local dead, marked = flags % 16 >= 8, flags >= 16
   local at = 2
   local body = ''
-  if settle and settle[11] then
+  if settling and dead then
     body = ARGV[at]
     at = at + 1
   end
   local first_value = at
-  local first_body = at + #writes
+  local first_body = at + writes
+  local first_message = 14 + 3 * writes
 
-  local group, eid, deliveries, q
-  if settle then
-    group, eid, deliveries = settle[2], settle[4], settle[5]
-    q = queues[settle[1]][group]
-    if q.settled[eid] or q.owner[eid] ~= settle[3] or q.count[eid] ~= deliveries then return 'lease_lost' end
+  local group, eid, deliveries, mid, ttl, q
+  if settling then
+    group, eid, deliveries, mid, ttl = h[3], h[5], h[6], h[7], h[8]
+    q = queues[h[2]][group]
+    if q.settled[eid] or q.owner[eid] ~= h[4] or q.count[eid] ~= deliveries then return 'lease_lost' end
     local d = dedupe[group]
-    if settle[7] and not (settle[11] and settle[13]) and d and d.ids[settle[6]] then
+    if has_id and not (dead and marked) and d and d.ids[mid] then
       -- A duplicate that was in flight while the original settled: ack it,
       -- nothing else. A delivery handed out marked as a duplicate may still
       -- be dead-lettered: its consumer found another message under the id.
@@ -313,37 +317,40 @@ local function commit(i, ARGV)
       return 'duplicate'
     end
   end
-  for _, w in ipairs(writes) do
-    local current = redis.call('HGET', state_key(w[1]), 'n')
-    if (tonumber(current) or 0) ~= w[3] then return 'conflict' end
+  for j = 1, writes do
+    local w = 11 + 3 * j
+    local current = redis.call('HGET', state_key(h[w]), 'n')
+    if (tonumber(current) or 0) ~= h[w + 2] then return 'conflict' end
   end
 
   -- Validated: from here on every call writes.
-  for j, m in ipairs(messages) do
-    publish(now, m[1], m[2], m[3], ARGV[first_body + j - 1], m[4])
+  for j = 1, messages do
+    local m = first_message + 4 * (j - 1)
+    publish(now, h[m], h[m + 1], h[m + 2], ARGV[first_body + j - 1], h[m + 3])
   end
   local index = state_index_key()
-  for j, w in ipairs(writes) do
-    local key = state_key(w[1])
-    if w[2] then
-      redis.call('HSET', key, 'v', ARGV[first_value + j - 1], 'n', w[3] + 1)
-      redis.call('ZADD', index, 0, w[1])
+  for j = 1, writes do
+    local w = 11 + 3 * j
+    local key = state_key(h[w])
+    if h[w + 1] then
+      redis.call('HSET', key, 'v', ARGV[first_value + j - 1], 'n', h[w + 2] + 1)
+      redis.call('ZADD', index, 0, h[w])
     else
       redis.call('DEL', key)
-      redis.call('ZREM', index, w[1])
+      redis.call('ZREM', index, h[w])
     end
   end
-  if settle then
-    if settle[11] then
+  if settling then
+    if dead then
       local message_id = false
-      if settle[7] then message_id = settle[6] end
-      dead_letter(settle[12], group, message_id, body, settle[10], deliveries, now)
+      if has_id then message_id = mid end
+      dead_letter(h[10], group, message_id, body, h[9], deliveries, now)
     end
-    if settle[8] and settle[7] and settle[9] > 0 then
-      local d = dedupe[group] or fetch_dedupe(group, {}, settle[9])
-      if not d.ids[settle[6]] then
-        d.ids[settle[6]] = true
-        d.fresh[#d.fresh + 1] = settle[6]
+    if done and has_id and ttl > 0 then
+      local d = dedupe[group] or fetch_dedupe(group, {}, ttl)
+      if not d.ids[mid] then
+        d.ids[mid] = true
+        d.fresh[#d.fresh + 1] = mid
       end
       d.commits[#d.commits + 1] = i
     end
