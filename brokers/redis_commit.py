@@ -49,7 +49,7 @@ def commit_args(
                 _DEAD if dead_letter is not None else 0) | (_MARKED if delivery.duplicate else 0)
             parts = [
                 _BYTE[flags], _name(key), _name(delivery.group), _name(delivery.consumer), _text(entry),
-                _U32.pack(int(delivery.deliveries)), _text(mid or ""), _I64.pack(dedupe_ms),
+                _I64.pack(int(delivery.deliveries)), _text(mid or ""), _I64.pack(dedupe_ms),
                 _text(dead_letter or ""), _name(delivery.topic),
             ]
             if dead_letter is not None:
@@ -72,6 +72,8 @@ def commit_args(
             blobs.append(m.body if type(m.body) is bytes else bytes(m.body))
     except UnicodeEncodeError as exc:
         raise BrokerError(f"a name or id of this commit is not valid Unicode: {exc}") from None
+    except struct.error as exc:
+        raise BrokerError(f"a count or version of this commit is out of range: {exc}") from None
     blobs[0] = b"".join(parts)
     return blobs, soonest
 
@@ -99,7 +101,7 @@ def _name(name: str) -> bytes:
 
 
 #: The header of a commit that settles no delivery: no flags, empty fields.
-_NO_SETTLE = b"".join([_BYTE[0], _text(""), _text(""), _text(""), _text(""), _U32.pack(0), _text(""),
+_NO_SETTLE = b"".join([_BYTE[0], _text(""), _text(""), _text(""), _text(""), _I64.pack(0), _text(""),
                        _I64.pack(0), _text(""), _text("")])
 
 
@@ -108,7 +110,7 @@ _NO_SETTLE = b"".join([_BYTE[0], _text(""), _text(""), _text(""), _text(""), _U3
 #   its UTF-8 bytes (``struct`` format ``I4c0``):
 #   flags (1 byte: 1 settles a delivery, 2 has a message id, 4 done, 8 dead
 #     letter, 16 handed out marked duplicate), stream key, group, consumer,
-#     entry id, deliveries (4 bytes), message id, dedupe ttl ms (8 bytes),
+#     entry id, deliveries (8 bytes), message id, dedupe ttl ms (8 bytes),
 #     dead reason, topic (without a delivery to settle: all empty or 0);
 #   the number of writes and of messages (4 bytes each);
 #   each write: state key, has value (1 byte), expected version (8 bytes);
@@ -237,7 +239,7 @@ end
 -- version) from h[14], then each message as 4 (topic, group, id, delay ms).
 -- Flags: 1 settles, 2 has a message id, 4 done, 8 dead letter, 16 handed
 -- out marked duplicate (tested with % and >=: Lua 5.1 has no bit operators).
-local SETTLE_FORMAT = '>BI4c0I4c0I4c0I4c0I4I4c0i8I4c0I4c0I4I4'
+local SETTLE_FORMAT = '>BI4c0I4c0I4c0I4c0i8I4c0i8I4c0I4c0I4I4'
 local function read_header(raw)
   local h = {struct.unpack(SETTLE_FORMAT, raw)}
   local pos, n = h[13], 13

@@ -198,7 +198,7 @@ def test_commit_header_reads_back_as_its_fields(
         None if delivery is None else delivery[0], located, dead_letter, state, messages, done, dedupe_ms
     )
     reader = _HeaderReader(blobs[0])
-    assert [reader.byte(), *(reader.text() for _ in range(4)), reader.u32(), reader.text(), reader.i64(),
+    assert [reader.byte(), *(reader.text() for _ in range(4)), reader.i64(), reader.text(), reader.i64(),
             reader.text(), reader.text()] == settle
     assert (reader.u32(), reader.u32()) == (len(state), len(messages))
     for write in state:
