@@ -172,7 +172,8 @@ class PlainReads(redis_admin.RedisAdmin):
         if block_ms:
             woke = replies[0] is not None and not isinstance(replies[0], Exception)
             replies = replies[1:]
-        good: list[tuple[Stream, str, bytes, bytes]] = []
+        found: list[Delivery] = []
+        asked: dict[str, list[bytes]] = {}  # message ids per group, in the order of ``found``
         bad: list[tuple[Stream, str, str]] = []
         missing: list[Stream] = []
         drained = True
@@ -187,48 +188,52 @@ class PlainReads(redis_admin.RedisAdmin):
                 s = by_key[key.decode()]
                 if len(entries) >= limit:
                     drained = False
+                self._tails[slot(s)] = entries[-1][0].decode()
+                topic, group, prefix = s.topic, s.group, PRIVATE_TAG if s.private else ""
+                ids = asked.setdefault(group, [])
                 for entry, fields in entries:
-                    eid = entry.decode()
-                    self._tails[slot(s)] = eid
-                    mid, body = _fields(fields)
-                    reason = _unreadable(mid, body, max_size)
-                    if reason is None:
-                        good.append((s, eid, mid, body))  # type: ignore[arg-type]
+                    # The usual entry, as choreo writes it: id, then body.
+                    if len(fields) == 4 and fields[0] == b"id" and fields[2] == b"body" and not (
+                            max_size and len(fields[3]) > max_size):
+                        mid, body = fields[1], fields[3]
                     else:
-                        bad.append((s, eid, reason))
+                        mid, body = _fields(fields)
+                        reason = _unreadable(mid, body, max_size)
+                        if reason is not None or mid is None or body is None:
+                            bad.append((s, entry.decode(), reason or ""))
+                            continue
+                    found.append(new_delivery(topic, group, consumer, prefix + entry.decode(),
+                                              mid.decode("utf-8", "replace"), body, 1))
+                    ids.append(mid)
         if bad:
             await self._bury(consumer, bad)
-        flags = await self._mark(line, good) if good else []
-        found = []
-        for (s, eid, mid, body), duplicate in zip(good, flags, strict=True):
-            found.append(new_delivery(s.topic, s.group, consumer, PRIVATE_TAG + eid if s.private else eid,
-                                      mid.decode("utf-8", "replace"), body, 1, duplicate == 1))
+        if found:
+            found = await self._mark(line, found, asked)
         if len(found) > limit:
             now = time.monotonic()
             self._spill.setdefault(consumer, []).extend((now, d) for d in found[limit:])
             del found[limit:]
         return found, drained and not bad and not missing, woke, missing
 
-    async def _mark(self, line: Line, good: list[tuple[Stream, str, bytes, bytes]]) -> list[int]:
-        """Per entry, 1 if its message id was already settled in its group."""
-        by_group: dict[str, list[int]] = {}
-        for i, (s, *_) in enumerate(good):
-            by_group.setdefault(s.group, []).append(i)
+    async def _mark(self, line: Line, found: list[Delivery], asked: dict[str, list[bytes]]) -> list[Delivery]:
+        """``found`` with each delivery whose message id was already settled in
+        its group marked as a duplicate (MARK; ``asked`` holds the ids of each
+        group, whose deliveries follow one another in ``found``)."""
         args: list[Any] = []
-        order: list[int] = []
-        for group, rows in by_group.items():
-            args += [group, len(rows), *(good[i][2] for i in rows)]
-            order += rows
+        for group, ids in asked.items():
+            if ids:
+                args += [group, len(ids), *ids]
         script = self._scripts["MARK"]
 
         async def load() -> None:
             await self._redis().script_load(script.script)
 
         reply = await run_script(line, script.sha, args, load)
-        flags = [0] * len(good)
-        for i, flag in zip(order, reply, strict=True):
-            flags[i] = flag
-        return flags
+        if 1 in reply:
+            found = [d if flag != 1 else new_delivery(d.topic, d.group, d.consumer, d.entry_id, d.message_id, d.body,
+                                                      d.deliveries, True)
+                     for d, flag in zip(found, reply, strict=True)]
+        return found
 
     async def _bury(self, consumer: str, bad: list[tuple[Stream, str, str]]) -> None:
         """Dead-letter entries no consumer may be handed (see BURY), and log them."""
