@@ -23,8 +23,9 @@ after their last write. State is a hash ``{v: value, n:
 version}`` per key plus a sorted set (all scores 0) indexing the keys, so
 ``list_state`` is a lex range.
 
-Reading (groups, ``fetch``) is in ``brokers.redis_fetch``, on Redis Cluster in
-``brokers.redis_partitions``.
+Reading (groups, ``fetch``) is in ``brokers.redis_fetch`` and, between
+timers, ``brokers.redis_reads`` (XREADGROUP from the client); on Redis
+Cluster in ``brokers.redis_partitions``.
 
 Redis Cluster (``redis+cluster://``, ``rediss+cluster://``): the same keys
 in ``partitions`` hash tags, through redis-py's cluster client (see
