@@ -25,6 +25,7 @@ that stops fetching leaves its spill to be reclaimed the same way.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -38,6 +39,10 @@ from brokers.redis_support import PRIVATE_TAG, Stream, slot
 __all__ = ("BURY", "MARK", "PlainReads", "stream_order")
 
 log = logging.getLogger("brokers.redis")
+
+#: Seconds a MARK call may take before its connection is taken for dead
+#: (above the Redis freezes the fault tests make, far below a hang).
+_MARK_TIMEOUT = 30.0
 
 # ARGV: per group: the group, the number of ids, the ids. Returns 1 (settled
 # in the group already) or 0 per id, in order: one HGET of the group's head and
@@ -167,7 +172,10 @@ class PlainReads(redis_admin.RedisAdmin):
             keys = [s.key for s in members]
             commands.append(("XREADGROUP", "GROUP", group, consumer, "COUNT", limit, "STREAMS",
                              *keys, *[">"] * len(keys)))
-        replies = await line.call(*commands)
+        # BLOCK is enforced by Redis; the outer timeout catches a dead connection
+        # (a blackholed one never answers; the connection is then closed).
+        async with asyncio.timeout(block_ms / 1000 + 5.0):
+            replies = await line.call(*commands)
         woke = False
         if block_ms:
             woke = replies[0] is not None and not isinstance(replies[0], Exception)
@@ -228,7 +236,9 @@ class PlainReads(redis_admin.RedisAdmin):
         async def load() -> None:
             await self._redis().script_load(script.script)
 
-        reply = await run_script(line, script.sha, args, load)
+        # Bounded like the blocking read: a blackholed connection never answers.
+        async with asyncio.timeout(_MARK_TIMEOUT):
+            reply = await run_script(line, script.sha, args, load)
         if 1 in reply:
             found = [d if flag != 1 else new_delivery(d.topic, d.group, d.consumer, d.entry_id, d.message_id, d.body,
                                                       d.deliveries, True)

@@ -227,6 +227,10 @@ class RedisStreamsBroker(PartitionedFetch, RedisDeadLetters):
         if self._cluster_commits is not None:
             await self._cluster_commits.close()
             self._cluster_commits = None
+        # Spilled deliveries stay pending on the server: reclaimed like a crash's.
+        self._spill.clear()
+        self._tails.clear()
+        self._drained.clear()
         lines, self._lines = self._lines, []
         for line in lines:
             await line.close()
