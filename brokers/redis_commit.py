@@ -4,12 +4,13 @@ arguments of one commit (``commit_args``); the shared Lua helpers are in
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from typing import Any
 
 from brokers.base import BrokerError, Delivery, Message, StateWrite, check_name
 from brokers.redis_scripts import COMMON
-from brokers.wire import dumps, quote, quote_name
+from brokers.speedups import remember
 
 __all__ = ("COMMIT_BATCH", "commit_args")
 
@@ -27,62 +28,93 @@ def commit_args(
     script) and the soonest delay of its messages, in seconds. ``dedupe_ms``:
     how long the dedupe record is kept, in milliseconds (at least 1).
 
-    Every name and id goes into one JSON header and only the bodies and values
-    travel as separate arguments: packing a command costs per argument, and a
-    commit is sent for every delivery.
+    Every name and id goes into one binary header and only the bodies and
+    values travel as separate arguments: each argument costs Redis a string
+    object and a Lua string, and the header is read with one ``struct.unpack``
+    per part, which measured about half the instructions of ``cjson.decode``
+    on the same fields.
 
     Raises:
-        BrokerError: an invalid topic or group name, or a body that is not bytes.
+        BrokerError: an invalid topic or group name, a name or id that is not
+            valid Unicode, or a body that is not bytes.
     """
     blobs: list[Any] = [b""]
-    if delivery is None or located is None:
-        settle = "false"
-    else:
-        key, entry = located
-        mid = delivery.message_id
-        # The header is written out, not built and then encoded: it is made for
-        # every commit. Layout: see above COMMIT_BATCH.
-        # Entry ids are Redis stream ids (digits and a dash): nothing to escape.
-        dead = '"",false' if dead_letter is None else f"{quote(dead_letter)},true"
-        settle = (
-            f'[{quote_name(key)},{quote_name(delivery.group)},{quote_name(delivery.consumer)},"{entry}",'
-            f"{int(delivery.deliveries)},{quote(mid or '')},{_BOOL[mid is not None]},{_BOOL[bool(done)]},"
-            f"{dedupe_ms},{dead},{quote_name(delivery.topic)},{_BOOL[delivery.duplicate]}]"
-        )
-        if dead_letter is not None:
-            blobs.append(delivery.body)
-    writes = []
-    for write in state:
-        writes.append([write.key, write.value is not None, write.expected_version])
-        blobs.append(write.value or b"")
-    heads = []
-    soonest: float | None = None
-    for m in messages:
-        check_name("topic", m.topic)
-        if m.group is not None:
-            check_name("group", m.group)
-        if type(m.body) is not bytes and not isinstance(m.body, bytes | bytearray):
-            raise BrokerError(f"message {m.id!r} body must be bytes, not {type(m.body).__name__}")
-        delay_ms = max(0, round(m.delay * 1000)) if m.delay else 0
-        if delay_ms:
-            soonest = delay_ms / 1000 if soonest is None else min(soonest, delay_ms / 1000)
-        heads.append(f"[{quote_name(m.topic)},{quote_name(m.group or '')},{quote(m.id)},{delay_ms}]")
-        blobs.append(m.body if type(m.body) is bytes else bytes(m.body))
-    # Names travel as UTF-8, exactly as redis-py would send them.
-    blobs[0] = f"[{settle},{dumps(writes) if writes else '[]'},[{','.join(heads)}]]".encode()
+    try:
+        if delivery is None or located is None:
+            parts = [_NO_SETTLE]
+        else:
+            key, entry = located
+            mid = delivery.message_id
+            flags = _SETTLE | (_HAS_ID if mid is not None else 0) | (_DONE if done else 0) | (
+                _DEAD if dead_letter is not None else 0) | (_MARKED if delivery.duplicate else 0)
+            parts = [
+                _BYTE[flags], _name(key), _name(delivery.group), _name(delivery.consumer), _text(entry),
+                _I64.pack(int(delivery.deliveries)), _text(mid or ""), _I64.pack(dedupe_ms),
+                _text(dead_letter or ""), _name(delivery.topic),
+            ]
+            if dead_letter is not None:
+                blobs.append(delivery.body)
+        parts.append(_COUNTS.pack(len(state), len(messages)))
+        for write in state:
+            parts += (_name(write.key), _BYTE[write.value is not None], _I64.pack(write.expected_version))
+            blobs.append(write.value or b"")
+        soonest: float | None = None
+        for m in messages:
+            check_name("topic", m.topic)
+            if m.group is not None:
+                check_name("group", m.group)
+            if type(m.body) is not bytes and not isinstance(m.body, bytes | bytearray):
+                raise BrokerError(f"message {m.id!r} body must be bytes, not {type(m.body).__name__}")
+            delay_ms = max(0, round(m.delay * 1000)) if m.delay else 0
+            if delay_ms:
+                soonest = delay_ms / 1000 if soonest is None else min(soonest, delay_ms / 1000)
+            parts += (_name(m.topic), _name(m.group or ""), _text(m.id), _I64.pack(delay_ms))
+            blobs.append(m.body if type(m.body) is bytes else bytes(m.body))
+    except UnicodeEncodeError as exc:
+        raise BrokerError(f"a name or id of this commit is not valid Unicode: {exc}") from None
+    except struct.error as exc:
+        raise BrokerError(f"a count or version of this commit is out of range: {exc}") from None
+    blobs[0] = b"".join(parts)
     return blobs, soonest
 
 
-_BOOL = ("false", "true")
+_SETTLE, _HAS_ID, _DONE, _DEAD, _MARKED = 1, 2, 4, 8, 16
+_BYTE = tuple(bytes((n,)) for n in range(32))
+_U32 = struct.Struct(">I")
+_I64 = struct.Struct(">q")
+_COUNTS = struct.Struct(">II")
+_names: dict[str, bytes] = {}
+
+
+def _text(value: str) -> bytes:
+    """A string as the header holds it: its UTF-8 length, then its bytes."""
+    data = value.encode()
+    return _U32.pack(len(data)) + data
+
+
+def _name(name: str) -> bytes:
+    """``_text`` for names met on every commit (keys, groups, topics): remembered."""
+    packed = _names.get(name)
+    if packed is None:
+        packed = remember(_names, name, _text(name))
+    return packed
+
+
+#: The header of a commit that settles no delivery: no flags, empty fields.
+_NO_SETTLE = b"".join([_BYTE[0], _text(""), _text(""), _text(""), _text(""), _I64.pack(0), _text(""),
+                       _I64.pack(0), _text(""), _text("")])
 
 
 # One commit's arguments (``commit_args``), seen as ``ARGV`` inside ``commit``.
-# ARGV[1]: a JSON header [settle, writes, messages]:
-#   settle: false, or [stream key, group, consumer, entry id, deliveries,
-#     message id, has message id, done, dedupe ttl ms, dead reason,
-#     has dead letter, topic, handed out marked duplicate];
-#   writes: [[state key, has value, expected version], ...];
-#   messages: [[topic, group, id, delay ms], ...].
+# ARGV[1]: a binary header, big-endian, each string as a 4-byte length and
+#   its UTF-8 bytes (``struct`` format ``I4c0``):
+#   flags (1 byte: 1 settles a delivery, 2 has a message id, 4 done, 8 dead
+#     letter, 16 handed out marked duplicate), stream key, group, consumer,
+#     entry id, deliveries (8 bytes), message id, dedupe ttl ms (8 bytes),
+#     dead reason, topic (without a delivery to settle: all empty or 0);
+#   the number of writes and of messages (4 bytes each);
+#   each write: state key, has value (1 byte), expected version (8 bytes);
+#   each message: topic, group, id, delay ms (8 bytes).
 # ARGV[2...]: the bytes, in order: the dead letter's body (only with a dead
 # letter), each write's value, each message's body.
 #
@@ -139,19 +171,19 @@ end
 local function fetch_leases(settles)
   local ranges = {}
   for _, st in ipairs(settles) do
-    local q = queue_of(st[1], st[2])
-    local ms, seq = id_parts(st[4])
-    local r = q.ranges[st[3]]
+    local q = queue_of(st[2], st[3])
+    local ms, seq = id_parts(st[5])
+    local r = q.ranges[st[4]]
     if r == nil then
-      r = {q, st[3], ms, seq, ms, seq, {}, st[4], st[4]}
-      q.ranges[st[3]] = r
+      r = {q, st[4], ms, seq, ms, seq, {}, st[5], st[5]}
+      q.ranges[st[4]] = r
       ranges[#ranges + 1] = r
     elseif ms < r[3] or (ms == r[3] and seq < r[4]) then
-      r[3], r[4], r[8] = ms, seq, st[4]
+      r[3], r[4], r[8] = ms, seq, st[5]
     elseif ms > r[5] or (ms == r[5] and seq > r[6]) then
-      r[5], r[6], r[9] = ms, seq, st[4]
+      r[5], r[6], r[9] = ms, seq, st[5]
     end
-    r[7][#r[7] + 1] = st[4]
+    r[7][#r[7] + 1] = st[5]
   end
   for _, r in ipairs(ranges) do
     local q = r[1]
@@ -199,20 +231,48 @@ local function fetch_dedupe(group, ids, ttl)
   return d
 end
 
+-- A header as one flat table, so that a commit costs one table: h[1] flags,
+-- h[2] stream key, h[3] group, h[4] consumer, h[5] entry id, h[6]
+-- deliveries, h[7] message id, h[8] dedupe ttl ms, h[9] dead reason, h[10]
+-- topic, h[11] writes, h[12] messages, h[13] where the writes begin in the
+-- header; then each write as 3 values (state key, has value, expected
+-- version) from h[14], then each message as 4 (topic, group, id, delay ms).
+-- Flags: 1 settles, 2 has a message id, 4 done, 8 dead letter, 16 handed
+-- out marked duplicate (tested with % and >=: Lua 5.1 has no bit operators).
+local SETTLE_FORMAT = '>BI4c0I4c0I4c0I4c0i8I4c0i8I4c0I4c0I4I4'
+local function read_header(raw)
+  local h = {struct.unpack(SETTLE_FORMAT, raw)}
+  local pos, n = h[13], 13
+  for _ = 1, h[11] do
+    local key, has, version
+    key, has, version, pos = struct.unpack('>I4c0Bi8', raw, pos)
+    h[n + 1], h[n + 2], h[n + 3] = key, has == 1, version
+    n = n + 3
+  end
+  for _ = 1, h[12] do
+    local topic, group, id, delay
+    topic, group, id, delay, pos = struct.unpack('>I4c0I4c0I4c0i8', raw, pos)
+    h[n + 1], h[n + 2], h[n + 3], h[n + 4] = topic, group, id, delay
+    n = n + 4
+  end
+  return h
+end
+
 local function prepare(argvs)
   now = now_ms()
   local settles, asked, ttls = {}, {}, {}
   for i, argv in ipairs(argvs) do
-    local ok, h = pcall(cjson.decode, argv[1])
-    if ok and type(h) == 'table' then
+    local ok, h = pcall(read_header, argv[1])
+    if ok then
       headers[i] = h
-      local st = h[1]
-      if st then
-        settles[#settles + 1] = st
-        if st[7] and st[9] > 0 then  -- a ttl of 0 turns dedupe off
-          asked[st[2]] = asked[st[2]] or {}
-          if not (st[11] and st[13]) then table.insert(asked[st[2]], st[6]) end
-          ttls[st[2]] = st[9]
+      local flags = h[1]
+      if flags % 2 == 1 then
+        settles[#settles + 1] = h
+        if flags % 4 >= 2 and h[8] > 0 then  -- a ttl of 0 turns dedupe off
+          local group = h[3]
+          asked[group] = asked[group] or {}
+          if not (flags % 16 >= 8 and flags >= 16) then table.insert(asked[group], h[7]) end
+          ttls[group] = h[8]
         end
       end
     else
@@ -231,24 +291,27 @@ end
 
 local function commit(i, ARGV)
   local h = headers[i]
-  if not h then return {err = 'ERR commit header is not a JSON array'} end
-  local settle, writes, messages = h[1], h[2], h[3]
+  if not h then return {err = 'ERR commit header is malformed'} end
+  local flags, writes, messages = h[1], h[11], h[12]
+  local settling, has_id, done = flags % 2 == 1, flags % 4 >= 2, flags % 8 >= 4
+  local dead, marked = flags % 16 >= 8, flags >= 16
   local at = 2
   local body = ''
-  if settle and settle[11] then
+  if settling and dead then
     body = ARGV[at]
     at = at + 1
   end
   local first_value = at
-  local first_body = at + #writes
+  local first_body = at + writes
+  local first_message = 14 + 3 * writes
 
-  local group, eid, deliveries, q
-  if settle then
-    group, eid, deliveries = settle[2], settle[4], settle[5]
-    q = queues[settle[1]][group]
-    if q.settled[eid] or q.owner[eid] ~= settle[3] or q.count[eid] ~= deliveries then return 'lease_lost' end
+  local group, eid, deliveries, mid, ttl, q
+  if settling then
+    group, eid, deliveries, mid, ttl = h[3], h[5], h[6], h[7], h[8]
+    q = queues[h[2]][group]
+    if q.settled[eid] or q.owner[eid] ~= h[4] or q.count[eid] ~= deliveries then return 'lease_lost' end
     local d = dedupe[group]
-    if settle[7] and not (settle[11] and settle[13]) and d and d.ids[settle[6]] then
+    if has_id and not (dead and marked) and d and d.ids[mid] then
       -- A duplicate that was in flight while the original settled: ack it,
       -- nothing else. A delivery handed out marked as a duplicate may still
       -- be dead-lettered: its consumer found another message under the id.
@@ -256,37 +319,40 @@ local function commit(i, ARGV)
       return 'duplicate'
     end
   end
-  for _, w in ipairs(writes) do
-    local current = redis.call('HGET', state_key(w[1]), 'n')
-    if (tonumber(current) or 0) ~= w[3] then return 'conflict' end
+  for j = 1, writes do
+    local w = 11 + 3 * j
+    local current = redis.call('HGET', state_key(h[w]), 'n')
+    if (tonumber(current) or 0) ~= h[w + 2] then return 'conflict' end
   end
 
   -- Validated: from here on every call writes.
-  for j, m in ipairs(messages) do
-    publish(now, m[1], m[2], m[3], ARGV[first_body + j - 1], m[4])
+  for j = 1, messages do
+    local m = first_message + 4 * (j - 1)
+    publish(now, h[m], h[m + 1], h[m + 2], ARGV[first_body + j - 1], h[m + 3])
   end
   local index = state_index_key()
-  for j, w in ipairs(writes) do
-    local key = state_key(w[1])
-    if w[2] then
-      redis.call('HSET', key, 'v', ARGV[first_value + j - 1], 'n', w[3] + 1)
-      redis.call('ZADD', index, 0, w[1])
+  for j = 1, writes do
+    local w = 11 + 3 * j
+    local key = state_key(h[w])
+    if h[w + 1] then
+      redis.call('HSET', key, 'v', ARGV[first_value + j - 1], 'n', h[w + 2] + 1)
+      redis.call('ZADD', index, 0, h[w])
     else
       redis.call('DEL', key)
-      redis.call('ZREM', index, w[1])
+      redis.call('ZREM', index, h[w])
     end
   end
-  if settle then
-    if settle[11] then
+  if settling then
+    if dead then
       local message_id = false
-      if settle[7] then message_id = settle[6] end
-      dead_letter(settle[12], group, message_id, body, settle[10], deliveries, now)
+      if has_id then message_id = mid end
+      dead_letter(h[10], group, message_id, body, h[9], deliveries, now)
     end
-    if settle[8] and settle[7] and settle[9] > 0 then
-      local d = dedupe[group] or fetch_dedupe(group, {}, settle[9])
-      if not d.ids[settle[6]] then
-        d.ids[settle[6]] = true
-        d.fresh[#d.fresh + 1] = settle[6]
+    if done and has_id and ttl > 0 then
+      local d = dedupe[group] or fetch_dedupe(group, {}, ttl)
+      if not d.ids[mid] then
+        d.ids[mid] = true
+        d.fresh[#d.fresh + 1] = mid
       end
       d.commits[#d.commits + 1] = i
     end

@@ -1,17 +1,19 @@
 """Reading for the Redis Streams adapter: consumer groups and ``fetch``.
 
-``fetch`` runs one script (``FETCH``) that, on timers, moves due delayed
-messages and XAUTOCLAIMs entries idle past ``visibility_timeout``, then
-XREADGROUPs every subscription's streams. It dead-letters unreadable entries,
-entries over the consumer's size limit (keeping their first bytes, size and
-SHA-1) and entries past ``max_deliveries``, and reports them for the log;
-entries whose id was already settled in the group come back marked as
-duplicates. When that reads every stream to its end it also reports each
-stream's last id; then, unless a timer is due, the next wait needs no script
-of its own: one XREAD BLOCK over all the streams from those tails, on a
-dedicated connection, pipelined with the same script (without the timed
-work), which Redis runs the moment the XREAD returns. Nothing that arrives in
-between is missed, and a delivery that trickles in costs one round trip.
+``fetch`` runs the ``FETCH`` script when it must learn where the streams
+are, or when a timer is due: it moves due delayed messages and XAUTOCLAIMs
+entries idle past ``visibility_timeout``, then XREADGROUPs every
+subscription's streams. It dead-letters unreadable entries, entries over the
+consumer's size limit (keeping their first bytes, size and SHA-1) and entries
+past ``max_deliveries``, and reports them for the log; entries whose id was
+already settled in the group come back marked as duplicates. When that reads
+every stream to its end it also reports each stream's last id. Between
+timers ``fetch`` reads without that script (``brokers.redis_reads``): one
+XREADGROUP per group from the client, and when the last read took every
+stream to its end, behind one XREAD BLOCK over all the streams from their
+tails on the same write, which Redis runs the moment the XREAD returns.
+Nothing that arrives in between is missed, and a delivery that trickles in
+costs one round trip (plus one for the duplicate marks).
 ``Delivery.entry_id`` is the stream entry id, prefixed with ``p:`` for entries
 of a private stream.
 
@@ -27,7 +29,6 @@ from typing import Any
 
 from redis import exceptions as rexc
 
-from brokers import redis_admin
 from brokers.base import (
     DEAD_LETTER_KEPT,
     BrokerError,
@@ -41,7 +42,8 @@ from brokers.messages import Start
 from brokers.options import BrokerOptions
 from brokers.redis_cluster import call_script
 from brokers.redis_keys import Keys
-from brokers.redis_lines import Line, run_script, wait_then_fetch
+from brokers.redis_lines import Line, run_script
+from brokers.redis_reads import PlainReads
 from brokers.redis_support import PRIVATE_TAG, Outage, Stream, is_transient, slot, tag_entry, text
 
 __all__ = ("RedisFetch",)
@@ -54,7 +56,7 @@ _DELAYED_POLL = 0.1
 _TRIM_INTERVAL = 5.0
 
 
-class RedisFetch(redis_admin.RedisAdmin):
+class RedisFetch(PlainReads):
     """The reading half of ``RedisStreamsBroker``: its connections and
     scripts are set up there; the state of its reads lives here."""
 
@@ -84,13 +86,9 @@ class RedisFetch(redis_admin.RedisAdmin):
     _trim_due: float
     #: Whether retention is on (``trim`` has a bound to apply).
     _retention: bool
-    #: Stream tails from the last read that drained these streams.
-    _drained: dict[frozenset[str], dict[str, str]]
-
-    def _redis(self) -> Any:
-        if self._client is None:
-            raise BrokerError(f"broker {self.url} is not connected: await connect() first")
-        return self._client
+    #: Per set of streams read together: whether the last read took every
+    #: stream to its end (then the next one may block); absent: FETCH reads next.
+    _drained: dict[frozenset[str], bool]
 
     async def _run(self, script: str, args: Sequence[Any], partition: int = 0) -> Any:
         """Run one of the scripts registered at ``connect`` in ``partition``."""
@@ -164,43 +162,64 @@ class RedisFetch(redis_admin.RedisAdmin):
         streams = self._streams(subscriptions)
         if not streams or limit < 1:
             return []
+        spilled = self._spilled(consumer, streams, limit)
+        if spilled:
+            return spilled
         # Rotate so that a busy subscription cannot starve the ones after it.
         self._rotation = (self._rotation + 2) % len(streams)
         streams = streams[self._rotation:] + streams[: self._rotation]
         deadline = time.monotonic() + max(0.0, timeout)
+        slot_set = self._slot_set(streams)
         while True:
             try:
-                # The previous read left every stream drained and no timer is
-                # due: wait for new entries straight away (one round trip
-                # fewer per hand-out while events trickle in).
-                tails = self._drained.pop(slot_set := self._slot_set(streams), None)
-                if tails is None or self._timers_due(streams, time.monotonic()):
-                    found, tails = await self._fetch_once(consumer, streams, limit, max_size)
-                    self._outage.ended()
-                    if found:
-                        if tails is not None:
-                            self._drained[slot_set] = tails
-                        return found
                 now = time.monotonic()
-                if now >= deadline:
+                # ``None``: no plain read yet, or it must not go on (a group was
+                # recreated, a wake found nothing): FETCH reads and learns the tails.
+                drained = self._drained.pop(slot_set, None)
+                if drained is None or self._timers_due(streams, now) or (
+                        drained and self._block_tails(streams) is None):
+                    found, drained = await self._fetch_once(consumer, streams, limit, max_size)
+                    self._outage.ended()
+                    if drained is not None:
+                        self._drained[slot_set] = drained
+                    if found:
+                        return found
+                    if time.monotonic() >= deadline:
+                        return []
+                    continue  # read on: only duplicates or dead letters, or regrouped, or now drained
+                block_ms = 0
+                if drained:
+                    # Every stream read to its end: wait for new entries on one
+                    # XREAD BLOCK from the tails, the reads queued behind it.
+                    slots = [self._claim_due[slot(s)] for s in streams]
+                    block_ms = int((min(deadline, self._delayed_due, *slots) - now) * 1000)
+                    if block_ms < 1:
+                        self._drained[slot_set] = drained
+                        if now >= deadline:
+                            return []
+                        continue
+                found, drained, woke, missing = await self._read_plain(
+                    self._free_line(), consumer, streams, limit, max_size, block_ms)
+                self._outage.ended()
+                if missing:
+                    for s in missing:
+                        self._tails.pop(slot(s), None)
+                    await self._recover_groups(missing)
+                    continue
+                if woke and not found and drained:
+                    # Woken by entries another consumer of the group took
+                    # first: the tails are behind; FETCH learns them again.
+                    for s in streams:
+                        self._tails.pop(slot(s), None)
+                else:
+                    self._drained[slot_set] = drained
+                if found:
+                    return found
+                if time.monotonic() >= deadline:
                     return []
-                if tails is None:
-                    continue  # read only duplicates or dead letters, or regrouped: read on
-                slots = [self._claim_due[slot(s)] for s in streams]
-                wait = min(deadline, self._delayed_due, *slots) - now
-                if wait > 0:
-                    # Block on XREAD and have the same connection read through
-                    # the groups the moment it wakes: one round trip.
-                    args, _ = self._fetch_args(consumer, streams, limit, max_size, now, False)
-                    reply = await wait_then_fetch(self._free_line(), tails, wait, self._fetch_sha, args)
-                    if reply is not None:
-                        found, tails = await self._fetch_reply(consumer, streams, reply, False)
-                        if tails is not None:
-                            self._drained[slot_set] = tails
-                        if found:
-                            return found
             except Exception as exc:
                 self._drained.clear()
+                self._tails.clear()
                 if self._client is None:
                     return []  # closed while waiting
                 # A periodic trim wraps its error like any other call.
@@ -226,7 +245,7 @@ class RedisFetch(redis_admin.RedisAdmin):
         return frozenset(slot(s) for s in streams)
 
     def _timers_due(self, streams: Sequence[Stream], now: float) -> bool:
-        if now >= self._delayed_due:
+        if now >= self._delayed_due or (self._retention and now >= self._trim_due):
             return True
         due = self._claim_due
         return any(now >= due.get(slot(s), now) for s in streams)
@@ -251,7 +270,7 @@ class RedisFetch(redis_admin.RedisAdmin):
 
     async def _fetch_once(
         self, consumer: str, streams: list[Stream], limit: int, max_size: int | None
-    ) -> tuple[list[Delivery], dict[str, str] | None]:
+    ) -> tuple[list[Delivery], bool | None]:
         now = time.monotonic()
         args, move_delayed = self._fetch_args(consumer, streams, limit, max_size, now, True)
         if self._retention and now >= self._trim_due:
@@ -267,8 +286,10 @@ class RedisFetch(redis_admin.RedisAdmin):
 
     async def _fetch_reply(
         self, consumer: str, streams: list[Stream], reply: Any, move_delayed: bool
-    ) -> tuple[list[Delivery], dict[str, str] | None]:
-        """Deliveries from a FETCH reply, and the stream tails if it drained them."""
+    ) -> tuple[list[Delivery], bool | None]:
+        """Deliveries from a FETCH reply, and whether it read every stream to
+        its end (then each stream's tail is noted for plain reads); ``None``
+        with nothing handed out but something read or a group recreated."""
         out, read_any, missing, cursors, tails, next_due, buried = reply
         for topic, group, entry, reason in buried:
             log_dead_letter(log, text(topic), text(group), text(entry), text(reason))
@@ -292,7 +313,9 @@ class RedisFetch(redis_admin.RedisAdmin):
                     message_id.decode("utf-8", "replace"), body, count, duplicate == 1,
                 )
             )
-        drained = {s.key: text(tail) for s, tail in zip(streams, tails, strict=False)} if tails else None
+        for s, tail in zip(streams, tails or (), strict=False):
+            self._tails[slot(s)] = text(tail)
+        drained = bool(tails)
         if found:
             return found, drained
         if read_any or missing:

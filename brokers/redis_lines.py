@@ -1,6 +1,6 @@
 """The Redis delivery path's own connections: ``Line`` (one connection, one
 caller at a time, commands packed and written directly), the scripts run on
-them (the waiting and the plain FETCH), and ``ScriptBatcher``, which sends
+them, and ``ScriptBatcher``, which sends
 the commits of many concurrent callers as one batch-script call."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 from redis import exceptions as rexc
 
-__all__ = ("Line", "ScriptBatcher", "bulk", "pack_call", "pack_command", "run_script", "wait_then_fetch")
+__all__ = ("Line", "ScriptBatcher", "bulk", "pack_call", "pack_command", "run_script")
 
 #: Resends of a commit batch after a connection error or socket timeout, and
 #: the first backoff (doubled each time): what redis-py's retry did before.
@@ -44,7 +44,8 @@ class Line:
             redis.exceptions.ConnectionError, redis.exceptions.TimeoutError:
                 the connection failed (it is closed; the next call reconnects).
         """
-        return await self.send(self._connection.pack_commands(commands), len(commands))
+        # Packed here (``pack_command``): redis-py's packer costs several times more per argument.
+        return await self.send(b"".join(pack_command(command) for command in commands), len(commands))
 
     async def send(self, packed: bytes | list[bytes], replies: int) -> list[Any]:
         """Send commands already packed in RESP and read their ``replies`` replies."""
@@ -85,31 +86,6 @@ async def run_script(line: Line, sha: str, args: Sequence[Any], load: Callable[[
             raise reply
         return reply
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-async def wait_then_fetch(line: Line, tails: dict[str, str], seconds: float, sha: str, args: list[Any]) -> Any:
-    """Block until any stream gets an entry past its tail, or ``seconds`` pass,
-    then run the FETCH script (``sha``) with ``args``; return its reply.
-
-    Both go in one write on ``line``: Redis runs the EVALSHA queued behind the
-    XREAD as soon as the XREAD returns, so the read through the consumer
-    groups costs no round trip of its own. The XREAD reply only wakes it.
-    Returns ``None`` without waiting if ``seconds`` is under a millisecond,
-    and ``None`` if the script is not loaded (NOSCRIPT: the caller's next
-    ordinary FETCH loads it).
-    """
-    block = int(seconds * 1000)
-    if block < 1 or not tails:
-        return None
-    xread = ("XREAD", "COUNT", 1, "BLOCK", block, "STREAMS", *tails, *tails.values())
-    # BLOCK is enforced by Redis; the outer timeout catches a dead connection.
-    async with asyncio.timeout(seconds + 5.0):
-        _, reply = await line.call(xread, ("EVALSHA", sha, 0, *args))
-    if isinstance(reply, rexc.NoScriptError):
-        return None
-    if isinstance(reply, Exception):
-        raise reply
-    return reply
 
 
 def bulk(value: bytes | str | int | float) -> bytes:

@@ -23,8 +23,9 @@ after their last write. State is a hash ``{v: value, n:
 version}`` per key plus a sorted set (all scores 0) indexing the keys, so
 ``list_state`` is a lex range.
 
-Reading (groups, ``fetch``) is in ``brokers.redis_fetch``, on Redis Cluster in
-``brokers.redis_partitions``.
+Reading (groups, ``fetch``) is in ``brokers.redis_fetch`` and, between
+timers, ``brokers.redis_reads`` (XREADGROUP from the client); on Redis
+Cluster in ``brokers.redis_partitions``.
 
 Redis Cluster (``redis+cluster://``, ``rediss+cluster://``): the same keys
 in ``partitions`` hash tags, through redis-py's cluster client (see
@@ -103,6 +104,7 @@ from brokers.redis_dead_letters import REPLAY, RedisDeadLetters
 from brokers.redis_keys import Keys
 from brokers.redis_lines import ScriptBatcher
 from brokers.redis_partitions import PartitionedFetch
+from brokers.redis_reads import BURY, MARK
 from brokers.redis_support import (
     PRIVATE_TAG,
     Outage,
@@ -169,6 +171,8 @@ class RedisStreamsBroker(PartitionedFetch, RedisDeadLetters):
         self._known = {}
         self._published_topics: set[str] = set()
         self._drained = {}
+        self._tails = {}
+        self._spill = {}
         self._partition_delayed = {}
         self._node_calls, self._held, self._nodes_down = {}, [], {}
         self._outage = Outage(log, self.url)
@@ -194,7 +198,7 @@ class RedisStreamsBroker(PartitionedFetch, RedisDeadLetters):
         else:
             client, reader = await open_clients(self._redis_url, self.url)
             self._client, self._reader = client, reader
-        sources = {"FETCH": lua.FETCH, "EXTEND": lua.EXTEND, "REPLAY": REPLAY,
+        sources = {"FETCH": lua.FETCH, "EXTEND": lua.EXTEND, "REPLAY": REPLAY, "MARK": MARK, "BURY": lua.COMMON + BURY,
                    "BACKLOG": redis_admin.BACKLOG, "LIST_STATE": redis_admin.LIST_STATE, "TRIM": redis_retention.TRIM}
         # Rendered once here: the scripts name their keys with this layout's functions.
         # dedupe_max bounds a group: on a cluster each partition's buckets take an even share.
@@ -228,6 +232,10 @@ class RedisStreamsBroker(PartitionedFetch, RedisDeadLetters):
         for _, task in self._node_calls.values():
             task.cancel()  # a fetch left on the wire to a slow node: what it took is reclaimed
         self._node_calls, self._held = {}, []
+        # Spilled deliveries stay pending on the server: reclaimed like a crash's.
+        self._spill.clear()
+        self._tails.clear()
+        self._drained.clear()
         lines, self._lines = self._lines, []
         for line in lines:
             await line.close()

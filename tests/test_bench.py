@@ -97,3 +97,9 @@ def test_cluster_scaling_benchmark_reports_every_setup() -> None:
     for setup in ("redis, 1 worker process", "redis, 2 worker processes", "cluster 1 master, 1 worker process",
                   "cluster 3 masters, 1 worker process", "cluster 3 masters, 2 worker processes"):
         assert f"round 1: {setup}" in out, out
+
+
+def test_redis_instructions_benchmark_counts_both_sides() -> None:
+    out = bench("redis_instructions.py", "--chains", "50", "--warmup", "20", "--top", "3")
+    assert "raw " in out and "choreo " in out and "k per chain" in out
+    assert "choreo/raw:" in out

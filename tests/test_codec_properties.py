@@ -176,7 +176,7 @@ _writes = st.builds(
     done=st.booleans(),
     dedupe_ms=st.integers(min_value=1, max_value=2**45),
 )
-def test_commit_header_is_json_dumps(
+def test_commit_header_reads_back_as_its_fields(
     delivery: tuple[Delivery, str] | None,
     dead_letter: str | None,
     state: list[StateWrite],
@@ -184,27 +184,55 @@ def test_commit_header_is_json_dumps(
     done: bool,
     dedupe_ms: int,
 ) -> None:
-    """The commit header written out for COMMIT_BATCH is the JSON array
-    ``json.dumps`` writes, and reads back as the same values."""
+    """The binary commit header written out for COMMIT_BATCH reads back, field
+    by field as the script's ``struct.unpack`` formats read it, as the same values."""
     located = None if delivery is None else (delivery[1], delivery[0].entry_id)
-    settle: Any = False
     if delivery is not None:
         held, key = delivery
-        settle = [
-            key, held.group, held.consumer, held.entry_id, held.deliveries, held.message_id or "",
-            held.message_id is not None, done, dedupe_ms, dead_letter or "", dead_letter is not None, held.topic,
-            held.duplicate,
-        ]
-    expected = [
-        settle,
-        [[write.key, write.value is not None, write.expected_version] for write in state],
-        [[m.topic, m.group or "", m.id, max(0, round(m.delay * 1000)) if m.delay else 0] for m in messages],
-    ]
+        flags = 1 | 2 * (held.message_id is not None) | 4 * done | 8 * (dead_letter is not None) | 16 * held.duplicate
+        settle: list[Any] = [flags, key, held.group, held.consumer, held.entry_id, held.deliveries,
+                             held.message_id or "", dedupe_ms, dead_letter or "", held.topic]
+    else:
+        settle = [0, "", "", "", "", 0, "", 0, "", ""]
     blobs, _ = commit_args(
         None if delivery is None else delivery[0], located, dead_letter, state, messages, done, dedupe_ms
     )
-    assert blobs[0] == _dumps(expected).encode()
-    assert json.loads(blobs[0]) == expected
+    reader = _HeaderReader(blobs[0])
+    assert [reader.byte(), *(reader.text() for _ in range(4)), reader.i64(), reader.text(), reader.i64(),
+            reader.text(), reader.text()] == settle
+    assert (reader.u32(), reader.u32()) == (len(state), len(messages))
+    for write in state:
+        assert (reader.text(), reader.byte(), reader.i64()) == (
+            write.key, write.value is not None, write.expected_version)
+    for m in messages:
+        assert (reader.text(), reader.text(), reader.text(), reader.i64()) == (
+            m.topic, m.group or "", m.id, max(0, round(m.delay * 1000)) if m.delay else 0)
+    assert reader.at == len(blobs[0])
+
+
+class _HeaderReader:
+    """Reads a commit header the way COMMIT_BATCH's ``struct`` formats do."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.at = data, 0
+
+    def _take(self, size: int) -> bytes:
+        chunk = self.data[self.at:self.at + size]
+        assert len(chunk) == size
+        self.at += size
+        return chunk
+
+    def byte(self) -> int:
+        return self._take(1)[0]
+
+    def u32(self) -> int:
+        return int.from_bytes(self._take(4), "big")
+
+    def i64(self) -> int:
+        return int.from_bytes(self._take(8), "big", signed=True)
+
+    def text(self) -> str:
+        return self._take(self.u32()).decode()
 
 
 @pytest.mark.parametrize("raw", [b'{"a":1,"a":2}', b'{"a":{"b:":1,"b:":1}}', b'{"a:b":1,"a:b":2,"c":":"}'])
