@@ -168,12 +168,8 @@ class RedisStreamsBroker(PartitionedFetch, RedisDeadLetters):
         self._delayed_due = 0.0
         self._trim_due = 0.0
         self._retention = any(redis_retention.retention_bounds(options))
-        self._known = {}
         self._published_topics: set[str] = set()
-        self._drained = {}
-        self._tails = {}
-        self._spill = {}
-        self._partition_delayed = {}
+        self._known, self._drained, self._tails, self._spill, self._partition_delayed = {}, {}, {}, {}, {}
         self._node_calls, self._held, self._nodes_down = {}, [], {}
         self._outage = Outage(log, self.url)
 
@@ -233,9 +229,7 @@ class RedisStreamsBroker(PartitionedFetch, RedisDeadLetters):
             task.cancel()  # a fetch left on the wire to a slow node: what it took is reclaimed
         self._node_calls, self._held = {}, []
         # Spilled deliveries stay pending on the server: reclaimed like a crash's.
-        self._spill.clear()
-        self._tails.clear()
-        self._drained.clear()
+        self._spill, self._tails, self._drained = {}, {}, {}
         lines, self._lines = self._lines, []
         for line in lines:
             await line.close()

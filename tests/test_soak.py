@@ -44,10 +44,10 @@ async def test_soak_1m_events_chaos_seeds(seed: int) -> None:
 
 @pytest.mark.timeout(300)
 async def test_postgres_soak_2k_transactional_events_with_worker_kills() -> None:
-    """2k transactional handler events, a worker SIGKILLed every ~1.5 s wherever it is (mid-handler, between
+    """2k transactional handler events, a worker SIGKILLed every ~0.4 s wherever it is (mid-handler, between
     the PostgreSQL commit and the ack, mid-relay-pass): rows missing 0, rows doubled 0, events missing 0,
     events doubled 0, nothing dead-lettered."""
-    figures = await postgres_soak(2000, seed=1, kill_every=1.5, batch=250, log=log)
+    figures = await postgres_soak(2000, seed=1, kill_every=0.4, batch=250, log=log)
     print(figures.line())
     assert figures.clean, figures.line()
     assert figures.kills >= 2
