@@ -202,7 +202,7 @@ class Dispatcher:
         status = await self.outbox.settle(
             delivery, delivery.group, publish=messages, emitted=emitted, state=ctx.state_writes
         )
-        if status is CommitStatus.OK and self.hooks.middleware:
+        if status is CommitStatus.OK and self.hooks.handled:
             self._handled(route, event, Outcome.SUCCESS, started)
         return status
 
@@ -243,7 +243,7 @@ class Dispatcher:
                 return again if again is not None else await self._failed(delivery, route, event, exc, started, ctx)
         await ctx.release()
         status = await self.outbox.settle(delivery, route.group)  # the ack: the events are in the outbox
-        if status is CommitStatus.OK and self.hooks.middleware:
+        if status is CommitStatus.OK and self.hooks.handled:
             self._handled(route, event, Outcome.SUCCESS, started)
         return status
 
