@@ -178,7 +178,9 @@ class Dispatcher:
                     self.hooks.stamp(child)
             try:
                 message = self.outbox.message
-                messages = [message(e, delay=delay) for e, delay in emitted] if emitted else []
+                messages = []
+                for child, delay in emitted:  # a loop: a comprehension is a call of its own on Python 3.11
+                    messages.append(message(child, delay=delay))
             except DecodeError as exc:
                 raise _Permanent(f"handler {route.group} emitted an event that cannot be encoded: {exc}") from None
         except _Permanent as exc:
