@@ -212,11 +212,9 @@ class Runtime:
             return await self.outbox.commit(events, state)
 
     async def _consume(self) -> None:
-        # A Task made directly, not by asyncio.create_task (which looks the
-        # loop up per call: on Linux a getpid() system call each) nor by
-        # loop.create_task (a Python frame that checks the loop and names the
-        # task): one per delivery (``brokers.speedups``). A loop with a task
-        # factory of its own (or another loop class) keeps its create_task.
+        # Tasks made directly, not by asyncio.create_task (a getpid() per call
+        # on Linux) nor loop.create_task (a Python frame): ``brokers.speedups``.
+        # A loop of another class or with a task factory keeps its create_task.
         loop = asyncio.get_running_loop()
         if loop.get_task_factory() is None and type(loop).create_task is asyncio.BaseEventLoop.create_task:
             new_task: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]] = partial(asyncio.Task, loop=loop)
