@@ -41,6 +41,13 @@ so compare the pairs, not machines), instructions with callgrind.
   seen before and its optional ids inline, before calling the full checks:
   61,400 instructions per ``decode_event`` of a 305-byte event down to
   58,400 (callgrind).
+* ``choreo.dispatcher`` encodes a handler's emitted events in a loop: a
+  list comprehension is a function call of its own on Python 3.11 (2,500
+  instructions for one element); 265,600 to 263,500 instructions per
+  handled event on the memory chain.
+* ``choreo.context.Context`` makes ``idempotency_key`` when it is first
+  read, not per delivery: a ``headers`` lookup and an f-string that most
+  handlers never use (``Context(...)`` 4,400 to 3,200 instructions).
 
 Measured and not used: running a handler's coroutine eagerly
 (``coro.send(None)`` in the consume loop, a task only if it suspends)
