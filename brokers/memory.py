@@ -15,7 +15,6 @@ waiting fetchers after the clock has jumped. ``fetch`` timeouts stay real.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import hashlib
 import heapq
@@ -45,7 +44,6 @@ from brokers.memory_records import (
     Topic,
     check_message,
     check_subscriptions,
-    entry_seq,
 )
 from brokers.options import BrokerOptions
 
@@ -288,7 +286,7 @@ class MemoryBroker(MemoryInspection):
         if group is not None:
             group.private.append(entry)
         else:
-            topic.log.append(entry)
+            topic.append(entry)
             topic.trim(self.options.maxlen or None)
 
     def _release_due(self, now: float) -> None:
@@ -380,7 +378,7 @@ class MemoryBroker(MemoryInspection):
     def _next_new(self, topic: Topic, group: Group) -> Entry | None:
         if group.private:
             return group.private.popleft()
-        index = bisect.bisect_right(topic.log, group.cursor, key=entry_seq)
+        index = topic.after(group.cursor)
         if index == len(topic.log):
             return None
         entry = topic.log[index]

@@ -4,7 +4,6 @@ read from the broker's own records (``brokers.memory_records``)."""
 
 from __future__ import annotations
 
-import bisect
 import itertools
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -20,7 +19,7 @@ from brokers.base import (
     PendingEntry,
     Subscription,
 )
-from brokers.memory_records import Entry, Group, Topic, check_subscriptions, entry_seq
+from brokers.memory_records import Entry, Group, Topic, check_subscriptions
 
 __all__ = ("MemoryInspection",)
 
@@ -119,7 +118,7 @@ class MemoryInspection:
             group = topic.groups.get(sub.group) if topic is not None else None
             ready = pending = 0
             if topic is not None and group is not None:
-                delivered = bisect.bisect_right(topic.log, group.cursor, key=entry_seq)
+                delivered = topic.after(group.cursor)
                 ready = len(topic.log) - delivered + len(group.private)
                 pending = len(group.pending)
             delayed = sum(1 for _, _, m in self._delayed if m.topic == sub.topic and m.group in (None, sub.group))

@@ -322,6 +322,11 @@ def _parse_time(value: object) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+def _short_or_none(value: object) -> bool:
+    """An optional id as decoding accepts it: null, or a string of at most ``MAX_ID_LENGTH``."""
+    return value is None or (type(value) is str and len(value) <= MAX_ID_LENGTH)
+
+
 def event_decoder(build: BuildEvent[E]) -> DecodeEvent[E]:
     """The wire format's decoder, building events with ``build`` (given the
     fields in ``Event``'s order, already validated).
@@ -344,13 +349,15 @@ def event_decoder(build: BuildEvent[E]) -> DecodeEvent[E]:
         version = wire.get("v", WIRE_VERSION)
         if type(version) is not int or version != WIRE_VERSION:
             raise DecodeError(f"unknown wire format version {repr(version)[:40]} (this release reads {WIRE_VERSION})")
-        if "type" not in wire:
-            raise DecodeError("missing field 'type'")
-        event_type = validate_event_type(wire["type"])
-        if "data" not in wire:
-            raise DecodeError("missing field 'data'")
-        data = wire["data"]
-        if not isinstance(data, dict):
+        event_type = wire.get("type")
+        if type(event_type) is not str or event_type not in _valid_types:  # a name seen before: checked
+            if "type" not in wire:
+                raise DecodeError("missing field 'type'")
+            event_type = validate_event_type(event_type)
+        data = wire.get("data")
+        if type(data) is not dict:  # JSON gives dict, never a subclass
+            if "data" not in wire:
+                raise DecodeError("missing field 'data'")
             raise DecodeError(f"field 'data' must be a JSON object, not {type(data).__name__}")
         event_id = wire.get("id")
         if not isinstance(event_id, str) or not event_id:
@@ -366,9 +373,14 @@ def event_decoder(build: BuildEvent[E]) -> DecodeEvent[E]:
         # The ids: strings or null (checked inline: this runs for every delivery).
         correlation_id = wire.get("correlation_id")
         causation_id, saga_id = wire.get("causation_id"), wire.get("saga_id")
-        for name, value in (("correlation_id", correlation_id), ("causation_id", causation_id), ("saga_id", saga_id)):
-            if value is not None and (type(value) is not str or len(value) > MAX_ID_LENGTH):
-                raise DecodeError(f"field {name!r} must be a string of at most {MAX_ID_LENGTH} characters, or null")
+        if not (
+            (correlation_id is None or (type(correlation_id) is str and len(correlation_id) <= MAX_ID_LENGTH))
+            and (causation_id is None or (type(causation_id) is str and len(causation_id) <= MAX_ID_LENGTH))
+            and (saga_id is None or (type(saga_id) is str and len(saga_id) <= MAX_ID_LENGTH))
+        ):  # inline, not by _short_or_none: this runs for every delivery
+            for name in ("correlation_id", "causation_id", "saga_id"):
+                if not _short_or_none(wire.get(name)):
+                    raise DecodeError(f"field {name!r} must be a string of at most {MAX_ID_LENGTH} characters, or null")
         occurred = wire.get("occurred_at")
         return build(
             event_type,

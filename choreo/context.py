@@ -82,7 +82,7 @@ class Context:
     """
 
     __slots__ = (
-        "_delivery", "_held", "_logger", "_scope", "_writes", "event", "handler", "idempotency_key", "service",
+        "_delivery", "_held", "_idempotency_key", "_logger", "_scope", "_writes", "event", "handler", "service",
     )
 
     def __init__(
@@ -92,12 +92,19 @@ class Context:
         self._delivery = delivery
         self.service = service
         self.handler = handler
-        self.idempotency_key = event.headers.get("idempotency_key") or f"{service}.{handler}:{event.id}"
+        self._idempotency_key: str | None = None  # made when asked for: most handlers never ask
         self._scope = scope
         self._writes: dict[str, StateWrite] = {}
         self._logger: logging.LoggerAdapter[logging.Logger] | None = None
         # A cell, not an attribute: an ActionContext shares it (as it shares staged writes).
         self._held: list[Held] = []
+
+    @property
+    def idempotency_key(self) -> str:
+        if self._idempotency_key is None:
+            event = self.event
+            self._idempotency_key = event.headers.get("idempotency_key") or f"{self.service}.{self.handler}:{event.id}"
+        return self._idempotency_key
 
     @property
     def event_id(self) -> str:

@@ -178,7 +178,9 @@ class Dispatcher:
                     self.hooks.stamp(child)
             try:
                 message = self.outbox.message
-                messages = [message(e, delay=delay) for e, delay in emitted] if emitted else []
+                messages = []
+                for child, delay in emitted:  # a loop: a comprehension is a call of its own on Python 3.11
+                    messages.append(message(child, delay=delay))
             except DecodeError as exc:
                 raise _Permanent(f"handler {route.group} emitted an event that cannot be encoded: {exc}") from None
         except _Permanent as exc:
@@ -202,7 +204,7 @@ class Dispatcher:
         status = await self.outbox.settle(
             delivery, delivery.group, publish=messages, emitted=emitted, state=ctx.state_writes
         )
-        if status is CommitStatus.OK and self.hooks.middleware:
+        if status is CommitStatus.OK and self.hooks.handled:
             self._handled(route, event, Outcome.SUCCESS, started)
         return status
 
@@ -243,7 +245,7 @@ class Dispatcher:
                 return again if again is not None else await self._failed(delivery, route, event, exc, started, ctx)
         await ctx.release()
         status = await self.outbox.settle(delivery, route.group)  # the ack: the events are in the outbox
-        if status is CommitStatus.OK and self.hooks.middleware:
+        if status is CommitStatus.OK and self.hooks.handled:
             self._handled(route, event, Outcome.SUCCESS, started)
         return status
 

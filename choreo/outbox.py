@@ -116,7 +116,7 @@ class Outbox:
                 status = CommitStatus.OK
         except BrokerError as exc:
             raise BrokerUnavailable(f"publish to {self.broker.url} failed: {exc}") from exc
-        if status is CommitStatus.OK and self.hooks.middleware:
+        if status is CommitStatus.OK and self.hooks.on_publish:
             self.hooks.published(events)
         return status
 
@@ -131,7 +131,7 @@ class Outbox:
             await self.broker.publish(messages)
         except BrokerError as exc:
             raise BrokerUnavailable(f"publish to {self.broker.url} failed: {exc}") from exc
-        if self.hooks.middleware:
+        if self.hooks.on_publish:
             self.hooks.published([(decode_event(m.body, max_size=len(m.body)), m.delay) for m in messages])
 
     async def settle(
@@ -167,7 +167,7 @@ class Outbox:
         if ACTIVE:
             await hit("dispatcher.after_commit", group)
         if status is CommitStatus.OK:
-            if emitted and self.hooks.middleware:
+            if emitted and self.hooks.on_publish:
                 self.hooks.published(emitted)
         elif status is CommitStatus.LEASE_LOST:
             log.warning("%s: lease on %s was lost; another consumer owns it now", group, delivery.entry_id)

@@ -17,7 +17,8 @@ import math
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -211,9 +212,14 @@ class Runtime:
             return await self.outbox.commit(events, state)
 
     async def _consume(self) -> None:
-        # loop.create_task, not asyncio.create_task: the latter looks the loop
-        # up per call, and on Linux each lookup is a getpid() system call.
+        # Tasks made directly, not by asyncio.create_task (a getpid() per call
+        # on Linux) nor loop.create_task (a Python frame): ``brokers.speedups``.
+        # A loop of another class or with a task factory keeps its create_task.
         loop = asyncio.get_running_loop()
+        if loop.get_task_factory() is None and type(loop).create_task is asyncio.BaseEventLoop.create_task:
+            new_task: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]] = partial(asyncio.Task, loop=loop)
+        else:
+            new_task = loop.create_task
         while not self._stopping:
             free = self.concurrency - len(self._in_flight)
             if free <= 0:
@@ -235,7 +241,7 @@ class Runtime:
             for delivery in deliveries:
                 limit = self._limits.get(delivery.group)
                 handling = self.dispatcher.handle(delivery) if limit is None else self._limited(delivery, limit)
-                self._in_flight[id(delivery)] = (loop.create_task(handling), delivery, now)
+                self._in_flight[id(delivery)] = (new_task(handling), delivery, now)
 
     async def _limited(self, delivery: Delivery, limit: asyncio.Semaphore) -> None:
         try:

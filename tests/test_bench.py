@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,14 @@ def test_memory_chain_reports_the_production_path_and_the_harness_against_its_ba
     assert "production path (choreo.run):" in out
     assert "test harness (run_apps):" in out
     assert "of the baseline" in out
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind")
+def test_chain_instructions_reports_each_contender_against_the_baseline() -> None:
+    out = bench("chain_instructions.py", "--chains", "40", "--less", "20")
+    for name in ("baseline asyncio.Queue + json:", "production path (choreo.run):", "test harness (run_apps):"):
+        assert name in out
+    assert "instructions per event" in out and "x the baseline" in out
 
 
 @pytest.mark.redis
