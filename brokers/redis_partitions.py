@@ -40,8 +40,6 @@ class PartitionedFetch(RedisFetch):
 
     #: Per node (``host:port``): the partitions of a fetch call still on the wire, and its task.
     _node_calls: dict[str, tuple[list[int], asyncio.Task[list[tuple[int, list[Stream], int, bool, Any]]]]]
-    #: Deliveries a late reply brought beyond a fetch's limit, handed out first by the next fetch.
-    _held: list[Delivery]
     #: Nodes whose fetch failed while others answered: since when, and when last logged.
     _nodes_down: dict[str, tuple[float, float]]
 
@@ -74,8 +72,10 @@ class PartitionedFetch(RedisFetch):
         self, consumer: str, streams: list[Stream], limit: int, max_size: int | None, deadline: float
     ) -> list[Delivery]:
         """``fetch`` on Redis Cluster (see the module doc)."""
-        if self._held:
-            held, self._held = self._held[:limit], self._held[limit:]
+        # What a late reply brought beyond an earlier fetch's limit goes first
+        # (the consumer's own, for these streams, and young enough to be its lease).
+        held = self._spilled(consumer, streams, limit)
+        if held:
             return held
         by_partition: dict[int, list[Stream]] = {}
         for s in streams:
@@ -176,10 +176,9 @@ class PartitionedFetch(RedisFetch):
         if failed is not None and not found:
             raise failed
         # A late reply may bring more than this fetch has room for: the rest waits for the next.
-        found, self._held = self._held + found, []
         if len(found) > limit:
-            found, self._held = found[:limit], found[limit:]
-            return found, []
+            self._spill.setdefault(consumer, []).extend((now, d) for d in found[limit:])
+            return found[:limit], []
         return found, [p for p in full if p in chosen] if found and len(found) < limit else []
 
     def _note_down(self, name: str, exc: BaseException) -> None:

@@ -170,7 +170,7 @@ class RedisStreamsBroker(PartitionedFetch, RedisDeadLetters):
         self._retention = any(redis_retention.retention_bounds(options))
         self._published_topics: set[str] = set()
         self._known, self._drained, self._tails, self._spill, self._partition_delayed = {}, {}, {}, {}, {}
-        self._node_calls, self._held, self._nodes_down = {}, [], {}
+        self._node_calls, self._nodes_down = {}, {}
         self._outage = Outage(log, self.url)
 
     # -- lifecycle -----------------------------------------------------------
@@ -227,7 +227,7 @@ class RedisStreamsBroker(PartitionedFetch, RedisDeadLetters):
             self._cluster_commits = None
         for _, task in self._node_calls.values():
             task.cancel()  # a fetch left on the wire to a slow node: what it took is reclaimed
-        self._node_calls, self._held = {}, []
+        self._node_calls = {}
         # Spilled deliveries stay pending on the server: reclaimed like a crash's.
         self._spill, self._tails, self._drained = {}, {}, {}
         lines, self._lines = self._lines, []
