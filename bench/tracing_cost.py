@@ -1,7 +1,7 @@
 """The cost of OpenTelemetry tracing per handled event, on the in-memory
 chain, at several sampling ratios, against untraced in the same rounds.
 
-    python bench/tracing_cost.py [--chains 20000] [--repeat 3] [--modes untraced,always,0.1,0.01]
+    python bench/tracing_cost.py [--chains 20000] [--repeat 3] [--modes untraced,sdk,always,0.1,0.01]
     valgrind --tool=callgrind python bench/tracing_cost.py --chains 1500 --repeat 1 --modes always
 
 The chain of ``chain_memory.py`` run by ``choreo.run`` (what ``choreo
@@ -10,7 +10,11 @@ worker`` runs), its root events published 500 at a time by concurrent
 (``TracingMiddleware`` on an SDK provider sampling every trace), and a
 ratio such as ``0.1`` (``ParentBased(TraceIdRatioBased(0.1))``: a tenth
 of the root publishes start a recorded trace, the other events follow
-their root's decision through the ``traceparent`` flag). Every provider
+their root's decision through the ``traceparent`` flag), and ``sdk``: the
+floor of any tracing middleware on this SDK, the same spans with the same
+attributes started and ended on a provider sampling every trace, and
+nothing else (no context made current, no ``traceparent`` written or read,
+so no trace is joined up). Every provider
 hands finished spans to a ``BatchSpanProcessor`` whose exporter drops them:
 what is measured is tracing, not shipping spans.
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import os
 import statistics
@@ -60,10 +65,54 @@ def middleware(mode: str) -> tuple[list[Middleware], Callable[[], None]]:
         def export(self, spans: Any) -> SpanExportResult:
             return SpanExportResult.SUCCESS
 
-    sampler = ALWAYS_ON if mode == "always" else ParentBased(TraceIdRatioBased(float(mode)))
+    sampler = ALWAYS_ON if mode in ("always", "sdk") else ParentBased(TraceIdRatioBased(float(mode)))
     provider = TracerProvider(sampler=sampler)
     provider.add_span_processor(BatchSpanProcessor(Drop()))
+    if mode == "sdk":
+        return [SpansOnly(provider)], provider.shutdown
     return [TracingMiddleware(provider)], provider.shutdown
+
+
+class SpansOnly(Middleware):
+    """The ``sdk`` mode: a ``choreo.handle`` span per handled event and a
+    ``choreo.publish`` span per published event, with the attributes
+    ``TracingMiddleware`` gives them, and nothing else."""
+
+    def __init__(self, provider: Any) -> None:
+        from opentelemetry.trace import SpanKind
+
+        self._start = provider.get_tracer("choreo").start_span
+        self._consumer, self._producer = SpanKind.CONSUMER, SpanKind.PRODUCER
+
+    def handling(self, broker: Any, route: Any, delivery: Any, event: Any) -> contextlib.AbstractContextManager[object]:
+        attributes = {
+            "messaging.system": "memory", "messaging.destination.name": route.event,
+            "messaging.operation.type": "process", "messaging.operation.name": "handle",
+            "messaging.consumer.group.name": route.group, "messaging.message.id": event.id,
+            "messaging.message.conversation_id": event.correlation_id,
+        }
+        return _Ending([self._start(f"choreo.handle {event.type}", kind=self._consumer, attributes=attributes)])
+
+    def publishing(self, broker: Any, events: Sequence[Any]) -> contextlib.AbstractContextManager[object]:
+        return _Ending([self._start(f"choreo.publish {event.type}", kind=self._producer, attributes={
+            "messaging.system": "memory", "messaging.destination.name": event.type,
+            "messaging.operation.type": "send", "messaging.operation.name": "publish",
+            "messaging.message.id": event.id, "messaging.message.conversation_id": event.correlation_id,
+        }) for event in events])
+
+
+class _Ending:
+    """Ends its spans on exit."""
+
+    def __init__(self, spans: list[Any]) -> None:
+        self._spans = spans
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        for span in self._spans:
+            span.end()
 
 
 async def chains(count: int, used: Sequence[Middleware]) -> None:
@@ -78,15 +127,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chains", type=int, default=20_000, help="root events (each makes three hops)")
     parser.add_argument("--repeat", type=int, default=3, help="rounds, modes alternating; medians reported")
-    parser.add_argument("--modes", default="untraced,always,0.1,0.01",
-                        help="comma-separated: untraced, always, or a sampling ratio")
+    parser.add_argument("--modes", default="untraced,sdk,always,0.1,0.01",
+                        help="comma-separated: untraced, sdk, always, or a sampling ratio")
     parser.add_argument("--gc-threshold", type=int, default=WORKER_GC_THRESHOLD,
                         help="collector threshold, as choreo worker sets it (0: Python's default)")
     args = parser.parse_args()
     modes = args.modes.split(",")
     for mode in modes:
-        if mode not in ("untraced", "always") and not 0 <= float(mode) <= 1:
-            parser.error(f"a mode is untraced, always or a ratio between 0 and 1, not {mode!r}")
+        if mode not in ("untraced", "sdk", "always") and not 0 <= float(mode) <= 1:
+            parser.error(f"a mode is untraced, sdk, always or a ratio between 0 and 1, not {mode!r}")
     tune_collector(args.gc_threshold)
     cpu: dict[str, list[float]] = {mode: [] for mode in modes}
     for _ in range(args.repeat):

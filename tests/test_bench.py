@@ -96,7 +96,7 @@ def test_dashboard_pages_benchmark_compares_postgres_state_with_redis_state() ->
 
 def test_tracing_cost_benchmark_reports_each_sampling_ratio_against_untraced() -> None:
     out = bench("tracing_cost.py", "--chains", "200", "--repeat", "2")
-    for mode in ("always", "0.1", "0.01"):
+    for mode in ("sdk", "always", "0.1", "0.01"):
         assert f"{mode} " in out and "cost +" in out
     assert "untraced  CPU per handled event" in out and "per round:" in out
 
