@@ -40,8 +40,9 @@ import redis
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from chain_redis import PAYLOAD  # this folder, run as a script
-from worker_process import Children, Round, choreo_round, measure, raw_round
+from worker_process import Children, Round, choreo_round, descendants, measure, raw_round
 
+from tests.redis_server import RedisServer
 from tests.worker_process import ROOT
 
 #: The peers' releases, and the Redis client choreo's own environment uses.
@@ -118,22 +119,6 @@ PEERS = {
 }
 
 
-def descendants(pid: int) -> list[int]:
-    found: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return found
-    for task in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{task}/children") as children:
-                for child in map(int, children.read().split()):
-                    found += [child, *descendants(child)]
-        except FileNotFoundError:
-            continue
-    return found
-
-
 def peer_round(children: Children, name: str, url: str, args: argparse.Namespace, client: redis.Redis,
                bin: Path, spawned: list[int]) -> Round:
     """One round of a peer: its worker until it consumes, then its publisher and the clock."""
@@ -172,8 +157,6 @@ def ratios(side: Round, raw: Round) -> str:
 
 
 def main(args: argparse.Namespace) -> None:
-    from tests.redis_server import RedisServer
-
     bin = peer_bin()
     names = ["raw", "choreo", *args.peers]
     print(f"peers: {versions(bin)}")

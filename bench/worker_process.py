@@ -197,19 +197,31 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def descendants(pid: int) -> list[int]:
+    """The live processes under ``pid``, children before their own (Linux)."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return found
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as children:
+                for child in map(int, children.read().split()):
+                    found += [child, *descendants(child)]
+        except FileNotFoundError:
+            continue
+    return found
+
+
 def tree_cpu_seconds(pid: int) -> float:
     """CPU of a process and of its live descendants: the workers of a peer
     that starts several processes by default count together."""
     total = cpu_seconds(pid)
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return total
-    for task in tasks:
+    for child in descendants(pid):
         try:
-            with open(f"/proc/{pid}/task/{task}/children") as children:
-                total += sum(tree_cpu_seconds(int(child)) for child in children.read().split())
-        except FileNotFoundError:
+            total += cpu_seconds(child)
+        except FileNotFoundError:  # exited since it was listed
             continue
     return total
 
