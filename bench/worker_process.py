@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis
@@ -131,15 +132,16 @@ class Children:
 
     def role(self, role: str, *args: str) -> subprocess.Popen[str]:
         """One of ``ROLES`` in a fresh interpreter, once it has said ``ready``."""
-        process = subprocess.Popen(
-            [sys.executable, __file__, "--role", role, *args], cwd=ROOT, text=True,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        )
+        return self.command([sys.executable, __file__, "--role", role, *args])
+
+    def command(self, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        """A process that says ``ready`` on stdout, once it has."""
+        process = subprocess.Popen(argv, cwd=ROOT, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self.started.append(process)
         assert process.stdout is not None
         line = process.stdout.readline().strip()
         if line != "ready":
-            raise SystemExit(f"{role} did not start (exit {process.wait()}, said {line!r})")
+            raise SystemExit(f"{argv[:4]} did not start (exit {process.wait()}, said {line!r})")
         return process
 
     def worker(self, *args: str) -> WorkerProcess:
@@ -195,6 +197,35 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def descendants(pid: int) -> list[int]:
+    """The live processes under ``pid``, children before their own (Linux)."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return found
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as children:
+                for child in map(int, children.read().split()):
+                    found += [child, *descendants(child)]
+        except FileNotFoundError:
+            continue
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of a process and of its live descendants: the workers of a peer
+    that starts several processes by default count together."""
+    total = cpu_seconds(pid)
+    for child in descendants(pid):
+        try:
+            total += cpu_seconds(child)
+        except FileNotFoundError:  # exited since it was listed
+            continue
+    return total
+
+
 def redis_cpu(client: redis.Redis) -> float:
     cpu = client.info("cpu")
     return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
@@ -206,23 +237,26 @@ def command_stats(client: redis.Redis) -> dict[str, tuple[int, int]]:
             for name, stat in client.info("commandstats").items()}
 
 
-def measure(client: redis.Redis, worker_pid: int, publisher: subprocess.Popen[str], last: str, chains: int) -> Round:
-    """Give the publisher its go and wait until ``chains`` entries reached ``last``."""
+def measure(client: redis.Redis, worker_pid: int, publisher: subprocess.Popen[str], last: str | Callable[[], int],
+            chains: int) -> Round:
+    """Give the publisher its go and wait until ``chains`` entries reached ``last`` (a stream, or a count of
+    finished chains for a peer that ends them elsewhere). Worker CPU covers the worker's process tree."""
+    arrived_now = last if callable(last) else lambda: int(client.xlen(last))
     assert publisher.stdin is not None and publisher.stdout is not None
-    worker_before, redis_before, stats_before = cpu_seconds(worker_pid), redis_cpu(client), command_stats(client)
+    worker_before, redis_before, stats_before = tree_cpu_seconds(worker_pid), redis_cpu(client), command_stats(client)
     start = time.perf_counter()
     publisher.stdin.write("go\n")
     publisher.stdin.flush()
     done, progress = 0, time.monotonic()
     while done < chains:
         time.sleep(0.02)
-        arrived = int(client.xlen(last))
+        arrived = arrived_now()
         if arrived > done:
             done, progress = arrived, time.monotonic()
         elif time.monotonic() - progress > STALL:
             raise SystemExit(f"stalled at {done} of {chains} chains on {last}")
     elapsed = time.perf_counter() - start
-    worker_cpu, server_cpu = cpu_seconds(worker_pid) - worker_before, redis_cpu(client) - redis_before
+    worker_cpu, server_cpu = tree_cpu_seconds(worker_pid) - worker_before, redis_cpu(client) - redis_before
     stats = command_stats(client)
     publisher_s = float(publisher.stdout.readline())
     commands = {name: ((calls - stats_before.get(name, (0, 0))[0]) / chains,

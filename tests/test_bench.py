@@ -112,3 +112,13 @@ def test_redis_instructions_benchmark_counts_both_sides() -> None:
     out = bench("redis_instructions.py", "--chains", "50", "--warmup", "20", "--top", "3")
     assert "raw " in out and "choreo " in out and "k per chain" in out
     assert "choreo/raw:" in out
+
+
+@pytest.mark.redis
+def test_peers_run_the_chain_beside_choreo_and_the_raw_loop() -> None:
+    # The first run installs the peers' pinned releases into bench/.peers/.
+    out = bench("peers.py", "--chains", "30", "--repeat", "1")
+    assert "faststream 0.7.8" in out and "dramatiq 2.2.1" in out and "taskiq 0.13.0" in out
+    for name in ("raw", "choreo", "faststream", "dramatiq", "taskiq"):
+        assert f"median  {name}" in out
+    assert "x raw events/s" in out and "raw worker CPU" in out
