@@ -88,15 +88,15 @@ class SpansOnly(Middleware):
         attributes = {
             "messaging.system": "memory", "messaging.destination.name": route.event,
             "messaging.operation.type": "process", "messaging.operation.name": "handle",
-            "messaging.consumer.group.name": route.group, "messaging.message.id": event.id,
-            "messaging.message.conversation_id": event.correlation_id,
+            "messaging.operation": "process", "messaging.consumer.group.name": route.group,
+            "messaging.message.id": event.id, "messaging.message.conversation_id": event.correlation_id,
         }
         return _Ending([self._start(f"choreo.handle {event.type}", kind=self._consumer, attributes=attributes)])
 
     def publishing(self, broker: Any, events: Sequence[Any]) -> contextlib.AbstractContextManager[object]:
         return _Ending([self._start(f"choreo.publish {event.type}", kind=self._producer, attributes={
             "messaging.system": "memory", "messaging.destination.name": event.type,
-            "messaging.operation.type": "send", "messaging.operation.name": "publish",
+            "messaging.operation.type": "send", "messaging.operation.name": "publish", "messaging.operation": "publish",
             "messaging.message.id": event.id, "messaging.message.conversation_id": event.correlation_id,
         }) for event in events])
 

@@ -7,7 +7,8 @@ only module of choreo that imports ``opentelemetry``. Add
 
 What it records, following OpenTelemetry's messaging semantic conventions
 (the current ones: ``messaging.operation.type`` and
-``messaging.consumer.group.name``, not the older ``messaging.operation``):
+``messaging.consumer.group.name``; the older ``messaging.operation`` is set
+too, as backends and dashboards written for it still read it):
 
 * ``choreo.handle <event type>`` (kind CONSUMER, operation type ``process``)
   for each handled event, current while the handler runs, so what the
@@ -137,6 +138,7 @@ class TracingMiddleware(Middleware):
                 "messaging.destination.name": route.event,
                 "messaging.operation.type": "process",
                 "messaging.operation.name": "handle",
+                "messaging.operation": "process",
                 "messaging.consumer.group.name": route.group,
             }
         # Given at the start, not after ``is_recording``: samplers may read
@@ -182,6 +184,7 @@ class TracingMiddleware(Middleware):
                 "messaging.destination.name": event.type,
                 "messaging.operation.type": "send",
                 "messaging.operation.name": "publish",
+                "messaging.operation": "publish",
                 "messaging.message.id": event.id,
                 "messaging.message.conversation_id": event.correlation_id,
             }

@@ -113,6 +113,7 @@ async def test_one_transaction_across_three_apps_is_one_trace(
         "messaging.destination.name": "order.placed",
         "messaging.operation.type": "send",
         "messaging.operation.name": "publish",
+        "messaging.operation": "publish",
         "messaging.message.id": placed.id,
         "messaging.message.conversation_id": placed.id,
     }
@@ -121,6 +122,7 @@ async def test_one_transaction_across_three_apps_is_one_trace(
         "messaging.destination.name": "order.placed",
         "messaging.operation.type": "process",
         "messaging.operation.name": "handle",
+        "messaging.operation": "process",
         "messaging.message.id": placed.id,
         "messaging.message.conversation_id": placed.id,
         "messaging.consumer.group.name": "orders.accept",
