@@ -17,7 +17,9 @@ from choreo.saga import SagaNotFound, StepStatus
 from choreo.testing import run_apps
 
 
-def build(ledger: dict[str, int], *, decline_over: float = 100.0, **options: Any) -> tuple[SagaCoordinator, list[App]]:
+def build(
+    ledger: dict[str, int], *, decline_over: float = 100.0, step_timeout: float = 1.0, **options: Any
+) -> tuple[SagaCoordinator, list[App]]:
     orders = App("order_service")
     payments = App("payment_service")
     coordinator = SagaCoordinator(orders, **options)
@@ -25,17 +27,18 @@ def build(ledger: dict[str, int], *, decline_over: float = 100.0, **options: Any
         "order_processing",
         [
             # Small step timeouts: ``settle`` waits for every step's timer to fire.
-            SagaStep("create_order", "order_service", "create_order", "cancel_order", timeout=1.0, retry_count=0),
+            SagaStep("create_order", "order_service", "create_order", "cancel_order", timeout=step_timeout,
+                     retry_count=0),
             SagaStep(
                 "process_payment",
                 "payment_service",
                 "charge_card",
                 "refund_card",
-                timeout=1.0,
+                timeout=step_timeout,
                 retry_count=1,
                 retry_delay=0.0,
             ),
-            SagaStep("ship", "order_service", "ship", None, timeout=1.0, retry_count=0),
+            SagaStep("ship", "order_service", "ship", None, timeout=step_timeout, retry_count=0),
         ],
     )
 
@@ -162,7 +165,10 @@ async def test_duplicate_and_unknown_replies_are_ignored(broker_url: str, caplog
 async def test_concurrent_sagas_each_finish_with_effects_once(broker_url: str) -> None:
     """Thirty sagas at once all end, and compare-and-set keeps every record consistent."""
     ledger: dict[str, int] = {}
-    coordinator, apps = build(ledger)
+    # Steps get 5 s, not 1 s: thirty sagas through 16 slots on a loaded
+    # machine must not time out a step that is merely queued (no step here
+    # is meant to time out).
+    coordinator, apps = build(ledger, step_timeout=5.0)
     async with run_apps(*apps, broker=broker_url, concurrency=16):
         results = await asyncio.gather(
             *(
