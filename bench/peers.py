@@ -27,7 +27,6 @@ import contextlib
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -40,7 +39,7 @@ import redis
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from chain_redis import PAYLOAD  # this folder, run as a script
-from worker_process import Children, Round, choreo_round, descendants, measure, raw_round
+from worker_process import Children, Round, choreo_round, descendants, measure, medians, raw_round
 
 from tests.redis_server import RedisServer
 from tests.worker_process import ROOT
@@ -187,15 +186,11 @@ def main(args: argparse.Namespace) -> None:
     finally:
         stop(children, spawned)
         server.stop()
-    medians = {
-        name: Round(*(statistics.median(getattr(r, attr) for r in side)
-                      for attr in ("rate", "worker_us", "redis_us", "publisher_s")))
-        for name, side in rounds.items()
-    }
-    for name, median in medians.items():
+    middle = medians(rounds)
+    for name, median in middle.items():
         print(f"median  {name:10} {median.line()}")
     for name in names[1:]:
-        print(f"median  {name:10} {ratios(medians[name], medians['raw'])}")
+        print(f"median  {name:10} {ratios(middle[name], middle['raw'])}")
 
 
 def arguments() -> argparse.Namespace:

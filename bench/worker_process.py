@@ -190,6 +190,15 @@ class Round:
         return "  ".join(f"{name} {calls:.2f}x {usec:.1f}us" for name, (calls, usec) in ranked)
 
 
+def medians(rounds: dict[str, list[Round]]) -> dict[str, Round]:
+    """Each side's median of every figure over its rounds."""
+    return {
+        name: Round(*(statistics.median(getattr(r, attr) for r in side)
+                      for attr in ("rate", "worker_us", "redis_us", "publisher_s")))
+        for name, side in rounds.items()
+    }
+
+
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU a process has used (Linux)."""
     with open(f"/proc/{pid}/stat") as stat:
@@ -307,14 +316,10 @@ def main(args: argparse.Namespace) -> None:
     finally:
         children.stop()
         server.stop()
-    medians = {
-        name: Round(*(statistics.median(getattr(r, attr) for r in side)
-                      for attr in ("rate", "worker_us", "redis_us", "publisher_s")))
-        for name, side in rounds.items()
-    }
-    for name, median in medians.items():
+    middle = medians(rounds)
+    for name, median in middle.items():
         print(f"median  {name:6} {median.line()}")
-    raw, choreo = medians["raw"], medians["choreo"]
+    raw, choreo = middle["raw"], middle["choreo"]
     print(f"ratio choreo/raw (medians): {choreo.rate / raw.rate:.2f} events/s, "
           f"{choreo.worker_us / raw.worker_us:.2f}x worker CPU per chain, "
           f"{choreo.redis_us / raw.redis_us:.2f}x Redis CPU per chain")
