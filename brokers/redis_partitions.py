@@ -38,8 +38,10 @@ _NODE_GRACE = 0.1
 class PartitionedFetch(RedisFetch):
     """``RedisFetch`` with the Redis Cluster path of ``fetch``."""
 
-    #: Per node (``host:port``): the partitions of a fetch call still on the wire, and its task.
-    _node_calls: dict[str, tuple[list[int], asyncio.Task[list[tuple[int, list[Stream], int, bool, Any]]]]]
+    #: Fetch calls still on the wire: per task, its node (``host:port``) and
+    #: partitions. A node may owe several (a later fetch calls its other
+    #: partitions); each reply is handed out by the fetch that finds it done.
+    _node_calls: dict[asyncio.Task[list[tuple[int, list[Stream], int, bool, Any]]], tuple[str, list[int]]]
     #: Nodes whose fetch failed while others answered: since when, and when last logged.
     _nodes_down: dict[str, tuple[float, float]]
 
@@ -125,7 +127,7 @@ class PartitionedFetch(RedisFetch):
             self._trim_due = now + _TRIM_INTERVAL
             await self.trim()
         # A partition whose node still owes the reply of an earlier call is not called again.
-        owed = {p for partitions, _ in self._node_calls.values() for p in partitions}
+        owed = {p for _, partitions in self._node_calls.values() for p in partitions}
         chosen = [p for p in chosen if p not in owed]
         calls: dict[str, list[tuple[int, list[Stream], int, bool, list[Any]]]] = {}
         for i, p in enumerate(chosen):
@@ -138,18 +140,18 @@ class PartitionedFetch(RedisFetch):
         for name, node_calls in calls.items():
             task = asyncio.get_running_loop().create_task(self._call_node(node_calls, name in self._nodes_down),
                                                           name="choreo-redis-fetch")
-            self._node_calls[name] = ([p for p, *_ in node_calls], task)
+            self._node_calls[task] = (name, [p for p, *_ in node_calls])
         if self._node_calls:
-            await asyncio.wait([task for _, task in self._node_calls.values()], timeout=_NODE_GRACE)
+            await asyncio.wait(self._node_calls, timeout=_NODE_GRACE)
         found: list[Delivery] = []
         failed: BaseException | None = None
         full = []
         down: dict[str, BaseException] = {}
         answered = False
-        for name, (_, task) in list(self._node_calls.items()):
+        for task, (name, _) in list(self._node_calls.items()):
             if not task.done():
                 continue  # a node slow or cut off: its reply is taken by a later fetch
-            del self._node_calls[name]
+            del self._node_calls[task]
             if task.cancelled() or task.exception() is not None:
                 down[name] = task.exception() or rexc.ConnectionError("fetch cancelled")
                 continue

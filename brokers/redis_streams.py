@@ -225,7 +225,7 @@ class RedisStreamsBroker(PartitionedFetch, RedisDeadLetters):
         if self._cluster_commits is not None:
             await self._cluster_commits.close()
             self._cluster_commits = None
-        for _, task in self._node_calls.values():
+        for task in self._node_calls:
             task.cancel()  # a fetch left on the wire to a slow node: what it took is reclaimed
         self._node_calls = {}
         # Spilled deliveries stay pending on the server: reclaimed like a crash's.

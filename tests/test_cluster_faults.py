@@ -64,7 +64,7 @@ def cluster() -> Iterator[RedisCluster]:
         instance.stop()
 
 
-async def consume(url: str, name: str, stop: asyncio.Event) -> None:
+async def consume(url: str, name: str, stop: asyncio.Event, limit: int = 20) -> None:
     """Handle jobs until told to stop: the effect is a ``cluster.done`` message
     committed with the ack, under an id derived from the job's."""
     broker = brokers.from_url(url)
@@ -73,7 +73,7 @@ async def consume(url: str, name: str, stop: asyncio.Event) -> None:
         await broker.subscribe([JOBS])
         while not stop.is_set():
             try:
-                taken = await broker.fetch(name, [JOBS], limit=20, timeout=0.2)
+                taken = await broker.fetch(name, [JOBS], limit=limit, timeout=0.2)
             except BrokerError:
                 await asyncio.sleep(0.1)
                 continue
@@ -86,15 +86,18 @@ async def consume(url: str, name: str, stop: asyncio.Event) -> None:
         await broker.close()
 
 
-async def run_with_fault(url: str, jobs: int, fault: Callable[[], Awaitable[None]]) -> tuple[set[str], Counter[str]]:
+async def run_with_fault(
+    url: str, jobs: int, fault: Callable[[], Awaitable[None]], *, limit: int = 20
+) -> tuple[set[str], Counter[str]]:
     """Publish ``jobs`` jobs (each retried until acknowledged) while two
-    consumers work; run ``fault`` halfway; wait until the work is done.
-    Returns the acknowledged job ids and the follow-ons per job."""
+    consumers work (fetching up to ``limit`` at a time); run ``fault``
+    halfway; wait until the work is done. Returns the acknowledged job ids
+    and the follow-ons per job."""
     producer = brokers.from_url(url)
     await producer.connect()
     await producer.subscribe([JOBS, DONE])
     stop = asyncio.Event()
-    consumers = [asyncio.create_task(consume(url, f"c{i}", stop)) for i in range(2)]
+    consumers = [asyncio.create_task(consume(url, f"c{i}", stop, limit)) for i in range(2)]
     acked: set[str] = set()
     try:
         for n in range(jobs):
@@ -195,6 +198,30 @@ async def test_script_caches_emptied_mid_run(shared: RedisCluster) -> None:
             shared.node(port).command("SCRIPT", "FLUSH")
 
     acked, done = await run_with_fault(shared.url + QUERY, 200, flush_scripts)
+    check(acked, done)
+
+
+async def test_a_master_slow_to_answer_keeps_no_work_waiting_for_a_lease(shared: RedisCluster) -> None:
+    """A master that answers late (paused past a fetch's wait for it, again
+    and again) while fetches go on calling its other partitions: every late
+    reply is handed out, none waits for its lease to expire (60 s here,
+    longer than the test may take)."""
+    slow = shared.master_ports()[0]
+    pauses: list[asyncio.Task[None]] = []
+
+    async def pause_repeatedly() -> None:
+        for _ in range(8):
+            await asyncio.to_thread(shared.node(slow).command, "CLIENT", "PAUSE", "300", "ALL")
+            await asyncio.sleep(0.5)
+
+    async def start_pausing() -> None:
+        pauses.append(asyncio.create_task(pause_repeatedly()))
+
+    # A small limit: each fetch calls a few partitions in rotation, so a later
+    # fetch calls the slow master's other partitions while it still owes a reply.
+    acked, done = await run_with_fault(shared.url + "?visibility_timeout=60&claim_interval=0.2", 300,
+                                       start_pausing, limit=3)
+    await asyncio.gather(*pauses)
     check(acked, done)
 
 
