@@ -8,8 +8,8 @@ producer-assigned id and a body of bytes. Everything above that lives in
 The contract has three roles, each a Protocol below, and ``Broker`` is all
 three; both adapters implement every one:
 
-* ``Transport``: connect, publish, subscribe, fetch, commit, extend (what a
-  worker needs on its delivery path);
+* ``Transport``: connect, publish, subscribe, fetch, commit, extend,
+  extend_many (what a worker needs on its delivery path);
 * ``State``: versioned keys, read here and written by compare-and-set inside
   ``Transport.commit``;
 * ``Inspection``: what tools read and repair from outside a running system
@@ -28,7 +28,8 @@ Semantics every adapter gives (the contract tests in ``tests/`` hold them to it)
   time.
 * **At-least-once.** A delivery stays pending with its consumer until it is
   committed. A delivery that is not committed within ``visibility_timeout``
-  seconds (and not extended) may be handed to another consumer of the group.
+  seconds (and not extended: ``extend`` renews one lease, ``extend_many``
+  several in one call) may be handed to another consumer of the group.
   Each hand-out counts as a delivery; past ``max_deliveries`` the message goes
   to the dead-letter store with the reason ``"max deliveries exceeded"``.
 * **Atomic, fenced commit.** ``commit`` acks a delivery, publishes messages,
@@ -253,6 +254,23 @@ class Transport(Protocol):
 
         Raises:
             BrokerError: not connected, or the transport failed.
+        """
+        ...
+
+    async def extend_many(self, deliveries: Sequence[Delivery]) -> list[bool]:
+        """Renew many leases at once, as ``extend`` renews one: a worker
+        renews every long-running delivery it holds in one call, so one
+        slow round trip, not one per delivery, stands between a lease and
+        its renewal. Each delivery is checked and renewed on its own: one
+        the consumer no longer owns is ``False`` and leaves the others
+        renewed.
+
+        Returns:
+            Per delivery, in order, whether its lease was renewed.
+
+        Raises:
+            BrokerError: not connected, or the transport failed (an adapter
+                with partitions renews in the ones it reached before it raises).
         """
         ...
 

@@ -206,7 +206,7 @@ class MemoryBroker(MemoryInspection):
             group, lease = owned
             del group.pending[delivery.entry_id]
             if done:
-                self._settle(group, lease.entry.message_id, now)
+                group.settle(lease.entry.message_id, now + self.options.dedupe_ttl)
             if dead_letter is not None:
                 self._add_dead_letter(delivery.topic, delivery.group, lease.entry, dead_letter, lease.deliveries)
         for write in state:
@@ -219,14 +219,21 @@ class MemoryBroker(MemoryInspection):
         return CommitStatus.OK
 
     async def extend(self, delivery: Delivery) -> bool:
-        """Renew the lease for another ``visibility_timeout``; ``False`` if
-        the consumer no longer owns the delivery."""
+        """Renew one lease (see ``extend_many``)."""
+        return (await self.extend_many([delivery]))[0]
+
+    async def extend_many(self, deliveries: Sequence[Delivery]) -> list[bool]:
+        """Renew each lease for another ``visibility_timeout``; ``False`` for
+        each delivery the consumer no longer owns."""
         self._require_connected()
-        owned = self._owned(delivery)
-        if owned is None:
-            return False
-        owned[1].deadline = self._clock() + self.visibility_timeout
-        return True
+        deadline = self._clock() + self.visibility_timeout
+        renewed = []
+        for delivery in deliveries:
+            owned = self._owned(delivery)
+            if owned is not None:
+                owned[1].deadline = deadline
+            renewed.append(owned is not None)
+        return renewed
 
     async def get_state(self, key: str, *, near: Delivery | None = None) -> Versioned | None:
         """Read one state key."""
@@ -302,17 +309,6 @@ class MemoryBroker(MemoryInspection):
                     times.extend(lease.deadline for lease in group.pending.values())
         return min(times, default=None)
 
-    def _settle(self, group: Group, message_id: str, now: float) -> None:
-        group.settled.pop(message_id, None)
-        group.settled[message_id] = now + self.options.dedupe_ttl
-
-    def _forget_expired(self, group: Group, now: float) -> None:
-        while group.settled:
-            message_id, expiry = next(iter(group.settled.items()))
-            if expiry > now:
-                return
-            del group.settled[message_id]
-
     def _add_dead_letter(
         self, topic: str, group: str, entry: Entry, reason: str, deliveries: int, *, by_broker: bool = False
     ) -> None:
@@ -356,7 +352,7 @@ class MemoryBroker(MemoryInspection):
         group's private queue, then the topic's log."""
         topic = self._topic(sub.topic)
         group = self._group(topic, sub.group)
-        self._forget_expired(group, now)
+        group.forget_expired(now)
         for lease in [lease for lease in group.pending.values() if lease.deadline <= now]:
             del group.pending[lease.entry.entry_id]
             if lease.deliveries >= self.max_deliveries:

@@ -74,6 +74,19 @@ class Group:
     #: the TTL is fixed and the clock never goes back.
     settled: dict[str, float] = attrs.Factory(dict)
 
+    def settle(self, message_id: str, expiry: float) -> None:
+        """Record ``message_id`` as settled until ``expiry`` (moved to the end: the latest expiry)."""
+        self.settled.pop(message_id, None)
+        self.settled[message_id] = expiry
+
+    def forget_expired(self, now: float) -> None:
+        """Drop the settled ids whose expiry has passed (they are the oldest)."""
+        while self.settled:
+            message_id, expiry = next(iter(self.settled.items()))
+            if expiry > now:
+                return
+            del self.settled[message_id]
+
 
 @attrs.define
 class Topic:

@@ -1,7 +1,7 @@
 """Lua sources of the Redis Streams adapter's delivery path (see
-``brokers.redis_streams``): the shared helpers, FETCH and EXTEND. The commit
-script is in ``brokers.redis_commit``, the operations scripts are in
-``brokers.redis_admin``.
+``brokers.redis_streams``): the shared helpers and FETCH. The commit
+script is in ``brokers.redis_commit``, lease renewal's in
+``brokers.redis_leases``, the operations scripts are in ``brokers.redis_admin``.
 
 Every multi-step operation is one script, so it is atomic on the server.
 Scripts name keys with the functions of ``Keys.lua`` (``stream_key``,
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from brokers.redis_keys import Keys
 
-__all__ = ("COMMON", "EXTEND", "FETCH", "render")
+__all__ = ("COMMON", "FETCH", "render")
 
 
 def render(keys: Keys, source: str, *, bucket_cap: int = 1) -> str:
@@ -239,12 +239,4 @@ if drained and remaining > 0 and #missing == 0 then
   end
 end
 return {out, read_any, missing, cursors, tails, next_due, buried}
-"""
-
-# ARGV: stream key, group, consumer, entry id, deliveries. Returns 1 or 0.
-EXTEND = COMMON + r"""
-if not owns(ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])) then return 0 end
--- JUSTID resets the idle time without bumping the delivery counter.
-redis.call('XCLAIM', ARGV[1], ARGV[2], ARGV[3], 0, ARGV[4], 'JUSTID')
-return 1
 """

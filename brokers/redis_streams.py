@@ -102,6 +102,7 @@ from brokers.redis_cluster import (
 )
 from brokers.redis_dead_letters import REPLAY, RedisDeadLetters
 from brokers.redis_keys import Keys
+from brokers.redis_leases import EXTEND, RedisLeases
 from brokers.redis_lines import ScriptBatcher
 from brokers.redis_partitions import PartitionedFetch
 from brokers.redis_reads import BURY, MARK
@@ -125,7 +126,7 @@ _STATUS = {
 }
 
 
-class RedisStreamsBroker(PartitionedFetch, RedisDeadLetters):
+class RedisStreamsBroker(PartitionedFetch, RedisDeadLetters, RedisLeases):
     """A ``Broker`` on Redis Streams consumer groups (see the module doc).
 
     Args:
@@ -194,7 +195,7 @@ class RedisStreamsBroker(PartitionedFetch, RedisDeadLetters):
         else:
             client, reader = await open_clients(self._redis_url, self.url)
             self._client, self._reader = client, reader
-        sources = {"FETCH": lua.FETCH, "EXTEND": lua.EXTEND, "REPLAY": REPLAY, "MARK": MARK, "BURY": lua.COMMON + BURY,
+        sources = {"FETCH": lua.FETCH, "EXTEND": EXTEND, "REPLAY": REPLAY, "MARK": MARK, "BURY": lua.COMMON + BURY,
                    "BACKLOG": redis_admin.BACKLOG, "LIST_STATE": redis_admin.LIST_STATE, "TRIM": redis_retention.TRIM}
         # Rendered once here: the scripts name their keys with this layout's functions.
         # dedupe_max bounds a group: on a cluster each partition's buckets take an even share.
@@ -391,9 +392,3 @@ class RedisStreamsBroker(PartitionedFetch, RedisDeadLetters):
             key = self.keys.private_stream(delivery.group, delivery.topic, partition)
             return key, entry_id[len(PRIVATE_TAG):]
         return self.keys.stream(delivery.topic, partition), entry_id
-
-    async def extend(self, delivery: Delivery) -> bool:
-        """Reset the idle time of a delivery this consumer still holds."""
-        key, entry = self._locate(delivery)
-        args = [key, delivery.group, delivery.consumer, entry, delivery.deliveries]
-        return bool(await self._run("EXTEND", args, self._partition_of(delivery)))

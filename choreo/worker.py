@@ -256,18 +256,18 @@ class Runtime:
         self._slot_freed.set()
 
     async def _renew_leases(self) -> None:
-        # Handlers slower than a third of the lease get it renewed, so no other
-        # consumer steals a delivery that is still being worked on.
+        # Handlers slower than a third of the lease get it renewed, all in one call (hundreds renewed one
+        # by one could outlast the lease), so no other consumer steals a delivery still being worked on.
         period = self.broker.visibility_timeout / 3
         while True:
             await asyncio.sleep(period)
             now = time.monotonic()
-            for _, delivery, started in list(self._in_flight.values()):
-                if now - started >= period:
-                    try:
-                        await self.broker.extend(delivery)
-                    except Exception as exc:
-                        log.warning("could not renew the lease on %s: %s", delivery.entry_id, exc)
+            held = [delivery for _, delivery, started in self._in_flight.values() if now - started >= period]
+            try:
+                if held:
+                    await self.broker.extend_many(held)
+            except Exception as exc:
+                log.warning("could not renew the lease on %d deliveries: %s", len(held), exc)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking work, drain in-flight handlers for ``grace`` seconds,

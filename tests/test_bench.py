@@ -122,3 +122,11 @@ def test_peers_run_the_chain_beside_choreo_and_the_raw_loop() -> None:
     for name in ("raw", "choreo", "faststream", "dramatiq", "taskiq"):
         assert f"median  {name}" in out
     assert "x raw events/s" in out and "raw worker CPU" in out
+
+
+@pytest.mark.redis
+def test_lease_renewal_reports_both_ways_directly_and_behind_latency() -> None:
+    out = bench("lease_renewal.py", "--leases", "20", "--repeat", "2")
+    assert "direct, 20 leases:" in out and "behind 1 ms each way, 20 leases:" in out
+    assert out.count("one by one: median") == 2 and out.count("extend_many: median") == 2
+    assert "1 EVALSHA calls a round" in out

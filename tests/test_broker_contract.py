@@ -191,6 +191,49 @@ async def test_extend_keeps_delivery_from_being_reclaimed(fast_broker_url: str) 
         assert await broker.commit(delivery) is CommitStatus.OK
 
 
+async def test_extend_many_keeps_many_deliveries_from_being_reclaimed(broker_url: str) -> None:
+    """One call renews every lease a consumer holds (spread over the partitions of a cluster), and
+    a second consumer reclaims none of them past the visibility timeout."""
+    url = broker_url + ("&" if "?" in broker_url else "?") + "visibility_timeout=1"
+    async with connected(url) as broker:
+        await broker.subscribe([G1])
+        await broker.publish([msg(n, key=f"k{n}") for n in range(200)])
+        held = await collect(broker, "c1", [G1], 200)
+        assert len(held) == 200
+        assert await broker.extend_many([]) == []
+        for _ in range(4):  # about 1.6 s in all, well past the 1 s lease
+            assert await broker.extend_many(held) == [True] * 200
+            await assert_nothing(broker, "c2", [G1], wait=0.4)
+        assert [await broker.commit(d) for d in held] == [CommitStatus.OK] * 200
+
+
+async def test_extend_many_reports_a_delivery_taken_over_and_renews_the_rest(fast_broker_url: str) -> None:
+    """A lease that ran out and was reclaimed is ``False`` in its place; the others in the same call
+    are renewed and their consumer still commits them."""
+    async with connected(fast_broker_url) as broker:
+        await broker.subscribe([G1])
+        await broker.publish([msg(n, key=f"k{n}") for n in range(5)])
+        held = await collect(broker, "c1", [G1], 5)
+        kept = held[:2] + held[3:]
+
+        async def renew() -> None:
+            while True:
+                assert await broker.extend_many(kept) == [True] * 4
+                await asyncio.sleep(0.1)
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(renew)
+            (stolen,) = await collect(broker, "c2", [G1], 1)
+            tasks.cancel_scope.cancel()
+        assert (stolen.entry_id, stolen.deliveries) == (held[2].entry_id, 2)
+        assert await broker.extend_many(held) == [True, True, False, True, True]
+        assert await broker.extend(held[2]) is False
+        assert [await broker.commit(d) for d in kept] == [CommitStatus.OK] * 4
+        assert await broker.commit(held[2]) is CommitStatus.LEASE_LOST
+        assert await broker.commit(stolen) is CommitStatus.OK
+        await assert_nothing(broker, "c3", [G1], wait=0.7)
+
+
 async def test_delivery_past_max_deliveries_is_dead_lettered(fast_broker_url: str) -> None:
     """A message handed out max_deliveries times without a commit becomes a dead letter."""
     async with connected(fast_broker_url) as broker:

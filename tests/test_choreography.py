@@ -404,12 +404,12 @@ class SwallowsOneCancel:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    async def extend(self, delivery: Any) -> bool:
+    async def extend_many(self, deliveries: Any) -> list[bool]:
         try:
             await asyncio.Event().wait()
         except asyncio.CancelledError:
             self.swallowed += 1
-        return True
+        return [True] * len(deliveries)
 
 
 async def test_stop_ends_even_when_a_cancellation_is_swallowed(broker_url: str) -> None:
@@ -438,7 +438,7 @@ async def test_stop_ends_even_when_a_cancellation_is_swallowed(broker_url: str) 
             async with run(app, broker=broker, grace=0.1) as runtime:  # type: ignore[arg-type]
                 event = await runtime.publish("stuck.requested", {})
                 await asyncio.wait_for(started.wait(), 5)
-                await asyncio.sleep(0.5)  # the renewal loop is now inside extend()
+                await asyncio.sleep(0.5)  # the renewal loop is now inside extend_many()
         assert not guard.expired(), "stop() hung"
         assert broker.swallowed == 1
         assert done == []

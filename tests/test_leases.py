@@ -23,6 +23,7 @@ import brokers
 from choreo import Event, run
 from tests import ledger
 from tests.apps.lab import app
+from tests.fault_proxy import FaultProxy
 from tests.redis_server import RedisServer
 from tests.worker_process import WorkerProcess
 
@@ -40,8 +41,8 @@ class NoRenewal:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    async def extend(self, delivery: brokers.Delivery) -> bool:
-        return True
+    async def extend_many(self, deliveries: list[brokers.Delivery]) -> list[bool]:
+        return [True] * len(deliveries)
 
 
 @asynccontextmanager
@@ -94,6 +95,59 @@ async def test_handler_slower_than_the_lease(
         assert ledger.executions(runs) == Counter({"slow": 2})
         assert len(lost) == 1  # the stale owner's commit, refused
 
+
+
+async def test_many_slow_handlers_keep_their_leases(
+    broker_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """T2 at scale: 150 handlers, each running 3x the lease, on two workers, keep their deliveries
+    (renewed together each round): every job runs once, takes effect once, no commit is refused."""
+    url = broker_url + ("&" if "?" in broker_url else "?") + f"visibility_timeout={VT}&claim_interval=0.1"
+    runs, jobs = tmp_path / "runs", [f"j{n}" for n in range(150)]
+    effects = ledger.Recorder()
+    with caplog.at_level(logging.INFO, logger="choreo"):
+        async with two_workers(url, effects, renew=True) as runtimes:
+            events = [Event(type="lab.job", data={"job": job, "seconds": 3 * VT, "ledger": str(runs)}) for job in jobs]
+            await runtimes[0].commit([(event, None) for event in events])
+            await until(lambda: sum(effects.counts.values()) >= len(jobs), 20, "jobs never took effect")
+            await until(lambda: not any(r.in_flight for r in runtimes), 10, "handlers still running")
+    assert effects.counts == Counter(dict.fromkeys(jobs, 1))
+    assert ledger.executions(runs) == Counter(dict.fromkeys(jobs, 1))
+    complaints = [r.getMessage() for r in caplog.records
+                  if r.name.startswith("choreo") and ("lost" in r.getMessage() or "renew" in r.getMessage())]
+    assert complaints == []
+
+
+@pytest.mark.redis
+async def test_renewal_round_of_many_leases_is_not_stretched_by_latency(server: RedisServer, tmp_path: Path) -> None:
+    """100 slow handlers behind a 10 ms link (each way): one renewal round is one round trip, not
+    one per delivery (100 of those, 2 s, twice the lease), so a consumer reading Redis directly
+    reclaims none of them, and each job runs once."""
+    lease = 1.0
+    options = f"visibility_timeout={lease}&claim_interval=0.25"
+    proxy = FaultProxy(server.port).start()
+    runs, jobs = tmp_path / "runs", [f"j{n}" for n in range(100)]
+    effects = ledger.Recorder()
+    thief = brokers.from_url(f"{server.url}?{options}")
+    await thief.connect()
+    try:
+        async with run(app, broker=f"redis://127.0.0.1:{proxy.port}/0?{options}", middleware=[effects]) as runtime:
+            proxy.latency = 0.01
+            events = [Event(type="lab.job", data={"job": job, "seconds": 3 * lease, "ledger": str(runs)})
+                      for job in jobs]
+            await runtime.commit([(event, None) for event in events])
+            await until(lambda: runtime.in_flight == len(jobs), 10, "the worker never held every job")
+            stolen: list[brokers.Delivery] = []
+            while runtime.in_flight:
+                stolen += await thief.fetch("thief", [brokers.Subscription("lab.job", "lab.work")], limit=100,
+                                            timeout=0.1)
+            assert stolen == []
+            await until(lambda: sum(effects.counts.values()) >= len(jobs), 10, "jobs never took effect")
+    finally:
+        await thief.close()
+        proxy.stop()
+    assert effects.counts == Counter(dict.fromkeys(jobs, 1))
+    assert ledger.executions(runs) == Counter(dict.fromkeys(jobs, 1))
 
 
 @pytest.mark.redis
