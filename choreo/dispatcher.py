@@ -40,7 +40,7 @@ from choreo.errors import (
 )
 from choreo.events import Event, child_event, decode_event
 from choreo.middleware import Outcome
-from choreo.outbox import Outbox
+from choreo.outbox import Outbox, Unencodable
 from choreo.params import handler_arguments
 from choreo.routing import Emit, Route
 from choreo.threads import run_in_daemon_thread
@@ -182,7 +182,13 @@ class Dispatcher:
                 for child, delay in emitted:  # a loop: a comprehension is a call of its own on Python 3.11
                     messages.append(message(child, delay=delay))
             except DecodeError as exc:
-                raise _Permanent(f"handler {route.group} emitted an event that cannot be encoded: {exc}") from None
+                raise Unencodable(str(exc)) from None
+        except Unencodable as exc:
+            # Also raised by the handler itself: a saga's transition with PostgreSQL state encodes its
+            # commands there (``Outbox.emitted``) for the database's outbox. Retrying cannot help.
+            await ctx.release()
+            reason = f"handler {route.group} emitted an event that cannot be encoded: {exc}"
+            return await self._dead_letter(delivery, route, event, reason, started, ctx)
         except _Permanent as exc:
             await ctx.release()
             return await self._dead_letter(delivery, route, event, exc.reason, started, ctx)

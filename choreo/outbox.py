@@ -24,14 +24,21 @@ from collections.abc import Iterator, Sequence
 
 from brokers import Broker, BrokerError, CommitStatus, Delivery, Message, StateWrite
 from brokers.base import new_message
-from choreo.errors import BrokerUnavailable
+from choreo.errors import BrokerUnavailable, DecodeError
 from choreo.events import DEFAULT_MAX_SIZE, Event, decode_event, encode_event, with_headers
 from choreo.failpoints import ACTIVE, hit
 from choreo.middleware import Hooks
 
-__all__ = ("Outbox",)
+__all__ = ("Outbox", "Unencodable")
 
 log = logging.getLogger("choreo.dispatcher")
+
+
+class Unencodable(DecodeError):
+    """An event the running handler emits cannot be encoded (not JSON, over
+    ``max_size``). Retrying cannot help, so the dispatcher dead-letters the
+    delivery at once, whether it encoded the event itself or the handler did
+    through ``Outbox.emitted`` (a database's outbox, written in the handler)."""
 
 
 class Outbox:
@@ -68,11 +75,14 @@ class Outbox:
         (a database's outbox) that ``relay`` publishes later.
 
         Raises:
-            DecodeError: the event is not JSON or is over ``max_size``.
+            Unencodable: the event is not JSON or is over ``max_size``.
         """
         if self.hooks.headers:
             self.hooks.stamp(event)
-        return self.message(event, delay=delay)
+        try:
+            return self.message(event, delay=delay)
+        except DecodeError as exc:
+            raise Unencodable(str(exc)) from None
 
     @contextlib.contextmanager
     def publishing(self, events: Sequence[tuple[Event, float | None]]) -> Iterator[list[Message]]:

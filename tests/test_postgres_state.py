@@ -4,10 +4,12 @@ in one transaction (outbox), replies handled once (inbox), on every broker."""
 from __future__ import annotations
 
 import json
+import re
+from typing import Any
 
 import pytest
 
-from choreo import SagaState
+from choreo import App, SagaCoordinator, SagaState, SagaStep
 from choreo.errors import DecodeError
 from choreo.postgres import PostgresStateStore
 from choreo.saga.definition import SagaNotFound
@@ -52,6 +54,56 @@ async def test_saga_events_are_held_to_the_runtimes_size_limit(
         small = await coordinator.start_saga("order_processing", {"total": 10}, saga_id="small", timeout=20)
         assert small.state is SagaState.COMPLETED
         await env.settle(timeout=10)
+
+
+def growing_saga(state_store: PostgresStateStore | None) -> tuple[SagaCoordinator, App]:
+    """Two steps whose results (3 kB each) fit in their replies, but not together in the third step's command."""
+    app = App("grow_service")
+    coordinator = SagaCoordinator(app, state_store=state_store)
+    coordinator.define_saga("growing", [
+        SagaStep(name, "grow_service", name, None, timeout=1.0, retry_count=0, compensatable=False)
+        for name in ("first", "second", "third")
+    ])
+
+    @app.action("first")
+    async def first(data: dict[str, Any]) -> dict[str, Any]:
+        return {"a": "x" * 3000} if data.get("grow") else {}
+
+    @app.action("second")
+    async def second(data: dict[str, Any]) -> dict[str, Any]:
+        return {"b": "y" * 3000} if data.get("grow") else {}
+
+    @app.action("third")
+    async def third() -> None:
+        pass
+
+    return coordinator, app
+
+
+@pytest.mark.parametrize("state", ["broker", "postgres"])
+async def test_an_oversized_command_of_a_transition_is_dead_lettered_at_once(
+    broker_url: str, state: str, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reply whose transition emits a command over max_size is dead-lettered on its first attempt with a
+    reason naming the size and the limit, never retried, with PostgreSQL state as with broker state; the
+    worker goes on and another saga completes."""
+    store = PostgresStateStore(request.getfixturevalue("database_url")) if state == "postgres" else None
+    coordinator, app = growing_saga(store)
+    async with run_apps(app, broker=broker_url, max_size=4096) as env:
+        big = await coordinator.start_saga("growing", {"grow": True}, saga_id="big", wait=False)
+        await env.settle(timeout=20)
+        small = await coordinator.start_saga("growing", {}, saga_id="small", timeout=20)
+        await env.settle(timeout=20)
+        (dead,) = env.dead_letters()
+        big = await coordinator.get_saga_state("big")
+    assert small.state is SagaState.COMPLETED
+    assert (dead.topic, dead.group, dead.attempts) == ("saga.reply.growing", "grow_service.saga_growing_reply", 1)
+    assert dead.event is not None and dead.event.attempt == 1 and dead.event.data["step"] == "second"
+    assert re.search(r"is \d+ bytes, over the 4096-byte limit", dead.reason), dead.reason
+    assert "cannot be encoded" in dead.reason, dead.reason
+    assert [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()] == []
+    # The reply never moved the saga on, so its step timed out, as a lost reply's does.
+    assert big.state is SagaState.COMPENSATED, big
 
 
 async def test_cli_lists_and_shows_sagas_kept_in_postgres(database_url: str, redis_server: RedisServer) -> None:
