@@ -31,6 +31,7 @@ from redis.retry import Retry
 
 from brokers.base import BrokerError
 from brokers.redis_keys import Keys
+from brokers.redis_lines import resending, send_in_batches
 
 __all__ = (
     "DEFAULT_PARTITIONS", "ClusterBatcher", "call_script", "check_cluster_server", "check_partitions", "open_cluster",
@@ -38,8 +39,6 @@ __all__ = (
 
 #: Partitions of a cluster URL without ``?partitions=``.
 DEFAULT_PARTITIONS = 16
-_BATCH_RETRIES = 2
-_BATCH_BACKOFF = 0.05
 #: Milliseconds a commit waits for its replicas (``BrokerOptions.replicas``).
 _WAIT_MS = 1000
 
@@ -177,58 +176,26 @@ class ClusterBatcher:
         return future
 
     async def _send_all(self, partition: int) -> None:
-        queue = self._queues[partition]
         try:
-            while queue:
-                batch = [call for call in queue[: self._max_batch] if not call[1].done()]
-                del queue[: self._max_batch]
-                if not batch:
-                    continue
-                flat: list[Any] = [len(batch)]
-                for args, _ in batch:
-                    flat += [len(args), *args]
-                try:
-                    replies = await self._send(partition, flat, len(batch))
-                except BaseException as exc:
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc if isinstance(exc, Exception) else rexc.ConnectionError(
-                                "the batch was cancelled before its reply arrived"))
-                    if not isinstance(exc, Exception):
-                        raise
-                    continue
-                for (_, future), reply in zip(batch, replies, strict=True):
-                    if not future.done():
-                        if isinstance(reply, Exception):
-                            future.set_exception(reply)
-                        else:
-                            future.set_result(reply)
+            await send_in_batches(self._queues[partition], self._max_batch,
+                                  lambda batch: self._send(partition, batch))
         finally:
             del self._senders[partition]
-            for _, future in queue:
-                if not future.done():
-                    future.set_exception(rexc.ConnectionError("closed before the call was sent"))
-            queue.clear()
 
-    async def _send(self, partition: int, flat: list[Any], calls: int) -> list[Any]:
-        failures = 0
-        while True:
-            try:
-                if self._replicas:
-                    replies = await self._call_and_wait(partition, flat)
-                else:
-                    replies = await call_script(self._client, self._keys, partition, self._source, self._sha, flat)
-            except (rexc.ConnectionError, rexc.TimeoutError):
-                # Resent as on a single server (see ``ScriptBatcher``): a batch
-                # that ran before its reply was lost is refused commit by commit.
-                failures += 1
-                if failures > _BATCH_RETRIES:
-                    raise
-                await asyncio.sleep(_BATCH_BACKOFF * 2 ** (failures - 1))
-                continue
-            if not isinstance(replies, list) or len(replies) != calls:
-                raise rexc.ResponseError(f"batch script returned {replies!r:.200} for {calls} calls")
-            return replies
+    async def _send(self, partition: int, batch: list[Sequence[Any]]) -> list[Any]:
+        flat: list[Any] = [len(batch)]
+        for args in batch:
+            flat += [len(args), *args]
+        if self._replicas:
+            replies = await resending(lambda: self._call_and_wait(partition, flat))
+        else:
+            # Resent as on a single server (see ``resending``): a batch that
+            # ran before its reply was lost is refused commit by commit.
+            replies = await resending(
+                lambda: call_script(self._client, self._keys, partition, self._source, self._sha, flat))
+        if not isinstance(replies, list) or len(replies) != len(batch):
+            raise rexc.ResponseError(f"batch script returned {replies!r:.200} for {len(batch)} calls")
+        return replies
 
     async def _call_and_wait(self, partition: int, flat: list[Any]) -> Any:
         """The batch, then WAIT on the same connection (a pipeline to the

@@ -8,16 +8,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from redis import exceptions as rexc
 
-__all__ = ("Line", "ScriptBatcher", "bulk", "pack_call", "pack_command", "run_script")
+__all__ = ("Line", "ScriptBatcher", "bulk", "pack_call", "pack_command", "resending", "run_script", "send_in_batches")
 
 #: Resends of a commit batch after a connection error or socket timeout, and
 #: the first backoff (doubled each time): what redis-py's retry did before.
 _BATCH_RETRIES = 2
 _BATCH_BACKOFF = 0.05
+
+T = TypeVar("T")
 
 
 class Line:
@@ -127,6 +129,65 @@ def pack_call(args: Sequence[Any]) -> tuple[int, bytes]:
     return len(args) + 1, b"".join(parts)
 
 
+async def send_in_batches(
+    queue: list[tuple[T, asyncio.Future[Any]]], max_batch: int, send: Callable[[list[T]], Awaitable[list[Any]]]
+) -> None:
+    """Send the calls in ``queue``, up to ``max_batch`` at a time, until it is
+    empty (callers append while a batch is on the wire). ``send`` returns one
+    reply per call, an exception for a call that failed; each is set on its
+    call's future. A call whose future is already done (its caller was
+    cancelled) is dropped unsent; a send that fails fails its whole batch;
+    cancelled, the calls still queued fail with ``ConnectionError``."""
+    try:
+        while queue:
+            batch = [call for call in queue[:max_batch] if not call[1].done()]
+            del queue[:max_batch]
+            if not batch:
+                continue
+            try:
+                replies = await send([item for item, _ in batch])
+            except BaseException as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc if isinstance(exc, Exception) else rexc.ConnectionError(
+                            "the batch was cancelled before its reply arrived"))
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            for (_, future), reply in zip(batch, replies, strict=True):
+                if not future.done():
+                    if isinstance(reply, Exception):
+                        future.set_exception(reply)
+                    else:
+                        future.set_result(reply)
+    finally:
+        for _, future in queue:
+            if not future.done():
+                future.set_exception(rexc.ConnectionError("closed before the call was sent"))
+        queue.clear()
+
+
+async def resending(send: Callable[[], Awaitable[T]]) -> T:
+    """``send()``, sent again after a lost connection or a socket timeout, up
+    to ``_BATCH_RETRIES`` times with a doubling backoff, as redis-py's retry
+    would: a batch that did run before its reply was lost is refused commit by
+    commit (its entries are acked), and a resent publish is deduped by its id.
+
+    Raises:
+        redis.exceptions.ConnectionError, redis.exceptions.TimeoutError: the
+            last attempt's.
+    """
+    failures = 0
+    while True:
+        try:
+            return await send()
+        except (rexc.ConnectionError, rexc.TimeoutError):
+            failures += 1
+            if failures > _BATCH_RETRIES:
+                raise
+            await asyncio.sleep(_BATCH_BACKOFF * 2 ** (failures - 1))
+
+
 class ScriptBatcher:
     """Runs a batch script for many concurrent callers, one round trip a batch.
 
@@ -145,7 +206,7 @@ class ScriptBatcher:
         self._sha = hashlib.sha1(source.encode()).hexdigest()
         self._max_batch = max_batch
         self._line = Line(client.connection_pool)
-        self._queue: list[tuple[tuple[int, bytes], int, asyncio.Future[Any]]] = []
+        self._queue: list[tuple[tuple[tuple[int, bytes], int], asyncio.Future[Any]]] = []
         self._sender: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -184,75 +245,41 @@ class ScriptBatcher:
         future: asyncio.Future[Any] = loop.create_future()
         # Packed here, in the caller's turn: RESP for the argument count and
         # the arguments (or the whole commands), ready to be joined into the batch.
-        self._queue.append((packed, replies, future))
+        self._queue.append(((packed, replies), future))
         return future
 
     async def _send_all(self) -> None:
         try:
-            while self._queue:
-                batch = [call for call in self._queue[: self._max_batch] if not call[2].done()]
-                del self._queue[: self._max_batch]
-                if not batch:
-                    continue
-                try:
-                    replies = await self._send(batch)
-                except BaseException as exc:
-                    for _, _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc if isinstance(exc, Exception) else rexc.ConnectionError(
-                                "the batch was cancelled before its reply arrived"))
-                    if not isinstance(exc, Exception):
-                        raise
-                    continue
-                for (_, _, future), reply in zip(batch, replies, strict=True):
-                    if not future.done():
-                        if isinstance(reply, Exception):
-                            future.set_exception(reply)
-                        else:
-                            future.set_result(reply)
+            await send_in_batches(self._queue, self._max_batch, self._send)
         finally:
             self._sender = None
-            if self._queue:  # cancelled with calls still waiting
-                for _, _, future in self._queue:
-                    if not future.done():
-                        future.set_exception(rexc.ConnectionError("closed before the call was sent"))
-                self._queue.clear()
 
-    async def _send(self, batch: list[tuple[tuple[int, bytes], int, asyncio.Future[Any]]]) -> list[Any]:
+    async def _send(self, batch: list[tuple[tuple[int, bytes], int]]) -> list[Any]:
         """One write: every queued plain command, then one EVALSHA for every
         script call; the replies, one per queued item, in queue order."""
-        plain = b"".join(packed for (_, packed), replies, _ in batch if replies)
-        expected = sum(replies for _, replies, _ in batch)
-        calls = [packed for packed, replies, _ in batch if not replies]
+        plain = b"".join(packed for (_, packed), replies in batch if replies)
+        expected = sum(replies for _, replies in batch)
+        calls = [packed for packed, replies in batch if not replies]
         script = b""
         if calls:
             script = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n0\r\n%s" % (
                 4 + sum(n for n, _ in calls), self._sha.encode(), bulk(len(calls)),
             )
             script = b"".join([script, *[resp for _, resp in calls]])
-        failures, loaded = 0, False
         answers: list[Any] = []
-        while True:
-            try:
-                if plain:
-                    answers = await self._line.send(plain + script, expected + bool(calls))
-                    plain = b""  # done: a resent script call must not send them again
-                elif calls:
-                    answers[expected:] = await self._line.send(script, 1)
-            except (rexc.ConnectionError, rexc.TimeoutError):
-                # Resent as redis-py's retry would: a batch that did run before
-                # its reply was lost is refused commit by commit (the entries
-                # are acked), and a resent publish is deduped by its id.
-                failures += 1
-                if failures > _BATCH_RETRIES:
-                    raise
-                await asyncio.sleep(_BATCH_BACKOFF * 2 ** (failures - 1))
-                continue
-            if calls and isinstance(answers[-1], rexc.NoScriptError) and not loaded:
-                await self._client.script_load(self._source)
-                loaded = True
-                continue
-            break
+
+        async def attempt() -> None:
+            nonlocal plain
+            if plain:
+                answers[:] = await self._line.send(plain + script, expected + bool(calls))
+                plain = b""  # done: a resent script call must not send them again
+            elif calls:
+                answers[expected:] = await self._line.send(script, 1)
+
+        await resending(attempt)
+        if calls and isinstance(answers[-1], rexc.NoScriptError):
+            await self._client.script_load(self._source)
+            await resending(attempt)
         out: list[Any] = []
         at = 0
         scripted = answers[expected] if calls else []
@@ -262,7 +289,7 @@ class ScriptBatcher:
             failed = rexc.ResponseError(f"batch script returned {scripted!r:.200} for {len(calls)} calls")
             scripted = [failed] * len(calls)
         replies_of_calls = iter(scripted)
-        for _, replies, _ in batch:
+        for _, replies in batch:
             if replies:
                 out.append(answers[at:at + replies])
                 at += replies
