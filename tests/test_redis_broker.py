@@ -85,7 +85,7 @@ async def test_unreadable_entries_are_dead_lettered_on_first_delivery(server: Re
 
 
 async def fetch_while_blocked(broker: RedisStreamsBroker, client: aioredis.Redis, action: Callable[[], object],
-                              limit: int = 10) -> list[Delivery]:
+                              limit: int = 10, timeout: float = 5) -> list[Delivery]:
     """A fetch that has read its streams to their end, with ``action`` run
     once it is blocked in XREAD (seen in CLIENT LIST)."""
     assert await broker.fetch("c", [G1], limit=1, timeout=0.1) == []
@@ -99,7 +99,7 @@ async def fetch_while_blocked(broker: RedisStreamsBroker, client: aioredis.Redis
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(act)
-        got = await broker.fetch("c", [G1], limit=limit, timeout=5)
+        got = await broker.fetch("c", [G1], limit=limit, timeout=timeout)
     return got
 
 
@@ -136,7 +136,7 @@ async def test_a_group_destroyed_under_a_blocked_fetch_is_recreated(server: Redi
             server.command("XGROUP", "DESTROY", f"choreo:{TOPIC}", G1.group)
             server.command("XADD", f"choreo:{TOPIC}", "*", "id", "m1", "body", "body-1")
 
-        assert await fetch_while_blocked(broker, client, destroy_and_add) == []
+        assert await fetch_while_blocked(broker, client, destroy_and_add, timeout=2) == []
         assert broker.group_recoveries == 1
         await broker.publish([msg(2)])
         assert [d.message_id for d in await collect(broker, "c", [G1], 1)] == ["m2"]
