@@ -280,6 +280,7 @@ async def main() -> None:
             ))
     rates: dict[str, list[float]] = {name: [] for name, _, _ in contenders}
     p50s: dict[str, list[float]] = {name: [] for name, _, _ in contenders}
+    p90s: dict[str, list[float]] = {name: [] for name, _, _ in contenders}
     lat: dict[str, list[float]] = {name: [] for name, _, _ in contenders}
     grown: dict[str, list[float]] = {name: [] for name, _, _ in contenders}
     cpu: dict[str, list[float]] = {name: [] for name, _, _ in contenders}
@@ -295,6 +296,7 @@ async def main() -> None:
                 grown[name].append(rss.grown)
                 sample = await latency(url + str(next(db) % 16), args.latency_events)
                 p50s[name].append(percentile(sample, 0.5))
+                p90s[name].append(percentile(sample, 0.9))
                 lat[name] += sample
             await server_flush(url)
             db = iter(range(16))
@@ -336,6 +338,9 @@ async def main() -> None:
               " ".join(f"({c / r:.2f}, {cl / rl:.2f})" for r, c, rl, cl in rounds))
         for name in rates:
             print(f"per round {name:<11} events/s: {' / '.join(f'{r:,.0f}' for r in rates[name])}")
+        for name in rates:
+            print(f"per round {name:<11} latency p50 / p90 ms: "
+                  + "  ".join(f"{a * 1000:.2f} / {b * 1000:.2f}" for a, b in zip(p50s[name], p90s[name], strict=True)))
 
 
 async def server_flush(url: str) -> None:

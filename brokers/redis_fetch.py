@@ -9,11 +9,12 @@ past ``max_deliveries``, and reports them for the log; entries whose id was
 already settled in the group come back marked as duplicates. When that reads
 every stream to its end it also reports each stream's last id. Between
 timers ``fetch`` reads without that script (``brokers.redis_reads``): one
-XREADGROUP per group from the client, and when the last read took every
-stream to its end, behind one XREAD BLOCK over all the streams from their
-tails on the same write, which Redis runs the moment the XREAD returns.
-Nothing that arrives in between is missed, and a delivery that trickles in
-costs one round trip (plus one for the duplicate marks).
+XREADGROUP per group from the client, then the duplicate marks; and when
+the last read took every stream to its end, one XREAD BLOCK over all the
+streams from their tails with the READ script behind it on the same write,
+which Redis runs the moment the XREAD returns: it reads, marks duplicates
+and dead-letters what cannot be handed out. Nothing that arrives in between
+is missed, and a delivery that trickles in costs one round trip.
 ``Delivery.entry_id`` is the stream entry id, prefixed with ``p:`` for entries
 of a private stream.
 

@@ -6,11 +6,19 @@ Lua values, then the script's own reply built from them. Measured under
 ``valgrind --tool=callgrind``, that conversion was the largest part of
 Redis's work per event. So while no timer is due and each stream's tail is
 known, ``fetch`` reads with one XREADGROUP per group over all of that group's
-streams (on one write, behind the blocking XREAD when it waits), and asks the
-small MARK script which message ids its groups already settled (ids only, no
-bodies). Entries that must not be handed out (a field missing, a body over
-the consumer's size limit) are dead-lettered by the BURY script, which fences
-on the lease like a commit and copies the entry from the stream itself.
+streams (on one write), and asks the small MARK script which message ids its
+groups already settled (ids only, no bodies). Entries that must not be handed
+out (a field missing, a body over the consumer's size limit) are
+dead-lettered by the BURY script, which fences on the lease like a commit and
+copies the entry from the stream itself.
+
+When it waits (every stream read to its end), the reads go behind a blocking
+XREAD instead, in the READ script (``brokers.redis_scripts``), which marks
+duplicates and dead-letters on the spot: a delivery that trickles in is then
+handed out in one round trip, not two. Only there: what wakes a wait is
+usually an entry or a few, while a read under load takes up to ``limit`` per
+stream, where the script's conversions would cost Redis more than
+XREADGROUP and MARK.
 
 Each XREADGROUP asks for ``limit`` entries per stream (COUNT bounds each
 stream, not the command): a share per group made the reads small when a
@@ -31,9 +39,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from redis import exceptions as rexc
+
 from brokers import redis_admin
 from brokers.base import DEAD_LETTER_KEPT, BrokerError, Delivery, log_dead_letter, new_delivery
 from brokers.redis_lines import Line, run_script
+from brokers.redis_scripts import SETTLED
 from brokers.redis_support import PRIVATE_TAG, Stream, slot
 
 __all__ = ("BURY", "MARK", "PlainReads", "stream_order")
@@ -45,30 +56,13 @@ log = logging.getLogger("brokers.redis")
 _MARK_TIMEOUT = 30.0
 
 # ARGV: per group: the group, the number of ids, the ids. Returns 1 (settled
-# in the group already) or 0 per id, in order: one HGET of the group's head and
-# one HMGET per dedupe bucket (the current one and the one before).
-MARK = r"""
+# in the group already) or 0 per id, in order.
+MARK = SETTLED + r"""
 local out = {}
 local at = 1
 while at <= #ARGV do
-  local group, n = ARGV[at], tonumber(ARGV[at + 1])
-  local flags = {}
-  for j = 1, n do flags[j] = 0 end
-  local head = redis.call('HGET', seen_head_key(group), 'n')
-  if head then
-    local b = tonumber(head)
-    for first = 1, n, 1000 do
-      local last = math.min(first + 999, n)
-      for _, bucket in ipairs({b, b - 1}) do
-        local key = seen_key(group, tostring(bucket))
-        local found = redis.call('HMGET', key, unpack(ARGV, at + 1 + first, at + 1 + last))
-        for j, value in ipairs(found) do
-          if value then flags[first + j - 1] = 1 end
-        end
-      end
-    end
-  end
-  for j = 1, n do out[#out + 1] = flags[j] end
+  local n = tonumber(ARGV[at + 1])
+  for _, flag in ipairs(settled(ARGV[at], ARGV, at + 2, n)) do out[#out + 1] = flag end
   at = at + 2 + n
 end
 return out
@@ -163,23 +157,13 @@ class PlainReads(redis_admin.RedisAdmin):
         groups: dict[str, list[Stream]] = {}
         for s in streams:
             groups.setdefault(s.group, []).append(s)
-        commands: list[tuple[Any, ...]] = []
         if block_ms:
-            tails = self._block_tails(streams)
-            assert tails is not None
-            commands.append(("XREAD", "COUNT", 1, "BLOCK", block_ms, "STREAMS", *tails, *tails.values()))
-        for group, members in groups.items():
-            keys = [s.key for s in members]
-            commands.append(("XREADGROUP", "GROUP", group, consumer, "COUNT", limit, "STREAMS",
-                             *keys, *[">"] * len(keys)))
-        # BLOCK is enforced by Redis; the outer timeout catches a dead connection
-        # (a blackholed one never answers; the connection is then closed).
-        async with asyncio.timeout(block_ms / 1000 + 5.0):
+            return await self._read_blocking(line, consumer, groups, limit, max_size, block_ms)
+        commands = [("XREADGROUP", "GROUP", group, consumer, "COUNT", limit, "STREAMS",
+                     *[s.key for s in members], *[">"] * len(members)) for group, members in groups.items()]
+        # A blackholed connection never answers: it is closed after 5 s.
+        async with asyncio.timeout(5.0):
             replies = await line.call(*commands)
-        woke = False
-        if block_ms:
-            woke = replies[0] is not None and not isinstance(replies[0], Exception)
-            replies = replies[1:]
         found: list[Delivery] = []
         asked: dict[str, list[bytes]] = {}  # message ids per group, in the order of ``found``
         bad: list[tuple[Stream, str, str]] = []
@@ -217,11 +201,61 @@ class PlainReads(redis_admin.RedisAdmin):
             await self._bury(consumer, bad)
         if found:
             found = await self._mark(line, found, asked)
+        self._keep_spill(consumer, found, limit)
+        return found, drained and not bad and not missing, False, missing
+
+    async def _read_blocking(
+        self, line: Line, consumer: str, groups: dict[str, list[Stream]], limit: int, max_size: int | None,
+        block_ms: int,
+    ) -> tuple[list[Delivery], bool, bool, list[Stream]]:
+        """``_read_plain`` behind an XREAD BLOCK from the known tails: the
+        reads, duplicate marks and dead letters in one READ script, which
+        Redis runs the moment the XREAD returns, so that an entry that
+        trickles in is handed out in one round trip. (Not for reads under
+        load: a script costs Redis more per entry than XREADGROUP and MARK.)"""
+        order = [s for members in groups.values() for s in members]
+        tails = self._block_tails(order)
+        assert tails is not None
+        script = self._scripts["READ"]
+        args: list[Any] = [consumer, limit, max_size or 0, DEAD_LETTER_KEPT]
+        for group, members in groups.items():
+            args += [group, len(members)]
+            for s in members:
+                args += [s.key, s.topic]
+        # BLOCK is enforced by Redis; the outer timeout catches a dead connection
+        # (a blackholed one never answers; the connection is then closed).
+        async with asyncio.timeout(block_ms / 1000 + 5.0):
+            waited, reply = await line.call(("XREAD", "COUNT", 1, "BLOCK", block_ms, "STREAMS", *tails,
+                                             *tails.values()), ("EVALSHA", script.sha, 0, *args))
+        woke = waited is not None and not isinstance(waited, Exception)
+        if isinstance(reply, rexc.NoScriptError):
+            # An emptied script cache: read again without blocking, with the script loaded.
+            await self._redis().script_load(script.script)
+            return [], False, woke, []
+        if isinstance(reply, Exception):
+            raise reply
+        out, last, full, buried, gone = reply
+        for index, entry in enumerate(last):
+            if entry:
+                self._tails[slot(order[index])] = entry.decode()
+        for index, entry, reason in buried:
+            s = order[index - 1]
+            log_dead_letter(log, s.topic, s.group, (PRIVATE_TAG if s.private else "") + entry.decode(), reason.decode())
+        found: list[Delivery] = []
+        for index, entry, mid, body, duplicate in out:
+            s = order[index - 1]
+            found.append(new_delivery(s.topic, s.group, consumer, (PRIVATE_TAG if s.private else "") + entry.decode(),
+                                      mid.decode("utf-8", "replace"), body, 1, duplicate == 1))
+        self._keep_spill(consumer, found, limit)
+        missing = [order[index - 1] for index in gone]
+        return found, not full and not buried and not missing, woke, missing
+
+    def _keep_spill(self, consumer: str, found: list[Delivery], limit: int) -> None:
+        """Move what ``found`` holds past ``limit`` to ``consumer``'s spill."""
         if len(found) > limit:
             now = time.monotonic()
             self._spill.setdefault(consumer, []).extend((now, d) for d in found[limit:])
             del found[limit:]
-        return found, drained and not bad and not missing, woke, missing
 
     async def _mark(self, line: Line, found: list[Delivery], asked: dict[str, list[bytes]]) -> list[Delivery]:
         """``found`` with each delivery whose message id was already settled in

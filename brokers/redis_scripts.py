@@ -1,5 +1,5 @@
 """Lua sources of the Redis Streams adapter's delivery path (see
-``brokers.redis_streams``): the shared helpers and FETCH. The commit
+``brokers.redis_streams``): the shared helpers, FETCH and READ. The commit
 script is in ``brokers.redis_commit``, lease renewal's in
 ``brokers.redis_leases``, the operations scripts are in ``brokers.redis_admin``.
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from brokers.redis_keys import Keys
 
-__all__ = ("COMMON", "FETCH", "render")
+__all__ = ("COMMON", "FETCH", "READ", "SETTLED", "render")
 
 
 def render(keys: Keys, source: str, *, bucket_cap: int = 1) -> str:
@@ -239,4 +239,105 @@ if drained and remaining > 0 and #missing == 0 then
   end
 end
 return {out, read_any, missing, cursors, tails, next_due, buried}
+"""
+
+# Which message ids a group settled already, for the scripts that mark
+# duplicates without reading (MARK) and while reading (READ).
+SETTLED = r"""
+-- Per id of ``list[from .. from + n - 1]``, 1 if ``group`` settled it already,
+-- else 0: one HGET of the group's head and one HMGET per dedupe bucket (the
+-- current one and the one before) and thousand ids.
+local function settled(group, list, from, n)
+  local flags = {}
+  for j = 1, n do flags[j] = 0 end
+  local head = redis.call('HGET', seen_head_key(group), 'n')
+  if head then
+    local b = tonumber(head)
+    for first = 1, n, 1000 do
+      local last = math.min(first + 999, n)
+      for _, bucket in ipairs({b, b - 1}) do
+        local found = redis.call('HMGET', seen_key(group, tostring(bucket)),
+                                 unpack(list, from + first - 1, from + last - 1))
+        for j, value in ipairs(found) do
+          if value then flags[first + j - 1] = 1 end
+        end
+      end
+    end
+  end
+  return flags
+end
+"""
+
+# ARGV: consumer, limit, max_size (0: none), bytes kept of an oversized entry,
+# then per group: the group, its number of streams, and per stream its key
+# and topic. One XREADGROUP per group (COUNT ``limit`` per stream), as a
+# plain read sends it, with the duplicate marks of MARK and the dead letters
+# of BURY done on the spot: queued behind a blocking XREAD, an entry that
+# wakes it is handed out in that one round trip.
+# Returns {deliveries, last, full, buried, missing}: each delivery is
+# {stream index, entry id, message id, body, duplicate}; last holds per
+# stream (in ARGV order) the last entry id read, '' if none; full is 1 if a
+# stream gave ``limit`` entries; buried lists {stream index, entry id,
+# reason} dead-lettered here; missing, the indexes of streams whose group
+# is gone (NOGROUP).
+READ = COMMON + SETTLED + r"""
+local consumer, limit, max_size, keep = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local out, last, full, buried, missing = {}, {}, 0, {}, {}
+local now = false
+local first, at = 0, 5
+while at <= #ARGV do
+  local group, n = ARGV[at], tonumber(ARGV[at + 1])
+  local args, index, topics = {'GROUP', group, consumer, 'COUNT', limit, 'STREAMS'}, {}, {}
+  for j = 1, n do
+    local key = ARGV[at + 2 * j]
+    args[6 + j], args[6 + n + j] = key, '>'
+    index[key], topics[first + j] = first + j, ARGV[at + 2 * j + 1]
+    last[first + j] = ''
+  end
+  local r = redis.pcall('XREADGROUP', unpack(args))
+  if type(r) == 'table' and r.err then
+    if string.sub(r.err, 1, 7) ~= 'NOGROUP' then return r end
+    for j = 1, n do missing[#missing + 1] = first + j end
+  elseif r then
+    local ids, rows = {}, {}
+    for _, stream in ipairs(r) do
+      local i, entries = index[stream[1]], stream[2]
+      if #entries >= tonumber(limit) then full = 1 end
+      if #entries > 0 then last[i] = entries[#entries][1] end
+      for _, entry in ipairs(entries) do
+        local eid, flat = entry[1], entry[2]
+        local mid, body
+        if #flat == 4 and flat[1] == 'id' and flat[3] == 'body' then
+          mid, body = flat[2], flat[4]
+        else
+          for k = 1, #flat - 1, 2 do
+            if flat[k] == 'id' then mid = flat[k + 1] elseif flat[k] == 'body' then body = flat[k + 1] end
+          end
+        end
+        local reason
+        if mid == nil then
+          reason = 'unreadable entry: missing field "id"'
+        elseif body == nil then
+          reason = 'unreadable entry: missing field "body"'
+        elseif max_size > 0 and #body > max_size then
+          reason = 'oversized entry: ' .. #body .. ' bytes, over the ' .. max_size .. '-byte limit'
+        end
+        if reason then
+          now = now or now_ms()
+          dead_letter(topics[i], group, mid or false, body or '', reason, 1, now, keep)
+          redis.call('XACK', stream[1], group, eid)
+          buried[#buried + 1] = {i, eid, reason}
+        else
+          out[#out + 1] = {i, eid, mid, body, 0}
+          ids[#ids + 1], rows[#rows + 1] = mid, #out
+        end
+      end
+    end
+    if #ids > 0 then
+      for j, flag in ipairs(settled(group, ids, 1, #ids)) do out[rows[j]][5] = flag end
+    end
+  end
+  first, at = first + n, at + 2 + 2 * n
+end
+return {out, last, full, buried, missing}
 """

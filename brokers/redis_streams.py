@@ -195,7 +195,8 @@ class RedisStreamsBroker(PartitionedFetch, RedisDeadLetters, RedisLeases):
         else:
             client, reader = await open_clients(self._redis_url, self.url)
             self._client, self._reader = client, reader
-        sources = {"FETCH": lua.FETCH, "EXTEND": EXTEND, "REPLAY": REPLAY, "MARK": MARK, "BURY": lua.COMMON + BURY,
+        sources = {"FETCH": lua.FETCH, "EXTEND": EXTEND, "REPLAY": REPLAY, "MARK": MARK, "READ": lua.READ,
+                   "BURY": lua.COMMON + BURY,
                    "BACKLOG": redis_admin.BACKLOG, "LIST_STATE": redis_admin.LIST_STATE, "TRIM": redis_retention.TRIM}
         # Rendered once here: the scripts name their keys with this layout's functions.
         # dedupe_max bounds a group: on a cluster each partition's buckets take an even share.

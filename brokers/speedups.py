@@ -39,7 +39,13 @@ so compare the pairs, not machines), instructions with callgrind.
   times per fetch and group.
 * ``choreo.worker.Runtime._consume`` makes each delivery's task with
   ``asyncio.Task(coro, loop=loop)`` when the loop is asyncio's own without
-  a task factory, skipping ``loop.create_task``'s Python frame.
+  a task factory, skipping ``loop.create_task``'s Python frame (and
+  ``asyncio.create_task``'s ``getpid()`` per call on Linux).
+* ``choreo.worker.Runtime._consume`` yields twice after starting handlers,
+  so that their first steps run and the commit batch they queue is written
+  before its next fetch writes the wait for more: written first, that wait
+  woke Redis while the handlers still ran, and an idle 3-hop chain on Redis
+  took about a fifth longer at p50 (``bench/README.md``, "Idle latency").
 * ``choreo.codec`` checks a decoded envelope's type name against the names
   seen before and its optional ids inline, before calling the full checks:
   61,400 instructions per ``decode_event`` of a 305-byte event down to

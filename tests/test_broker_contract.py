@@ -394,6 +394,50 @@ async def test_a_duplicate_can_still_be_dead_lettered(broker: Broker) -> None:
     assert (await broker.backlog([G1]))[0].idle
 
 
+async def fetch_while_waiting(broker: Broker, subs: Sequence[Subscription], *messages: Message,
+                              max_size: int | None = None) -> list[Delivery]:
+    """A fetch that has read every subscription to its end and waits when
+    ``messages`` are published (on Redis: blocked in XREAD)."""
+    await assert_nothing(broker, "c", subs)
+
+    async def publish_later() -> None:
+        await anyio.sleep(0.2)  # the messages must arrive while the fetch waits
+        await broker.publish(list(messages))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(publish_later)
+        got = await broker.fetch("c", subs, limit=10, timeout=5, max_size=max_size)
+    return got
+
+
+async def test_a_duplicate_arriving_while_a_fetch_waits_is_handed_out_marked(broker: Broker) -> None:
+    """The wait that wakes on new entries marks duplicates as a plain read does."""
+    await broker.subscribe([G1])
+    await broker.publish([msg(1)])
+    (first,) = await collect(broker, "c", [G1], 1)
+    assert await broker.commit(first) is CommitStatus.OK
+    got = await fetch_while_waiting(broker, [G1], msg(1), msg(2))
+    got += await collect(broker, "c", [G1], 2 - len(got))
+    assert [(d.message_id, d.duplicate, d.body) for d in got] == [("m1", True, b"body-1"), ("m2", False, b"body-2")]
+    assert [await broker.commit(d) for d in got] == [CommitStatus.DUPLICATE, CommitStatus.OK]
+    assert (await broker.backlog([G1]))[0].idle
+
+
+async def test_an_oversized_message_arriving_while_a_fetch_waits_is_dead_lettered(broker: Broker) -> None:
+    """The wait that wakes on new entries dead-letters what is over the
+    consumer's size limit, with its reason, and hands out the rest."""
+    await broker.subscribe([G1])
+    big = Message(TOPIC, "big", b"x" * 200)
+    got = await fetch_while_waiting(broker, [G1], big, msg(1), max_size=100)
+    got += await collect(broker, "c", [G1], 1 - len(got))
+    assert [d.message_id for d in got] == ["m1"]
+    assert await broker.commit(got[0]) is CommitStatus.OK
+    [dead] = await broker.dead_letters()
+    assert (dead.message_id, dead.group, dead.deliveries) == ("big", G1.group, 1)
+    assert dead.reason == "oversized entry: 200 bytes, over the 100-byte limit"
+    assert (await broker.backlog([G1]))[0].idle
+
+
 # -- where a new group starts --------------------------------------------------
 
 

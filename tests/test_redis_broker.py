@@ -11,11 +11,12 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+import anyio
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import NoPermissionError
 
-from brokers import BrokerError, CommitStatus, Message, Subscription
+from brokers import BrokerError, CommitStatus, Delivery, Message, Subscription
 from brokers.redis_streams import RedisStreamsBroker
 from tests.deliveries import collect
 from tests.redis_server import RedisServer
@@ -81,6 +82,83 @@ async def test_unreadable_entries_are_dead_lettered_on_first_delivery(server: Re
         assert {(r.topic, r.group) for r in records} == {(TOPIC, G1.group)}
         (backlog,) = await broker.backlog([G1])
         assert backlog.idle
+
+
+async def fetch_while_blocked(broker: RedisStreamsBroker, client: aioredis.Redis, action: Callable[[], object],
+                              limit: int = 10, timeout: float = 5) -> list[Delivery]:
+    """A fetch that has read its streams to their end, with ``action`` run
+    once it is blocked in XREAD (seen in CLIENT LIST)."""
+    assert await broker.fetch("c", [G1], limit=1, timeout=0.1) == []
+
+    async def act() -> None:
+        deadline = time.monotonic() + 5
+        while not any(c["cmd"] == "xread" for c in await client.client_list()):
+            assert time.monotonic() < deadline, "the fetch never blocked"
+            await anyio.sleep(0.01)
+        action()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(act)
+        got = await broker.fetch("c", [G1], limit=limit, timeout=timeout)
+    return got
+
+
+async def test_unreadable_entries_arriving_while_a_fetch_is_blocked_are_dead_lettered(server: RedisServer) -> None:
+    """Entries without ``body`` or ``id`` that wake a blocked fetch are
+    dead-lettered at once, with their reason; the good one is handed out."""
+    async with connected(server.url) as broker, raw(server) as client:
+        await broker.subscribe([G1])
+
+        def add() -> None:
+            server.command("EVAL", "redis.call('XADD', KEYS[1], '*', 'id', 'no-body');"
+                           "redis.call('XADD', KEYS[1], '*', 'body', 'no-id');"
+                           "redis.call('XADD', KEYS[1], '*', 'id', 'm1', 'body', 'body-1')", "1", f"choreo:{TOPIC}")
+
+        got = await fetch_while_blocked(broker, client, add)
+        got += await collect(broker, "c", [G1], 1 - len(got))
+        assert [(d.message_id, d.body, d.duplicate) for d in got] == [("m1", b"body-1", False)]
+        assert await broker.commit(got[0]) is CommitStatus.OK
+        records = await broker.dead_letters()
+        assert [(r.topic, r.group, r.message_id, r.body, r.reason, r.deliveries) for r in records] == [
+            (TOPIC, G1.group, "no-body", b"", 'unreadable entry: missing field "body"', 1),
+            (TOPIC, G1.group, None, b"no-id", 'unreadable entry: missing field "id"', 1),
+        ]
+        assert (await broker.backlog([G1]))[0].idle
+
+
+async def test_a_group_destroyed_under_a_blocked_fetch_is_recreated(server: RedisServer) -> None:
+    """NOGROUP met by the reads behind a blocked XREAD recreates the group;
+    what is published after flows."""
+    async with connected(server.url) as broker, raw(server) as client:
+        await broker.subscribe([G1])
+
+        def destroy_and_add() -> None:
+            server.command("XGROUP", "DESTROY", f"choreo:{TOPIC}", G1.group)
+            server.command("XADD", f"choreo:{TOPIC}", "*", "id", "m1", "body", "body-1")
+
+        assert await fetch_while_blocked(broker, client, destroy_and_add, timeout=2) == []
+        assert broker.group_recoveries == 1
+        await broker.publish([msg(2)])
+        assert [d.message_id for d in await collect(broker, "c", [G1], 1)] == ["m2"]
+
+
+async def test_entries_past_the_limit_of_a_woken_fetch_are_handed_out_next(server: RedisServer) -> None:
+    """A blocked fetch woken by more entries than its limit hands out the
+    limit; the rest come with the next fetches, none twice, none lost."""
+    async with connected(server.url) as broker, raw(server) as client:
+        await broker.subscribe([G1])
+
+        def add() -> None:
+            server.command("EVAL", "for n = 1, 5 do redis.call('XADD', KEYS[1], '*', 'id', 'm' .. n, 'body', 'b') end",
+                           "1", f"choreo:{TOPIC}")
+
+        got = await fetch_while_blocked(broker, client, add, limit=2)
+        assert len(got) == 2
+        got += await collect(broker, "c", [G1], 3)
+        assert [d.message_id for d in got] == ["m1", "m2", "m3", "m4", "m5"]
+        for delivery in got:
+            assert await broker.commit(delivery) is CommitStatus.OK
+        assert (await broker.backlog([G1]))[0].idle
 
 
 async def test_flushall_recreates_groups_and_keeps_consuming(server: RedisServer) -> None:
