@@ -32,10 +32,15 @@ class Line:
     wait for new entries, the commit batch), so it writes its packed commands
     here directly. The connection (re)connects on first use; any failure but
     an error reply closes it, so a reply can never be read by the wrong call.
+    The pool's socket timeout bounds each exchange as a whole (its write and
+    all its replies): redis-py would run every write under ``wait_for``, a
+    task of its own and a turn of the loop per call.
     """
 
     def __init__(self, pool: Any) -> None:
         self._connection = pool.make_connection()
+        self._timeout: float | None = self._connection.socket_timeout
+        self._connection.socket_timeout = None
         self.busy = False
 
     async def call(self, *commands: Sequence[Any]) -> list[Any]:
@@ -54,14 +59,18 @@ class Line:
         connection = self._connection
         self.busy = True
         try:
-            await connection.send_packed_command(packed)
-            out: list[Any] = []
-            for _ in range(replies):
-                try:
-                    out.append(await connection.read_response())
-                except rexc.ResponseError as exc:  # read in full: the connection is still in step
-                    out.append(exc)
+            async with asyncio.timeout(self._timeout):
+                await connection.send_packed_command(packed)
+                out: list[Any] = []
+                for _ in range(replies):
+                    try:
+                        out.append(await connection.read_response())
+                    except rexc.ResponseError as exc:  # read in full: the connection is still in step
+                        out.append(exc)
             return out
+        except TimeoutError:  # this exchange's own timeout (a caller's cancels it instead)
+            await connection.disconnect(nowait=True)
+            raise rexc.TimeoutError(f"no reply from Redis within {self._timeout} s") from None
         except BaseException:
             await connection.disconnect(nowait=True)
             raise
