@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from brokers.redis_keys import Keys
 
-__all__ = ("COMMON", "FETCH", "READ", "SETTLED", "render")
+__all__ = ("COMMON", "FETCH", "READ", "SETTLED", "UNREADABLE", "render")
 
 
 def render(keys: Keys, source: str, *, bucket_cap: int = 1) -> str:
@@ -78,7 +78,20 @@ end
 # duplicate}; tails (each stream's last entry id) only if every stream was
 # read to its end; buried lists what this call dead-lettered, each as
 # {topic, group, entry id, reason}, for the caller to log.
-FETCH = COMMON + r"""
+# Why an entry read for the first time may not be handed out, if so: the
+# same reasons, in the same words, as ``brokers.redis_reads._unreadable``.
+UNREADABLE = r"""
+local function unreadable(mid, body, max_size)
+  if mid == nil then return 'unreadable entry: missing field "id"' end
+  if body == nil then return 'unreadable entry: missing field "body"' end
+  if max_size > 0 and #body > max_size then
+    return 'oversized entry: ' .. #body .. ' bytes, over the ' .. max_size .. '-byte limit'
+  end
+  return nil
+end
+"""
+
+FETCH = COMMON + UNREADABLE + r"""
 local consumer = ARGV[1]
 local remaining = tonumber(ARGV[2])
 local max_deliveries = tonumber(ARGV[3])
@@ -128,15 +141,9 @@ local function examine(index, s, eid, flat, count)
   for i = 1, #flat, 2 do
     if flat[i] == 'id' then mid = flat[i + 1] elseif flat[i] == 'body' then body = flat[i + 1] end
   end
-  local reason
-  if mid == nil then
-    reason = 'unreadable entry: missing field "id"'
-  elseif body == nil then
-    reason = 'unreadable entry: missing field "body"'
-  elseif max_size > 0 and #body > max_size then
-    -- Redis hands a script whole entries, but the consumer never gets this one.
-    reason = 'oversized entry: ' .. #body .. ' bytes, over the ' .. max_size .. '-byte limit'
-  elseif count > max_deliveries then
+  -- Redis hands a script whole entries, but the consumer never gets an oversized one.
+  local reason = unreadable(mid, body, max_size)
+  if reason == nil and count > max_deliveries then
     reason = 'max deliveries exceeded'
     count = count - 1
   end
@@ -280,7 +287,7 @@ end
 # stream gave ``limit`` entries; buried lists {stream index, entry id,
 # reason} dead-lettered here; missing, the indexes of streams whose group
 # is gone (NOGROUP).
-READ = COMMON + SETTLED + r"""
+READ = COMMON + SETTLED + UNREADABLE + r"""
 local consumer, limit, max_size, keep = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local out, last, full, buried, missing = {}, {}, 0, {}, {}
 local now = false
@@ -314,14 +321,7 @@ while at <= #ARGV do
             if flat[k] == 'id' then mid = flat[k + 1] elseif flat[k] == 'body' then body = flat[k + 1] end
           end
         end
-        local reason
-        if mid == nil then
-          reason = 'unreadable entry: missing field "id"'
-        elseif body == nil then
-          reason = 'unreadable entry: missing field "body"'
-        elseif max_size > 0 and #body > max_size then
-          reason = 'oversized entry: ' .. #body .. ' bytes, over the ' .. max_size .. '-byte limit'
-        end
+        local reason = unreadable(mid, body, max_size)
         if reason then
           now = now or now_ms()
           dead_letter(topics[i], group, mid or false, body or '', reason, 1, now, keep)
