@@ -179,8 +179,8 @@ class PartitionedFetch(RedisFetch):
             raise failed
         # A late reply may bring more than this fetch has room for: the rest waits for the next.
         if len(found) > limit:
-            self._spill.setdefault(consumer, []).extend((now, d) for d in found[limit:])
-            return found[:limit], []
+            self._keep_spill(consumer, found, limit)
+            return found, []
         return found, [p for p in full if p in chosen] if found and len(found) < limit else []
 
     def _note_down(self, name: str, exc: BaseException) -> None:

@@ -308,7 +308,7 @@ def _fields(fields: Any) -> tuple[bytes | None, bytes | None]:
 
 def _unreadable(mid: bytes | None, body: bytes | None, max_size: int | None) -> str | None:
     """Why an entry read for the first time may not be handed out, if so
-    (the same reasons, in the same words, as the FETCH script's)."""
+    (the same reasons, in the same words, as the scripts' ``unreadable``)."""
     if mid is None:
         return 'unreadable entry: missing field "id"'
     if body is None:
