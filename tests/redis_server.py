@@ -14,10 +14,40 @@ import time
 from pathlib import Path
 
 
+def _ephemeral_low() -> int:
+    """The first port the kernel hands to outgoing connections and to bind(0)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_PORTS_LOW = 12000
+_PORTS_HIGH = max(_PORTS_LOW + 2000, _ephemeral_low())
+_next_port = _PORTS_LOW + (os.getpid() * 7919) % (_PORTS_HIGH - _PORTS_LOW)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on, below the kernel's ephemeral range.
+
+    A port from bind(0) is one the kernel also hands to outgoing connections:
+    between choosing it and a server binding it, a client socket of the same
+    suite could take it ("Address already in use"). Ports below that range
+    are only ever taken by listeners, and this process never hands one out
+    twice.
+    """
+    global _next_port
+    for _ in range(_PORTS_HIGH - _PORTS_LOW):
+        port = _next_port
+        _next_port = _PORTS_LOW + (_next_port + 1 - _PORTS_LOW) % (_PORTS_HIGH - _PORTS_LOW)
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 class RedisServer:
