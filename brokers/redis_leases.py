@@ -23,7 +23,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from brokers.base import Delivery
+from brokers.base import BrokerError, Delivery
 from brokers.redis_admin import _Host
 from brokers.redis_scripts import COMMON
 
@@ -70,8 +70,9 @@ class RedisLeases:
         ``_BATCH`` deliveries), all partitions at once.
 
         Raises:
-            BrokerError: a call failed (after every call was made: the
-                renewals of the others took effect).
+            BrokerError: a call failed, after every call was made; its
+                message says how many deliveries were not renewed (the
+                others were).
         """
         return await _extend(self, deliveries)
 
@@ -89,11 +90,17 @@ async def _extend(host: _Renewing, deliveries: Sequence[Delivery]) -> list[bool]
         return_exceptions=True,
     )
     renewed = [False] * len(deliveries)
+    failed: list[tuple[int, BaseException]] = []
     for (_, chunk), reply in zip(calls, replies, strict=True):
         if isinstance(reply, BaseException):
-            raise reply
+            failed.append((len(chunk), reply))
+            continue
         for index, held in zip(chunk, reply, strict=True):
             renewed[index] = bool(held)
+    if failed:
+        # Say how many were not renewed: the calls to other partitions took effect.
+        missed, first = sum(count for count, _ in failed), failed[0][1]
+        raise BrokerError(f"{missed} of {len(deliveries)} leases not renewed: {first}") from first
     return renewed
 
 

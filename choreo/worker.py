@@ -267,7 +267,7 @@ class Runtime:
                 if held:
                     await self.broker.extend_many(held)
             except Exception as exc:
-                log.warning("could not renew the lease on %d deliveries: %s", len(held), exc)
+                log.warning("lease renewal of %d deliveries failed: %s", len(held), exc)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking work, drain in-flight handlers for ``grace`` seconds,
