@@ -221,16 +221,27 @@ class RedisFetch(PlainReads):
             except Exception as exc:
                 self._drained.clear()
                 self._tails.clear()
-                if self._client is None:
-                    return []  # closed while waiting
-                # A periodic trim wraps its error like any other call.
-                cause = exc.__cause__ if isinstance(exc, BrokerError) and exc.__cause__ else exc
-                if not is_transient(cause):
-                    if isinstance(exc, rexc.RedisError):
-                        raise BrokerError(f"fetch failed on {self.url}: {type(exc).__name__}: {exc}") from exc
-                    raise
-                await self._outage.pause(cause, deadline - time.monotonic())
-                return []
+                return await self._fetch_failed(exc, deadline)
+
+    async def _fetch_failed(self, exc: Exception, deadline: float) -> list[Delivery]:
+        """What a fetch that raised ``exc`` returns: ``[]`` once the broker is
+        closed, or after backing off an outage (logged once per outage) until
+        ``deadline`` at most.
+
+        Raises:
+            BrokerError: ``exc`` is not transient: a Redis error, wrapped.
+            Exception: ``exc`` itself, when it is neither transient nor a Redis error.
+        """
+        if self._client is None:
+            return []  # closed while waiting
+        # A periodic trim wraps its error like any other call.
+        cause = exc.__cause__ if isinstance(exc, BrokerError) and exc.__cause__ else exc
+        if not is_transient(cause):
+            if isinstance(exc, rexc.RedisError):
+                raise BrokerError(f"fetch failed on {self.url}: {type(exc).__name__}: {exc}") from exc
+            raise exc
+        await self._outage.pause(cause, deadline - time.monotonic())
+        return []
 
     def _free_line(self) -> Line:
         for line in self._lines:

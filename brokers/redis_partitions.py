@@ -18,10 +18,10 @@ from typing import Any
 
 from redis import exceptions as rexc
 
-from brokers.base import BrokerError, Delivery, Subscription
+from brokers.base import Delivery, Subscription
 from brokers.redis_cluster import call_script
 from brokers.redis_fetch import _DELAYED_POLL, _TRIM_INTERVAL, RedisFetch, log
-from brokers.redis_support import _LOG_EVERY, Stream, is_transient
+from brokers.redis_support import _LOG_EVERY, Stream
 
 __all__ = ("PartitionedFetch",)
 
@@ -97,15 +97,7 @@ class PartitionedFetch(RedisFetch):
                     found += got
                 self._outage.ended()
             except Exception as exc:
-                if self._client is None:
-                    return []  # closed while waiting
-                cause = exc.__cause__ if isinstance(exc, BrokerError) and exc.__cause__ else exc
-                if not is_transient(cause):
-                    if isinstance(exc, rexc.RedisError):
-                        raise BrokerError(f"fetch failed on {self.url}: {type(exc).__name__}: {exc}") from exc
-                    raise
-                await self._outage.pause(cause, deadline - time.monotonic())
-                return []
+                return await self._fetch_failed(exc, deadline)
             if found:
                 return found
             unread -= len(chosen)
