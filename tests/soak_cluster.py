@@ -28,14 +28,11 @@ group across all partitions).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import json
 import random
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -45,10 +42,10 @@ from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.cluster import RedisCluster as ClusterClient
 
 from brokers.redis_keys import Keys
-from choreo import Event
-from choreo.worker import run
 from tests.redis_cluster import RedisCluster
-from tests.soak import JOB, LEDGER_GROUP, MASK, Figures, start_worker
+from tests.soak import Figures, Ledger, publish_jobs, start_worker
+from tests.soak_common import LEDGER_GROUP, Clock, Log, Workers, arguments, report, settle
+from tests.soak_common import log as stderr_log
 from tests.worker_process import WorkerProcess
 
 KEYS = Keys("choreo", 16)
@@ -73,6 +70,10 @@ class ClusterFigures(Figures):
         late = [total for counted, total in totals if counted >= self.events // 2]
         return bool(early and late) and max(late) <= 1.25 * max(early)
 
+    @property
+    def clean(self) -> bool:
+        return super().clean and self.flat
+
     def memory_line(self) -> str:
         cells = [f"{counted // 1000}k {sum(used.values()) / 2**20:.0f}" for counted, used in self.memory]
         return f"masters' used_memory MiB by effects: {', '.join(cells)}; flat after warm-up: {self.flat}"
@@ -92,9 +93,8 @@ async def masters_memory(cluster: RedisCluster) -> dict[int, int]:
     return used
 
 
-class Ledger:
-    """Counts ``lab.done`` effects per job number, read through a consumer
-    group on each partition's stream.
+class ClusterLedger(Ledger):
+    """The Redis soak's ledger on each partition's ``lab.done`` stream.
 
     Its own client may be left stuck by a master kill (redis-py's cluster
     client, no timeouts of its own): every call has a deadline, and after a
@@ -103,13 +103,11 @@ class Ledger:
     skipping those counted whose ack was not confirmed.
     """
 
-    def __init__(self, connect: Callable[[], Any], events: int, log: Any = print) -> None:
+    def __init__(self, connect: Callable[[], Any], events: int, log: Log = print) -> None:
+        super().__init__(connect(), events)
         self.connect = connect
-        self.client = connect()
         self.log = log
         self.quiet_until = 0.0
-        self.counts = bytearray(events)
-        self.total = 0
         self.streams = [KEYS.stream("lab.done", p) for p in range(KEYS.count)]
         self.recover: set[str] = set()
         self.unacked: dict[str, set[bytes]] = {key: set() for key in self.streams}
@@ -148,10 +146,7 @@ class Ledger:
         for entry_id, fields in entries:
             if entry_id in self.unacked[key]:
                 continue  # counted before its ack failed
-            match = JOB.search(fields[b"body"])
-            job = int(match.group(1)) if match else int(json.loads(fields[b"body"])["data"]["job"])
-            if self.counts[job] < 255:
-                self.counts[job] += 1
+            self.take(fields[b"body"])
             counted += 1
         ids = [entry_id for entry_id, _ in entries]
         self.unacked[key].update(ids)
@@ -161,12 +156,6 @@ class Ledger:
         self.unacked[key].difference_update(ids)
         self.total -= counted
         return counted
-
-    def missing(self) -> int:
-        return self.counts.count(0)
-
-    def double(self) -> int:
-        return len(self.counts) - self.counts.count(0) - self.counts.count(1)
 
 
 async def drained(client: Any) -> bool:
@@ -188,7 +177,7 @@ async def drained(client: Any) -> bool:
     return True
 
 
-async def restart_worker(url: str, log: Any) -> WorkerProcess:
+async def restart_worker(url: str, log: Log) -> WorkerProcess:
     """A fresh worker, started again while it fails: one started during the
     master kill's failover may find the partition count's master down (as a
     process supervisor would, it is started again)."""
@@ -202,7 +191,7 @@ async def restart_worker(url: str, log: Any) -> WorkerProcess:
 
 
 async def soak(
-    events: int, *, seed: int, kill_every: float, batch: int, log: Any, sample: int = 50_000,
+    events: int, *, seed: int, kill_every: float, batch: int, log: Log, sample: int = 50_000,
 ) -> ClusterFigures:
     rng = random.Random(seed)
     figures = ClusterFigures(events)
@@ -216,65 +205,28 @@ async def soak(
                              socket_timeout=5, socket_connect_timeout=2)
 
     client = connect()
-    workers: list[WorkerProcess] = []
-    retired: list[WorkerProcess] = []
+    workers = Workers(figures, lambda: asyncio.to_thread(start_worker, url), rng=rng, kill_every=kill_every,
+                      restart=lambda: restart_worker(url, log))
     try:
-        ledger = Ledger(connect, events, log)
+        ledger = ClusterLedger(connect, events, log)
         await ledger.setup()
-        workers = [await asyncio.to_thread(start_worker, url) for _ in range(2)]
-        started = time.monotonic()
-        done_publishing = asyncio.Event()
-        publish_end: list[float] = []
+        await workers.start()
+        clock = Clock(log)
 
         async def produce() -> None:
-            async with run(broker=url) as producer:
-                later: list[Event] = []
-                n = 0
-                while n < events or later:
-                    while figures.published - figures.duplicates - ledger.total > 20 * batch:
-                        await asyncio.sleep(0.01)
-                    jobs = [Event(type="lab.job", data={"job": n + i}) for i in range(min(batch, events - n))]
-                    n += len(jobs)
-                    dupes = [e for e in jobs if rng.random() < 0.01]
-                    outgoing = jobs + later
-                    while True:
-                        try:
-                            await producer.commit([(e, None) for e in outgoing])
-                            break
-                        except Exception as exc:  # a master failing over: publish again, dedupe absorbs it
-                            log(f"publish retried: {type(exc).__name__}")
-                            await asyncio.sleep(0.2)
-                    figures.published += len(outgoing)
-                    figures.duplicates += len(later)
-                    later = dupes if jobs else []
-            publish_end.append(time.monotonic())
-            done_publishing.set()
+            await publish_jobs(url, figures, ledger, batch=batch, rng=rng, log=log)
+            clock.published()
 
-        async def chaos() -> None:
-            killed_master = False
-            turn = 0
-            next_kill = time.monotonic() + kill_every * rng.uniform(0.75, 1.25)
-            while not done_publishing.is_set():
-                await asyncio.sleep(0.05)
-                if not killed_master and ledger.total >= events // 3:
-                    killed_master = True
-                    port = cluster.master_ports()[rng.randrange(3)]
-                    log(f"killing the master on port {port}")
-                    cluster.node(port).kill()
-                    figures.freezes += 1
-                if time.monotonic() >= next_kill:
-                    victim = workers[turn % 2]
-                    victim.kill()
-                    figures.kills += 1
-                    retired.append(victim)
-                    workers[turn % 2] = await restart_worker(url, log)
-                    turn += 1
-                    next_kill = time.monotonic() + kill_every * rng.uniform(0.75, 1.25)
+        async def kill_a_master_once() -> None:
+            if not figures.freezes and ledger.total >= events // 3:
+                port = cluster.master_ports()[rng.randrange(3)]
+                log(f"killing the master on port {port}")
+                cluster.node(port).kill()
+                figures.freezes += 1
 
         async def count() -> None:
-            last_report = time.monotonic()
             next_sample = sample
-            while ledger.missing() and not (done_publishing.is_set() and time.monotonic() - publish_end[0] > 300):
+            while ledger.missing() and not clock.overdue():
                 await ledger.read()
                 if ledger.total >= next_sample:
                     next_sample += sample
@@ -282,57 +234,26 @@ async def soak(
                     figures.memory.append((ledger.total, used))
                     log(f"{ledger.total:,} effects, used_memory MiB by master port: "
                         + ", ".join(f"{port} {b / 2**20:.1f}" for port, b in sorted(used.items())))
-                if time.monotonic() - last_report >= 10:
-                    last_report = time.monotonic()
-                    elapsed = last_report - started
-                    log(f"{ledger.total:,} effects in {elapsed:.0f}s ({ledger.total / elapsed:,.0f} ev/s), "
-                        f"{figures.kills} kills")
+                clock.report(ledger.total, "effects", figures.kills)
 
-        await asyncio.gather(produce(), chaos(), count())
-        deadline = time.monotonic() + 120
-        while not await drained(client) and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-        while await ledger.read():  # late doubles would show up here
-            pass
-        figures.seconds = time.monotonic() - started
-        figures.drain_seconds = time.monotonic() - publish_end[0]
-        figures.effects = ledger.total
-        figures.missing = ledger.missing()
-        figures.double = ledger.double()
+        await asyncio.gather(produce(), workers.rotate(clock.publishing, kill_a_master_once), count())
+        await settle(clock, figures, lambda: drained(client), ledger.read, "the lab group did not drain within 120 s")
+        figures.count(ledger)
         figures.dead_letters = sum([int(await client.xlen(KEYS.dead_letters(p))) for p in range(KEYS.count)])
-        if not await drained(client):
-            raise SystemExit("the lab group did not drain within 120 s")
     finally:
-        for worker in workers:
-            worker.kill()
-        lines = [line for w in workers + retired for line in w.lines]
-        figures.worker_log_lines = len(lines)
-        figures.log_kinds = Counter(MASK.sub("#", line.split("] ", 1)[-1])[:100] for line in lines).most_common(5)
+        workers.stop()
         await client.aclose()
         cluster.stop()
     return figures
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.soak_cluster", description=__doc__.split("\n")[0])
-    parser.add_argument("--events", type=int, default=1_000_000)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--kill-every", type=float, default=4.0, help="seconds between worker kills")
+    parser = arguments("python -m tests.soak_cluster", __doc__, events=1_000_000, kill_every=4.0)
     parser.add_argument("--batch", type=int, default=500, help="jobs per producer commit")
     parser.add_argument("--sample", type=int, default=50_000, help="effects between memory samples")
-    args = parser.parse_args(argv)
-
-    def log(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
-    figures = asyncio.run(soak(args.events, seed=args.seed, kill_every=args.kill_every, batch=args.batch, log=log,
-                               sample=args.sample))
-    print(figures.line().replace("Redis freeze", "master kill").replace("soak:", "cluster soak:"))
-    print(figures.memory_line())
-    for kind, n in figures.log_kinds:
-        print(f"  {n:>7} x {kind}")
-    ok = figures.missing == 0 and figures.double == 0 and figures.dead_letters == 0 and figures.flat
-    return 0 if ok else 1
+    figures = asyncio.run(soak(**vars(parser.parse_args(argv)), log=stderr_log))
+    line = figures.line().replace("Redis freeze", "master kill").replace("soak:", "cluster soak:")
+    return report(figures, line, figures.memory_line())
 
 
 if __name__ == "__main__":

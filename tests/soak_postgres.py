@@ -31,13 +31,10 @@ drop them by id. Exit status 0 only with all four counts 0.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import random
 import re
 import sys
-import time
-from collections import Counter
 from typing import Any
 
 import attrs
@@ -49,34 +46,23 @@ from choreo.worker import run
 from tests.apps import pg_orders
 from tests.postgres_server import PostgresServer
 from tests.redis_server import RedisServer
-from tests.soak import MASK, drained
+from tests.soak import drained
+from tests.soak_common import Clock, GroupLedger, Log, SoakFigures, Workers, arguments, report, settle
+from tests.soak_common import log as stderr_log
 from tests.worker_process import WorkerProcess
 
 ORDER = re.compile(rb'"order":"(\d+)"')
 EVENT_ID = re.compile(rb'"id":"([^"]+)"')
-LEDGER_GROUP = "soak.ledger"
 RECORDED = "choreo:pg.recorded"
 
 
 @attrs.define
-class Figures:
-    events: int
-    published: int = 0
-    kills: int = 0
-    seconds: float = 0.0
-    drain_seconds: float = 0.0
+class Figures(SoakFigures):
     rows_missing: int = 0
     rows_doubled: int = 0
     events_missing: int = 0
     events_doubled: int = 0
     republished: int = 0
-    dead_letters: int = 0
-    worker_log_lines: int = 0
-    log_kinds: list[tuple[str, int]] = attrs.Factory(list)
-
-    @property
-    def throughput(self) -> float:
-        return self.events / self.seconds if self.seconds else 0.0
 
     @property
     def clean(self) -> bool:
@@ -94,34 +80,23 @@ class Figures:
         )
 
 
-class Ledger:
+class Ledger(GroupLedger):
     """The ``pg.recorded`` event ids per order number, read through a consumer group."""
 
+    stream = RECORDED
+
     def __init__(self, client: Any, events: int) -> None:
-        self.client = client
+        super().__init__(client)
         self.ids: list[set[bytes]] = [set() for _ in range(events)]
-        self.entries = 0
         self.orders = 0
 
-    async def setup(self) -> None:
-        await self.client.xgroup_create(RECORDED, LEDGER_GROUP, id="0", mkstream=True)
-
-    async def read(self) -> int:
-        reply = await self.client.xreadgroup(LEDGER_GROUP, "ledger", {RECORDED: ">"}, count=5000, block=200)
-        if not reply:
-            return 0
-        entries = reply[0][1]
-        for _, fields in entries:
-            body = fields[b"body"]
-            order, event_id = ORDER.search(body), EVENT_ID.search(body)
-            assert order is not None and event_id is not None, body[:200]
-            seen = self.ids[int(order.group(1))]
-            if not seen:
-                self.orders += 1
-            seen.add(event_id.group(1))
-        self.entries += len(entries)
-        await self.client.xack(RECORDED, LEDGER_GROUP, *[entry_id for entry_id, _ in entries])
-        return len(entries)
+    def take(self, body: bytes) -> None:
+        order, event_id = ORDER.search(body), EVENT_ID.search(body)
+        assert order is not None and event_id is not None, body[:200]
+        seen = self.ids[int(order.group(1))]
+        if not seen:
+            self.orders += 1
+        seen.add(event_id.group(1))
 
     def missing(self) -> int:
         return sum(1 for ids in self.ids if not ids)
@@ -147,7 +122,7 @@ def start_worker(url: str, database_url: str) -> WorkerProcess:
     return WorkerProcess("tests.apps.pg_orders:app", "--broker", url, "--database", database_url).start(timeout=60)
 
 
-async def soak(events: int, *, seed: int, kill_every: float, batch: int, log: Any) -> Figures:
+async def soak(events: int, *, seed: int, kill_every: float, batch: int, log: Log) -> Figures:
     rng = random.Random(seed)
     figures = Figures(events)
     server = RedisServer(appendonly=True)
@@ -163,17 +138,13 @@ async def soak(events: int, *, seed: int, kill_every: float, batch: int, log: An
     options = "visibility_timeout=10&claim_interval=1&max_deliveries=50&maxlen=1000000&dedupe_ttl=3600"
     url = f"{server.url}?{options}"
     client = aioredis.from_url(server.url)
-    workers: list[WorkerProcess] = []
-    retired: list[WorkerProcess] = []
-    publish_end: list[float] = []
+    workers = Workers(figures, lambda: asyncio.to_thread(start_worker, url, database_url), rng=rng,
+                      kill_every=kill_every)
     try:
         ledger = Ledger(client, events)
         await ledger.setup()
-        workers = [await asyncio.to_thread(start_worker, url, database_url) for _ in range(2)]
-        started = time.monotonic()
-
-        def published_at() -> float:
-            return publish_end[0] if publish_end else time.monotonic()
+        await workers.start()
+        clock = Clock(log)
 
         async def produce() -> None:
             async with run(broker=url) as producer:
@@ -185,56 +156,29 @@ async def soak(events: int, *, seed: int, kill_every: float, batch: int, log: An
                     await producer.commit([(e, None) for e in orders])
                     n += len(orders)
                     figures.published += len(orders)
-            publish_end.append(time.monotonic())
+            clock.published()
 
-        async def chaos() -> None:
-            turn = 0
-            next_kill = time.monotonic() + kill_every * rng.uniform(0.75, 1.25)
-            while ledger.orders < events and not (publish_end and time.monotonic() - publish_end[0] > 300):
-                await asyncio.sleep(0.05)
-                if time.monotonic() >= next_kill:
-                    victim = workers[turn % 2]
-                    victim.kill()
-                    figures.kills += 1
-                    retired.append(victim)
-                    workers[turn % 2] = await asyncio.to_thread(start_worker, url, database_url)
-                    turn += 1
-                    next_kill = time.monotonic() + kill_every * rng.uniform(0.75, 1.25)
+        def counting() -> bool:
+            return ledger.orders < events and not clock.overdue()
 
         async def count() -> None:
-            last_report = time.monotonic()
-            while ledger.orders < events and not (publish_end and time.monotonic() - published_at() > 300):
+            while counting():
                 await ledger.read()
-                if time.monotonic() - last_report >= 10:
-                    last_report = time.monotonic()
-                    elapsed = last_report - started
-                    log(f"{ledger.orders:,} orders recorded in {elapsed:.0f}s ({ledger.orders / elapsed:,.0f} ev/s), "
-                        f"{figures.kills} kills")
+                clock.report(ledger.orders, "orders recorded", figures.kills)
 
-        await asyncio.gather(produce(), chaos(), count())
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not (
-            await drained(client, "choreo:pg.order", b"pgshop.record") and outbox_rows(database_url) == 0
-        ):
-            await asyncio.sleep(0.2)
-        await asyncio.sleep(1.0)  # a relay pass still in flight would publish now
-        while await ledger.read():  # late doubles would show up here
-            pass
-        figures.seconds = time.monotonic() - started
-        figures.drain_seconds = time.monotonic() - published_at()
+        async def settled() -> bool:
+            return await drained(client, "choreo:pg.order", b"pgshop.record") and outbox_rows(database_url) == 0
+
+        await asyncio.gather(produce(), workers.rotate(counting), count())
+        # The pause: a relay pass still in flight would publish in it.
+        failure = "pg.order did not drain, or the outbox did not empty, within 120 s"
+        await settle(clock, figures, settled, ledger.read, failure, pause=1.0)
         figures.rows_missing, figures.rows_doubled = rows(database_url, events)
         figures.events_missing, figures.events_doubled = ledger.missing(), ledger.doubled()
-        figures.republished = ledger.entries - sum(len(ids) for ids in ledger.ids)
+        figures.republished = ledger.total - sum(len(ids) for ids in ledger.ids)
         figures.dead_letters = await client.xlen("choreo:_dead")
-        if not await drained(client, "choreo:pg.order", b"pgshop.record") or outbox_rows(database_url):
-            raise SystemExit("pg.order did not drain, or the outbox did not empty, within 120 s")
     finally:
-        for worker in workers:
-            worker.kill()
-        lines = [line for w in workers + retired for line in w.lines]
-        figures.worker_log_lines = len(lines)
-        kinds = Counter(MASK.sub("#", line.split("] ", 1)[-1])[:100] for line in lines)
-        figures.log_kinds = kinds.most_common(5)
+        workers.stop()
         await client.aclose()
         server.stop()
         postgres.close()
@@ -242,21 +186,10 @@ async def soak(events: int, *, seed: int, kill_every: float, batch: int, log: An
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.soak_postgres", description=__doc__.split("\n")[0])
-    parser.add_argument("--events", type=int, default=100_000)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--kill-every", type=float, default=3.0, help="seconds between worker kills")
+    parser = arguments("python -m tests.soak_postgres", __doc__, events=100_000, kill_every=3.0)
     parser.add_argument("--batch", type=int, default=500, help="orders per producer commit")
-    args = parser.parse_args(argv)
-
-    def log(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
-    figures = asyncio.run(soak(args.events, seed=args.seed, kill_every=args.kill_every, batch=args.batch, log=log))
-    print(figures.line())
-    for kind, n in figures.log_kinds:
-        print(f"  {n:>7} x {kind}")
-    return 0 if figures.clean else 1
+    figures = asyncio.run(soak(**vars(parser.parse_args(argv)), log=stderr_log))
+    return report(figures, figures.line())
 
 
 if __name__ == "__main__":
