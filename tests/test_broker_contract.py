@@ -126,6 +126,26 @@ async def test_fetch_respects_limit(broker: Broker) -> None:
     assert len(await broker.fetch("c", [G1], limit=3, timeout=1)) == 2
 
 
+async def test_a_backlog_fetched_a_few_at_a_time_comes_out_whole(broker: Broker) -> None:
+    """Many transactions' messages (on Redis Cluster, spread over every
+    partition), fetched a few at a time as a busy worker asks for the slots
+    its handlers freed: no fetch hands out more than its limit, each message
+    comes out once, and once committed the group is idle."""
+    await broker.subscribe([G1])
+    await broker.publish([msg(n, key=f"order-{n}") for n in range(300)])
+    seen: list[str] = []
+    deadline = time.monotonic() + 30
+    while len(seen) < 300 and time.monotonic() < deadline:
+        got = await broker.fetch("c", [G1], limit=1 + len(seen) % 7, timeout=1)
+        assert len(got) <= 1 + len(seen) % 7
+        for delivery in got:
+            assert await broker.commit(delivery) is CommitStatus.OK
+        seen += [d.message_id for d in got]
+    assert sorted(seen) == sorted(f"m{n}" for n in range(300))
+    assert await broker.fetch("c", [G1], limit=10, timeout=0.2) == []
+    assert (await broker.backlog([G1]))[0].idle
+
+
 async def test_fetch_waits_for_a_message_published_later(broker: Broker) -> None:
     """A waiting fetch returns as soon as a message arrives, not at its timeout."""
     await broker.subscribe([G1])
