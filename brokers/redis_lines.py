@@ -120,8 +120,16 @@ _SMALL_COUNTS = tuple(bulk(n) for n in range(64))
 
 
 def pack_command(command: Sequence[Any]) -> bytes:
-    """One command in RESP, its arguments encoded as ``bulk`` encodes them."""
-    return b"*%d\r\n%s" % (len(command), b"".join(bulk(arg) for arg in command))
+    """One command in RESP, its arguments encoded as ``bulk`` encodes them
+    (bytes, the usual argument of a read, a mark or a publish, without a
+    call or a copy of their own)."""
+    parts = [b"*%d\r\n" % len(command)]
+    for arg in command:
+        if type(arg) is bytes:  # bodies and headers: joined once, without a copy of their own
+            parts += (b"$%d\r\n" % len(arg), arg, b"\r\n")
+        else:
+            parts.append(bulk(arg))
+    return b"".join(parts)
 
 
 def pack_call(args: Sequence[Any]) -> tuple[int, bytes]:

@@ -30,7 +30,7 @@ from typing import Any
 from redis import exceptions as rexc
 
 from brokers.base import Delivery, Subscription
-from brokers.redis_cluster import call_script
+from brokers.redis_cluster import NOT_RUN, call_script, on_node
 from brokers.redis_fetch import _DELAYED_POLL, _TRIM_INTERVAL, RedisFetch, log
 from brokers.redis_support import _LOG_EVERY, Stream
 
@@ -137,6 +137,7 @@ class PartitionedFetch(RedisFetch):
         owed = {p for _, partitions in self._node_calls.values() for p in partitions}
         chosen = [p for p in chosen if p not in owed]
         calls: dict[str, list[tuple[int, list[Stream], int, bool, list[Any]]]] = {}
+        nodes: dict[str, Any] = {}
         for i, p in enumerate(chosen):
             share = max(limit // len(chosen) + (1 if i < limit % len(chosen) else 0),
                         min(limit, _READ_AT_LEAST, _OVERREAD * limit // len(chosen)))
@@ -144,10 +145,11 @@ class PartitionedFetch(RedisFetch):
             move_delayed = now >= self._partition_delayed.get(p, 0.0)
             args[3] = int(move_delayed)
             node = self._redis().get_node_from_key(self.keys.route(p)[0])
+            nodes[node.name] = node
             calls.setdefault(node.name, []).append((p, by_partition[p], share, move_delayed, args))
         for name, node_calls in calls.items():
-            task = asyncio.get_running_loop().create_task(self._call_node(node_calls, name in self._nodes_down),
-                                                          name="choreo-redis-fetch")
+            task = asyncio.get_running_loop().create_task(
+                self._call_node(nodes[name], node_calls, name in self._nodes_down), name="choreo-redis-fetch")
             self._node_calls[task] = (name, [p for p, *_ in node_calls])
         if self._node_calls:
             await asyncio.wait(self._node_calls, timeout=_NODE_GRACE)
@@ -202,10 +204,13 @@ class PartitionedFetch(RedisFetch):
         self._nodes_down[name] = (since, logged)
 
     async def _call_node(
-        self, calls: list[tuple[int, list[Stream], int, bool, list[Any]]], down: bool,
+        self, node: Any, calls: list[tuple[int, list[Stream], int, bool, list[Any]]], down: bool,
     ) -> list[tuple[int, list[Stream], int, bool, Any]]:
-        """The FETCH calls of partitions on one node, as one pipeline; their
-        replies (an exception for a call that failed).
+        """The FETCH calls of partitions on ``node``, written at once
+        (``on_node``); their replies (an exception for a call that failed).
+        Calls that did not run there (a slot moved or moving, a script cache
+        emptied) go again as a pipeline of the cluster client, which follows
+        the redirections.
 
         A node that is ``down`` is probed call by call instead: a cluster
         pipeline that meets a connection error closes every connection of the
@@ -213,7 +218,7 @@ class PartitionedFetch(RedisFetch):
         commits and fetches under way on the healthy nodes each time.
         """
         script = self._scripts["FETCH"]
-        replies: list[Any] = [rexc.NoScriptError()] * len(calls)
+        replies: list[Any]
         if down:
             replies = list(await asyncio.gather(*[
                 call_script(self._redis(), self.keys, p, script.script, script.sha, args)
@@ -221,13 +226,16 @@ class PartitionedFetch(RedisFetch):
             lost = next((r for r in replies if isinstance(r, rexc.ConnectionError | rexc.TimeoutError)), None)
             if lost is not None:
                 raise lost
-        for attempt in range(2):
-            # Resent after NOSCRIPT (a node restarted, or a replica promoted:
-            # its script cache is empty): only the calls that did not run.
-            again = [i for i, r in enumerate(replies) if isinstance(r, rexc.NoScriptError)]
+        else:
+            replies = await on_node(node, [("EVALSHA", script.sha, len(route), *route, *args)
+                                           for route, args in ((self.keys.route(p), args) for p, *_, args in calls)])
+        for _ in range(2):
+            # Only the calls that did not run; after NOSCRIPT (a node restarted,
+            # or a replica promoted: its script cache is empty) with the script loaded.
+            again = [i for i, r in enumerate(replies) if isinstance(r, NOT_RUN)]
             if not again:
                 break
-            if attempt:
+            if any(isinstance(replies[i], rexc.NoScriptError) for i in again):
                 await self._redis().script_load(script.script)
             pipe = self._redis().pipeline(transaction=False)
             for i in again:
