@@ -38,6 +38,7 @@ from typing import Any
 
 import attrs
 import redis.asyncio as aioredis
+from redis import exceptions as rexc
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.cluster import RedisCluster as ClusterClient
 
@@ -97,8 +98,9 @@ class ClusterLedger(Ledger):
     """The Redis soak's ledger on each partition's ``lab.done`` stream.
 
     Its own client may be left stuck by a master kill (redis-py's cluster
-    client, no timeouts of its own): every call has a deadline, and after a
-    failure the client is replaced and the partition's ledger group re-read
+    client, no timeouts of its own), or pointing at the dead master: every
+    call has a deadline, and after a timeout or a refused connection the
+    client is replaced and the partition's ledger group re-read
     from its pending entries (a reply lost on the way leaves them there),
     skipping those counted whose ack was not confirmed.
     """
@@ -108,9 +110,16 @@ class ClusterLedger(Ledger):
         self.connect = connect
         self.log = log
         self.quiet_until = 0.0
+        self.renewed = 0.0
+        self.retired: list[Any] = []
         self.streams = [KEYS.stream("lab.done", p) for p in range(KEYS.count)]
         self.recover: set[str] = set()
         self.unacked: dict[str, set[bytes]] = {key: set() for key in self.streams}
+
+    async def close(self) -> None:
+        for client in (*self.retired, self.client):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.aclose(), 5)
 
     async def setup(self) -> None:
         for key in self.streams:
@@ -127,10 +136,15 @@ class ClusterLedger(Ledger):
                 if time.monotonic() >= self.quiet_until:
                     self.quiet_until = time.monotonic() + 10
                     self.log(f"ledger read of {key} failed: {type(exc).__name__}: {exc}")
-                if isinstance(exc, TimeoutError):  # the client is stuck: a new one
-                    old, self.client = self.client, self.connect()
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(old.aclose(), 2)
+                # A stuck client, or one whose slot map still names the dead
+                # master after its replica took over (seen: refused for minutes,
+                # the producer waiting on the ledger meanwhile): a new one, at
+                # most once a second, the old ones closed at the end.
+                if isinstance(exc, TimeoutError | rexc.ConnectionError | rexc.TimeoutError) and (
+                        time.monotonic() >= self.renewed + 1):
+                    self.renewed = time.monotonic()
+                    self.retired.append(self.client)
+                    self.client = self.connect()
         self.total += read
         if not read:
             await asyncio.sleep(0.05)
@@ -207,8 +221,8 @@ async def soak(
     client = connect()
     workers = Workers(figures, lambda: asyncio.to_thread(start_worker, url), rng=rng, kill_every=kill_every,
                       restart=lambda: restart_worker(url, log))
+    ledger = ClusterLedger(connect, events, log)
     try:
-        ledger = ClusterLedger(connect, events, log)
         await ledger.setup()
         await workers.start()
         clock = Clock(log)
@@ -243,6 +257,7 @@ async def soak(
     finally:
         workers.stop()
         await client.aclose()
+        await ledger.close()
         cluster.stop()
     return figures
 
