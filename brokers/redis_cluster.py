@@ -183,9 +183,10 @@ async def call_script(client: Any, keys: Keys, partition: int, source: str, sha:
     master and send again."""
     route = keys.route(partition)
     try:
-        (reply,) = await on_node(client.get_node_from_key(route[0]), [("EVALSHA", sha, len(route), *route, *args)])
-    except (rexc.ConnectionError, rexc.TimeoutError):
-        pass  # the cluster client retries, finding the partition's master anew
+        node = client.get_node_from_key(route[0])
+        (reply,) = await on_node(node, [("EVALSHA", sha, len(route), *route, *args)])
+    except (rexc.ConnectionError, rexc.TimeoutError, rexc.RedisClusterException):
+        pass  # the cluster client retries, finding the partition's master anew (a slot not covered yet included)
     else:
         if not isinstance(reply, NOT_RUN):
             if isinstance(reply, Exception):
