@@ -31,7 +31,7 @@ from redis.retry import Retry
 
 from brokers.base import BrokerError
 from brokers.redis_keys import Keys
-from brokers.redis_lines import pack_command, resending, send_in_batches
+from brokers.redis_lines import exchange, pack_command, resending, send_in_batches
 
 __all__ = (
     "DEFAULT_PARTITIONS", "ClusterBatcher", "call_script", "check_cluster_server", "check_partitions", "open_cluster",
@@ -159,14 +159,7 @@ async def on_node(node: Any, commands: Sequence[Sequence[Any]]) -> list[Any]:
     """
     connection = node.acquire_connection()
     try:
-        await connection.send_packed_command(b"".join(pack_command(command) for command in commands))
-        replies: list[Any] = []
-        for _ in commands:
-            try:
-                replies.append(await connection.read_response())
-            except rexc.ResponseError as exc:
-                replies.append(exc)
-        return replies
+        return await exchange(connection, b"".join(pack_command(command) for command in commands), len(commands))
     except BaseException:
         # Replies may be left unread on it: it must not serve another call as it is.
         await connection.disconnect(nowait=True)

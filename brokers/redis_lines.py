@@ -12,7 +12,10 @@ from typing import Any, TypeVar
 
 from redis import exceptions as rexc
 
-__all__ = ("Line", "ScriptBatcher", "bulk", "pack_call", "pack_command", "resending", "run_script", "send_in_batches")
+__all__ = (
+    "Line", "ScriptBatcher", "bulk", "exchange", "pack_call", "pack_command", "resending", "run_script",
+    "send_in_batches",
+)
 
 #: Resends of a commit batch after a connection error or socket timeout, and
 #: the first backoff (doubled each time): what redis-py's retry did before.
@@ -60,14 +63,7 @@ class Line:
         self.busy = True
         try:
             async with asyncio.timeout(self._timeout):
-                await connection.send_packed_command(packed)
-                out: list[Any] = []
-                for _ in range(replies):
-                    try:
-                        out.append(await connection.read_response())
-                    except rexc.ResponseError as exc:  # read in full: the connection is still in step
-                        out.append(exc)
-            return out
+                return await exchange(connection, packed, replies)
         except TimeoutError:  # this exchange's own timeout (a caller's cancels it instead)
             await connection.disconnect(nowait=True)
             raise rexc.TimeoutError(f"no reply from Redis within {self._timeout} s") from None
@@ -79,6 +75,21 @@ class Line:
 
     async def close(self) -> None:
         await self._connection.disconnect()
+
+
+async def exchange(connection: Any, packed: bytes | list[bytes], replies: int) -> list[Any]:
+    """Write ``packed`` on ``connection`` and read its ``replies`` replies, an
+    exception in place of each error reply (read in full, so the connection
+    stays in step). A caller that fails or is cancelled midway must close
+    the connection: replies may be left unread on it."""
+    await connection.send_packed_command(packed)
+    out: list[Any] = []
+    for _ in range(replies):
+        try:
+            out.append(await connection.read_response())
+        except rexc.ResponseError as exc:
+            out.append(exc)
+    return out
 
 
 async def run_script(line: Line, sha: str, args: Sequence[Any], load: Callable[[], Awaitable[Any]]) -> Any:
